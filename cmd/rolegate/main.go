@@ -1,0 +1,191 @@
+// Command rolegate is a PostgreSQL proxy that enforces connection limits per role.
+//
+//	rolegate -config proxy.toml          run the proxy
+//	rolegate -check -config proxy.toml   validate a configuration and exit
+//	rolegate -version                    print the version and exit
+//
+// Signals: SIGTERM stops accepting and lets sessions finish for up to
+// shutdown_timeout; SIGINT closes everything at once. main only wires packages
+// together; the work happens in config, upstream and proxy.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/proxy"
+	"github.com/rolegate/rolegate/upstream"
+)
+
+// version is set at build time with -ldflags "-X main.version=..."; otherwise it
+// comes from the module's build information.
+var version = ""
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// Exit statuses: 2 for a usage or configuration error, 1 for a failure while running.
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("rolegate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfgPath := fs.String("config", "proxy.toml", "configuration file")
+	check := fs.Bool("check", false, "validate the configuration and exit")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "rolegate: unexpected arguments: %v\n", fs.Args())
+		return 2
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "rolegate %s\n", buildVersion())
+		return 0
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "rolegate: %v\n", err)
+		return 2
+	}
+	dialer, tlsCfg, err := components(cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "rolegate: %s: %v\n", *cfgPath, err)
+		return 2
+	}
+	if *check {
+		fmt.Fprintf(stdout, "%s: configuration is valid\n", *cfgPath)
+		return 0
+	}
+	log := newLogger(cfg.Log, stderr)
+	if err := serve(cfg, dialer, tlsCfg, log); err != nil {
+		log.Error("rolegate stopped", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// components builds what the configuration names and can fail on: files are read
+// here so that -check catches a missing certificate.
+func components(cfg *config.Config) (*upstream.Dialer, *tls.Config, error) {
+	dialer, err := upstream.NewDialer(cfg.Server)
+	if err != nil {
+		return nil, nil, err
+	}
+	var tlsCfg *tls.Config
+	if cfg.TLS.Enabled() {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			return nil, nil, fmt.Errorf("tls: load certificate: %w", err)
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	return dialer, tlsCfg, nil
+}
+
+func serve(cfg *config.Config, dialer *upstream.Dialer, tlsCfg *tls.Config, log *slog.Logger) error {
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	srv := proxy.New(proxy.Config{
+		Upstream:       dialer,
+		TLS:            tlsCfg,
+		StartupTimeout: cfg.StartupTimeout.Value(),
+		Logger:         log,
+	})
+	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
+		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", tlsCfg != nil)
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	for {
+		select {
+		case err := <-served:
+			srv.Close()
+			if errors.Is(err, proxy.ErrServerClosed) {
+				return nil
+			}
+			return err
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGHUP:
+				log.Info("SIGHUP received; this version has nothing to reload")
+			case syscall.SIGINT:
+				log.Info("SIGINT received; closing all sessions now")
+				srv.Close()
+				return waitServe(served)
+			case syscall.SIGTERM:
+				timeout := cfg.ShutdownTimeout.Value()
+				log.Info("SIGTERM received; draining sessions", "timeout", timeout)
+				go func() {
+					// A second SIGTERM or a SIGINT while draining closes at once.
+					for sig := range sigs {
+						if sig != syscall.SIGHUP {
+							srv.Close()
+							return
+						}
+					}
+				}()
+				ctx, cancel := context.WithTimeout(context.Background(), timeout)
+				err := srv.Shutdown(ctx)
+				cancel()
+				if err != nil {
+					log.Warn("shutdown timeout reached; closed the remaining sessions")
+				}
+				signal.Stop(sigs)
+				close(sigs)
+				return waitServe(served)
+			}
+		}
+	}
+}
+
+func waitServe(served <-chan error) error {
+	if err := <-served; err != nil && !errors.Is(err, proxy.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func newLogger(cfg config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level)) // config.Parse checked it
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := info.Main.Version
+	for _, s := range info.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			v += " (" + s.Value[:12] + ")"
+		}
+	}
+	return v
+}

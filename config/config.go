@@ -1,0 +1,290 @@
+// Package config reads and validates rolegate's proxy.toml.
+//
+// Parsing is strict: a key rolegate does not know, or a value it cannot use, is an
+// error that names the key and, where the TOML parser knows it, the line. A
+// typo in a limits file must never be silently ignored.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+	"github.com/pelletier/go-toml/v2/unstable"
+)
+
+// Config is the whole of proxy.toml. The zero value is not useful; use Default or Load.
+type Config struct {
+	// Listen is the client-facing address, host:port.
+	Listen string `toml:"listen"`
+	// StartupTimeout bounds how long a client may take to finish startup and authentication.
+	StartupTimeout Duration `toml:"startup_timeout"`
+	// ShutdownTimeout bounds how long sessions may run on after SIGTERM.
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+
+	TLS    TLS    `toml:"tls"`
+	Server Server `toml:"server"`
+	Auth   Auth   `toml:"auth"`
+	Log    Log    `toml:"log"`
+}
+
+// TLS is the client-facing TLS configuration. Both files empty means no TLS:
+// SSLRequest is answered with 'N' and direct TLS connections are refused.
+type TLS struct {
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+}
+
+// Enabled reports whether client-side TLS is configured.
+func (t TLS) Enabled() bool { return t.Cert != "" }
+
+// Server describes the PostgreSQL server rolegate fronts.
+type Server struct {
+	Address        string   `toml:"address"`
+	SSLMode        SSLMode  `toml:"sslmode"`
+	SSLRootCert    string   `toml:"sslrootcert"`
+	ConnectTimeout Duration `toml:"connect_timeout"`
+}
+
+// Auth selects how clients are authenticated.
+type Auth struct {
+	Mode AuthMode `toml:"mode"`
+}
+
+// Log configures rolegate's own log output.
+type Log struct {
+	Level  string `toml:"level"`  // debug | info | warn | error
+	Format string `toml:"format"` // text | json
+}
+
+// SSLMode is the libpq-style TLS mode for the connection to the server.
+type SSLMode string
+
+// The sslmode values libpq users know, with libpq's meanings.
+const (
+	SSLDisable    SSLMode = "disable"
+	SSLPrefer     SSLMode = "prefer"
+	SSLRequire    SSLMode = "require"
+	SSLVerifyCA   SSLMode = "verify-ca"
+	SSLVerifyFull SSLMode = "verify-full"
+)
+
+// AuthMode says who verifies a client's password.
+type AuthMode string
+
+// AuthPassthrough relays the authentication exchange between client and server.
+const AuthPassthrough AuthMode = "passthrough"
+
+// Duration is a Go duration string ("10s", "1m30s"). It is a string kind so that
+// the TOML decoder reports a value of the wrong type with its key and line; Parse
+// checks the text, so Value never fails on a parsed Config.
+type Duration string
+
+// Value returns the duration; 0 for text that does not parse (Parse refuses such text).
+func (d Duration) Value() time.Duration {
+	v, _ := time.ParseDuration(string(d))
+	return v
+}
+
+func (d Duration) check(positive bool) error {
+	v, err := time.ParseDuration(string(d))
+	switch {
+	case err != nil:
+		return fmt.Errorf("invalid duration %q (write it like \"10s\" or \"1m30s\")", string(d))
+	case v < 0:
+		return fmt.Errorf("duration %q must not be negative", string(d))
+	case positive && v == 0:
+		return errors.New("must be greater than zero")
+	}
+	return nil
+}
+
+// Default returns the configuration used for keys a file leaves out. proxy.toml at
+// the repository root documents the same values.
+func Default() *Config {
+	return &Config{
+		Listen:          "127.0.0.1:6432",
+		StartupTimeout:  "60s",
+		ShutdownTimeout: "30s",
+		Server: Server{
+			Address:        "127.0.0.1:5432",
+			SSLMode:        SSLPrefer,
+			ConnectTimeout: "10s",
+		},
+		Auth: Auth{Mode: AuthPassthrough},
+		Log:  Log{Level: "info", Format: "text"},
+	}
+}
+
+// Error is a configuration error, naming the file, key and line where known.
+type Error struct {
+	File string
+	Line int    // 0 when unknown
+	Key  string // dotted key, "" when the error is not about one key
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+	}
+	b.WriteString(": ")
+	if e.Key != "" {
+		fmt.Fprintf(&b, "%s: ", e.Key)
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Load reads and validates the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse decodes and validates data; name is used in error messages.
+func Parse(name string, data []byte) (*Config, error) {
+	cfg := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(cfg); err != nil {
+		return nil, tomlError(name, err)
+	}
+	if err := cfg.validate(); err != nil {
+		var ce *Error
+		if errors.As(err, &ce) {
+			ce.File = name
+			if ce.Line == 0 && ce.Key != "" {
+				ce.Line = keyLine(data, ce.Key)
+			}
+		}
+		return nil, err
+	}
+	return cfg, nil
+}
+
+func tomlError(name string, err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) && len(strict.Errors) > 0 {
+		errs := make([]error, 0, len(strict.Errors))
+		for i := range strict.Errors {
+			de := &strict.Errors[i]
+			line, _ := de.Position()
+			errs = append(errs, &Error{File: name, Line: line, Key: strings.Join(de.Key(), "."), Msg: "unknown key"})
+		}
+		return errors.Join(errs...)
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		line, _ := de.Position()
+		msg := strings.TrimPrefix(de.Error(), "toml: ")
+		return &Error{File: name, Line: line, Key: strings.Join(de.Key(), "."), Msg: msg}
+	}
+	return &Error{File: name, Msg: err.Error()}
+}
+
+// validate checks values the decoder cannot; Parse fills in file and line.
+func (c *Config) validate() error {
+	bad := func(key, format string, args ...any) error {
+		return &Error{Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return bad("listen", "want host:port: %v", err)
+	}
+	if _, _, err := net.SplitHostPort(c.Server.Address); err != nil {
+		return bad("server.address", "want host:port: %v", err)
+	}
+	for _, d := range []struct {
+		key      string
+		v        Duration
+		positive bool
+	}{
+		{"startup_timeout", c.StartupTimeout, true},
+		{"shutdown_timeout", c.ShutdownTimeout, false},
+		{"server.connect_timeout", c.Server.ConnectTimeout, true},
+	} {
+		if err := d.v.check(d.positive); err != nil {
+			return &Error{Key: d.key, Msg: err.Error()}
+		}
+	}
+	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
+		return bad("tls", "cert and key must be set together")
+	}
+	switch c.Server.SSLMode {
+	case SSLDisable, SSLPrefer, SSLRequire, SSLVerifyCA, SSLVerifyFull:
+	default:
+		return bad("server.sslmode", "invalid sslmode %q (want disable, prefer, require, verify-ca or verify-full)", c.Server.SSLMode)
+	}
+	switch c.Auth.Mode {
+	case AuthPassthrough:
+	case "proxy":
+		return bad("auth.mode", `mode "proxy" is not available in this version (want "passthrough")`)
+	default:
+		return bad("auth.mode", "invalid mode %q (want \"passthrough\")", c.Auth.Mode)
+	}
+	if (c.Server.SSLMode == SSLVerifyCA || c.Server.SSLMode == SSLVerifyFull) && c.Server.SSLRootCert == "" {
+		return bad("server.sslrootcert", "required with sslmode %q", c.Server.SSLMode)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", "invalid level %q (want debug, info, warn or error)", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		return bad("log.format", "invalid format %q (want text or json)", c.Log.Format)
+	}
+	return nil
+}
+
+// keyLine finds the line of a dotted key in a TOML document, 0 when it is absent
+// (a default value). It exists because validation runs after decoding, when the
+// decoder's positions are gone.
+func keyLine(data []byte, key string) int {
+	var p unstable.Parser
+	p.Reset(data)
+	var table []string
+	for p.NextExpression() {
+		e := p.Expression()
+		switch e.Kind {
+		case unstable.Table, unstable.ArrayTable:
+			table = keyParts(e)
+			if strings.Join(table, ".") == key {
+				return firstKeyLine(&p, e)
+			}
+		case unstable.KeyValue:
+			full := append(append([]string(nil), table...), keyParts(e)...)
+			if strings.Join(full, ".") == key {
+				return firstKeyLine(&p, e)
+			}
+		}
+	}
+	return 0
+}
+
+func keyParts(n *unstable.Node) []string {
+	var parts []string
+	it := n.Key()
+	for it.Next() {
+		parts = append(parts, string(it.Node().Data))
+	}
+	return parts
+}
+
+func firstKeyLine(p *unstable.Parser, n *unstable.Node) int {
+	it := n.Key()
+	if !it.Next() {
+		return 0
+	}
+	return p.Shape(it.Node().Raw).Start.Line
+}

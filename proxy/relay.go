@@ -1,0 +1,129 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"time"
+)
+
+// relayBufSize is the read size of each relay direction. Larger buffers move bulk
+// data (COPY, big results) in fewer system calls; the pool keeps idle sessions
+// from each pinning their own.
+const relayBufSize = 32 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// Message types the relay follows. From the client: Query, Sync and FunctionCall
+// each end in one ReadyForQuery; Terminate ends the session. From the server:
+// ReadyForQuery, whose first body byte is the transaction status.
+var (
+	clientEvents = wantTypes('Q', 'S', 'F', 'X')
+	serverEvents = wantTypes('Z')
+)
+
+func wantTypes(types ...byte) *[256]bool {
+	var w [256]bool
+	for _, t := range types {
+		w[t] = true
+	}
+	return &w
+}
+
+// relay moves bytes both ways until either side ends, and returns why the session
+// ended. The client-to-server goroutine is the only writer to server, this
+// goroutine the only writer to client. Both are done when relay returns.
+func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess *session,
+	client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Reader) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer recoverInto(cancel, s.log)
+		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, sess.fromClient, errClientClosed, "client", "server"))
+	}()
+	func() {
+		defer recoverInto(cancel, s.log)
+		cancel(pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, errServerClosed, "server", "client"))
+	}()
+	<-done
+	return context.Cause(ctx)
+}
+
+// recoverInto turns a panic in a relay goroutine into the end of its session.
+func recoverInto(cancel context.CancelCauseFunc, log *slog.Logger) {
+	if v := recover(); v != nil {
+		log.Error("relay panicked; closing the session", "panic", v, "stack", string(debug.Stack()))
+		cancel(fmt.Errorf("internal error: %v", v))
+	}
+}
+
+// pipe copies src to dst in whole buffers, starting with what the login phase
+// left in buffered, and hands each buffer's events to note. It returns eof when
+// src ends cleanly and a wrapped error otherwise.
+func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]event, int), eof error, from, to string) error {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	evs := make([]event, 0, 16)
+	var r io.Reader = src
+	if buffered.Buffered() > 0 {
+		r = io.MultiReader(io.LimitReader(buffered, int64(buffered.Buffered())), src)
+	}
+	for {
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			var serr error
+			evs, serr = sc.scan(buf[:n], evs[:0])
+			note(evs, n)
+			if serr != nil {
+				return fmt.Errorf("protocol error from %s: %w", from, serr)
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return fmt.Errorf("write to %s: %w", to, err)
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return eof
+			}
+			return fmt.Errorf("read from %s: %w", from, rerr)
+		}
+	}
+}
+
+// fromClient records a buffer read from the client.
+func (s *session) fromClient(evs []event, n int) {
+	now := time.Now()
+	s.touch(now)
+	s.bytesIn.Add(int64(n))
+	for _, e := range evs {
+		if e.typ == 'X' {
+			s.setState(StateClosing)
+			continue
+		}
+		s.pending.Add(1)
+		s.setState(StateActive)
+	}
+}
+
+// fromServer records a buffer read from the server.
+func (s *session) fromServer(evs []event, n int) {
+	s.bytesOut.Add(int64(n))
+	for _, e := range evs {
+		// A ReadyForQuery the client did not ask for (none is unasked-for today)
+		// must not drive the count negative.
+		if s.pending.Add(-1) < 0 {
+			s.pending.Store(0)
+		}
+		if s.pending.Load() == 0 {
+			s.setState(txState(e.first))
+			s.touch(time.Now())
+		}
+	}
+}

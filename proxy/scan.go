@@ -1,0 +1,86 @@
+package proxy
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// scanner follows message boundaries in a byte stream that the relay forwards
+// whole buffers of. It never copies or decodes a message: it reads the 5-byte
+// headers (which may straddle buffers) and, for the message types the caller asks
+// about, the first body byte (ReadyForQuery's transaction status).
+type scanner struct {
+	// want marks message types to report. Types whose body the caller needs the
+	// first byte of are reported once that byte has arrived.
+	want *[256]bool
+
+	skip   int     // body bytes of the current message still to pass over
+	hdr    [5]byte // header bytes collected so far
+	hdrN   int
+	waitB1 bool // a wanted message's first body byte is next
+	typ    byte
+}
+
+// event is one wanted message: its type and the first byte of its body (0 when empty).
+type event struct {
+	typ   byte
+	first byte
+}
+
+// scan consumes b and appends events for wanted message types to evs. A length
+// word under 4 is a broken stream: the caller ends the session.
+func (s *scanner) scan(b []byte, evs []event) ([]event, error) {
+	for len(b) > 0 {
+		if s.waitB1 {
+			evs = append(evs, event{typ: s.typ, first: b[0]})
+			s.waitB1 = false
+			b = b[1:]
+			continue
+		}
+		if s.skip > 0 {
+			if len(b) <= s.skip {
+				s.skip -= len(b)
+				return evs, nil
+			}
+			b = b[s.skip:]
+			s.skip = 0
+		}
+		// Fast path: a whole header in b.
+		if s.hdrN == 0 && len(b) >= 5 {
+			var err error
+			if evs, err = s.header(b[0], binary.BigEndian.Uint32(b[1:5]), evs); err != nil {
+				return evs, err
+			}
+			b = b[5:]
+			continue
+		}
+		n := copy(s.hdr[s.hdrN:], b)
+		s.hdrN += n
+		b = b[n:]
+		if s.hdrN < 5 {
+			return evs, nil
+		}
+		s.hdrN = 0
+		var err error
+		if evs, err = s.header(s.hdr[0], binary.BigEndian.Uint32(s.hdr[1:5]), evs); err != nil {
+			return evs, err
+		}
+	}
+	return evs, nil
+}
+
+func (s *scanner) header(typ byte, length uint32, evs []event) ([]event, error) {
+	if length < 4 || length > 0x3fffffff {
+		return evs, fmt.Errorf("invalid message length %d for message type %q", length, typ)
+	}
+	s.skip = int(length) - 4
+	if s.want[typ] {
+		if s.skip == 0 {
+			return append(evs, event{typ: typ}), nil
+		}
+		// The waitB1 branch consumes the first body byte; skip covers the rest.
+		s.waitB1, s.typ = true, typ
+		s.skip--
+	}
+	return evs, nil
+}

@@ -1,0 +1,207 @@
+// Package proxy is rolegate's client side: it accepts PostgreSQL connections,
+// negotiates startup and TLS, forwards cancel requests, logs the client in to the
+// server, and relays the session. Its lifecycle follows net/http.Server: Serve,
+// Shutdown (drain) and Close (now).
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rolegate/rolegate/upstream"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// errShutdown is the cause recorded for sessions closed by Shutdown or Close.
+var errShutdown = errors.New("rolegate is shutting down")
+
+// Config is what a Server needs; cmd/rolegate builds it from proxy.toml.
+type Config struct {
+	// Upstream dials the PostgreSQL server.
+	Upstream *upstream.Dialer
+	// TLS, when not nil, is offered to clients (SSLRequest and direct TLS).
+	TLS *tls.Config
+	// StartupTimeout bounds startup and authentication of a client.
+	StartupTimeout time.Duration
+	// Logger receives one line per login, session end and failure. nil: slog.Default().
+	Logger *slog.Logger
+}
+
+// Server accepts and serves client connections.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	registry *registry
+
+	ctx    context.Context // parent of every connection's context; cancelled by Close
+	cancel context.CancelCauseFunc
+	conns  sync.WaitGroup // one per connection being handled
+	nextID atomic.Uint64
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	closed    bool          // no more accepting
+	stopped   bool          // Close: no new connections tracked, so conns.Wait is final
+	active    int           // connections being handled
+	idle      chan struct{} // closed and replaced when active drops to 0 during Shutdown
+}
+
+// New returns a Server; call Serve to start accepting.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.TLS != nil {
+		cfg.TLS = cfg.TLS.Clone()
+		// PostgreSQL 17 direct TLS requires ALPN "postgresql"; clients using
+		// SSLRequest may send it too.
+		cfg.TLS.NextProtos = []string{"postgresql"}
+	}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	return &Server{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		registry:  newRegistry(),
+		ctx:       ctx,
+		cancel:    cancel,
+		listeners: make(map[net.Listener]struct{}),
+	}
+}
+
+// Sessions returns a snapshot of the sessions that have logged in, oldest first.
+func (s *Server) Sessions() []SessionInfo { return s.registry.snapshot() }
+
+// Serve accepts connections on ln until Shutdown or Close, and returns
+// ErrServerClosed then. Temporary accept errors are retried with a back-off.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "delay", backoff)
+				select {
+				case <-time.After(backoff):
+				case <-s.ctx.Done():
+					return ErrServerClosed
+				}
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		backoff = 0
+		if !s.track(+1) {
+			c.Close()
+			return ErrServerClosed
+		}
+		go func() {
+			defer s.track(-1)
+			s.handle(c)
+		}()
+	}
+}
+
+// track counts connections in handling; it refuses new ones once closed.
+func (s *Server) track(delta int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if delta > 0 {
+		if s.stopped {
+			return false
+		}
+		s.conns.Add(1)
+		s.active++
+		return true
+	}
+	s.active--
+	s.conns.Done()
+	if s.active == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	return true
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// closeListeners stops accepting; with stop, it also refuses to track new
+// connections.
+func (s *Server) closeListeners(stop bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	s.stopped = s.stopped || stop
+	for ln := range s.listeners {
+		ln.Close()
+	}
+}
+
+// Shutdown stops accepting and waits for every connection to end. When ctx ends
+// first, the remaining sessions are closed (as by Close) and ctx's error returned.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.closeListeners(false)
+	for {
+		s.mu.Lock()
+		if s.active == 0 {
+			s.mu.Unlock()
+			s.Close()
+			return nil
+		}
+		if s.idle == nil {
+			s.idle = make(chan struct{})
+		}
+		idle := s.idle
+		n := s.active
+		s.mu.Unlock()
+		s.log.Info("shutdown: waiting for sessions to end", "sessions", n)
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			s.Close()
+			return ctx.Err()
+		}
+	}
+}
+
+// Close stops accepting, closes every connection now and waits until their
+// goroutines have ended. It is safe to call more than once.
+func (s *Server) Close() error {
+	s.closeListeners(true)
+	s.cancel(errShutdown)
+	s.conns.Wait()
+	return nil
+}
