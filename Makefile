@@ -1,0 +1,40 @@
+# rolegate — see README.md. `make demo` and `make test` are the set-up.
+GO      ?= go
+BIN     := bin/rolegate
+FUZZTIME ?= 10s
+VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
+.PHONY: all build test vet unit fuzz demo bench tools clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/rolegate
+
+# Installs the PostgreSQL server binaries when they are missing (as root), or
+# says exactly what to install.
+tools:
+	@scripts/ensure-postgres.sh
+
+test: tools vet unit fuzz
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 8m ./...
+
+# A short run of each fuzz target; the corpus of failures lands in testdata/fuzz.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzStartupPacket$$' -fuzztime $(FUZZTIME) ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzScanner$$' -fuzztime $(FUZZTIME) ./proxy
+
+demo: tools build
+	$(GO) run ./internal/demo -rolegate $(BIN)
+
+bench: tools
+	bench/run.sh
+
+clean:
+	rm -rf bin

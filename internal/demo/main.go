@@ -1,0 +1,214 @@
+// Command demo is `make demo`: it starts a throwaway PostgreSQL, creates a
+// role with a connection limit of 1, runs rolegate in front of it and prints
+// the psql commands to try. Ctrl-C stops rolegate and removes the cluster.
+//
+//	go run ./internal/demo -rolegate ./bin/rolegate
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rolegate/rolegate/internal/pgtest"
+)
+
+const (
+	// listenTimeout is how long rolegate may take to open its port.
+	listenTimeout = 10 * time.Second
+	// stopTimeout is how long rolegate may drain after SIGTERM; the demo
+	// has nothing worth waiting longer for.
+	stopTimeout = 5 * time.Second
+)
+
+func main() {
+	binary := flag.String("rolegate", "./bin/rolegate", "path to the rolegate binary")
+	listen := flag.String("listen", "127.0.0.1:6432", "address rolegate listens on")
+	flag.Parse()
+	os.Exit(run(*binary, *listen))
+}
+
+// run returns the exit status, so that the deferred cleanups run before the
+// process exits.
+func run(binary, listen string) int {
+	logf := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "demo: "+format+"\n", args...)
+	}
+	fail := func(format string, args ...any) int {
+		logf(format, args...)
+		return 1
+	}
+
+	// Fail before starting anything: these are the usual mistakes.
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return fail("-listen %q: %v", listen, err)
+	}
+	if _, err := os.Stat(binary); err != nil {
+		return fail("rolegate binary: %v (build it first: make build)", err)
+	}
+	if conn, err := net.DialTimeout("tcp", listen, time.Second); err == nil {
+		conn.Close()
+		return fail("%s is already in use; stop what listens there or pass -listen", listen)
+	}
+
+	// Signals are caught from here on, so that a Ctrl-C during the cluster
+	// start still removes the cluster. Once one has arrived the default
+	// handling comes back, so a second Ctrl-C ends the demo at once (the
+	// children die with it; only the temp dir stays behind).
+	ctx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stopSignals()
+	context.AfterFunc(ctx, stopSignals)
+
+	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf})
+	if err != nil {
+		return fail("starting PostgreSQL: %v", err)
+	}
+	defer func() {
+		if err := cluster.Close(); err != nil {
+			logf("stopping PostgreSQL: %v", err)
+		}
+	}()
+	if err := setUp(ctx, cluster); err != nil {
+		return fail("%v", err)
+	}
+
+	configFile := filepath.Join(cluster.Dir, "rolegate.toml")
+	if err := os.WriteFile(configFile, []byte(config(listen, cluster.Addr())), 0o644); err != nil {
+		return fail("rolegate config: %v", err)
+	}
+
+	cmd := exec.Command(binary, "-config", configFile)
+	cmd.Stdout = os.Stdout
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		// The terminal's Ctrl-C reaches only the demo, which stops
+		// rolegate before the server, so rolegate's shutdown is what shows.
+		Setpgid: true,
+		// A demo killed hard must not leave rolegate running.
+		Pdeathsig: syscall.SIGKILL,
+	}
+	if err := cmd.Start(); err != nil {
+		return fail("starting rolegate: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait() // the result is in cmd.ProcessState
+		close(exited)
+	}()
+
+	if err := waitListening(ctx, listen, exited); err != nil {
+		stop(cmd, exited, logf)
+		return fail("%v (rolegate: %v)", err, cmd.ProcessState)
+	}
+	printInstructions(listen, host, port, cluster)
+
+	select {
+	case <-ctx.Done():
+		logf("stopping rolegate and PostgreSQL")
+		stop(cmd, exited, logf)
+		return 0
+	case <-exited:
+		code := cmd.ProcessState.ExitCode()
+		logf("rolegate exited on its own (%v); removing PostgreSQL", cmd.ProcessState)
+		if code < 0 { // killed by a signal
+			code = 1
+		}
+		return code
+	}
+}
+
+// setUp creates the role the demo is about: limited to one session, so a
+// second login shows what rolegate does at the limit.
+func setUp(ctx context.Context, c *pgtest.Cluster) error {
+	// CREATE DATABASE refuses to run in the implicit transaction of a
+	// multi-statement query, so the statements go one by one.
+	for _, sql := range []string{
+		"create role some_user login password 'some_password' connection limit 1",
+		"create database some_db owner some_user",
+	} {
+		if err := c.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("setting up the demo role: %w", err)
+		}
+	}
+	return nil
+}
+
+func config(listen, server string) string {
+	return fmt.Sprintf(`# written by the rolegate demo
+listen = %s
+
+[server]
+address = %s
+sslmode = "prefer"
+
+[auth]
+mode = "passthrough"
+`, tomlString(listen), tomlString(server))
+}
+
+// tomlString quotes s as a TOML basic string. strconv.Quote would do for
+// plain addresses but writes \x escapes, which TOML lacks.
+func tomlString(s string) string {
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
+}
+
+// waitListening returns once addr accepts TCP connections, or an error if
+// rolegate exits, the demo is interrupted or listenTimeout passes first.
+func waitListening(ctx context.Context, addr string, exited <-chan struct{}) error {
+	deadline := time.NewTimer(listenTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			conn.Close()
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("rolegate exited before listening on %s", addr)
+		case <-ctx.Done():
+			return errors.New("interrupted while waiting for rolegate to listen")
+		case <-deadline.C:
+			return fmt.Errorf("rolegate did not listen on %s within %v", addr, listenTimeout)
+		case <-tick.C:
+		}
+	}
+}
+
+// stop asks rolegate to shut down and kills it if it takes too long.
+func stop(cmd *exec.Cmd, exited <-chan struct{}, logf func(string, ...any)) {
+	_ = cmd.Process.Signal(syscall.SIGTERM) // fails only if it already exited
+	timer := time.NewTimer(stopTimeout)
+	defer timer.Stop()
+	select {
+	case <-exited:
+	case <-timer.C:
+		logf("rolegate still running %v after SIGTERM; killing it", stopTimeout)
+		_ = cmd.Process.Kill()
+		<-exited
+	}
+}
+
+func printInstructions(listen, host, port string, c *pgtest.Cluster) {
+	fmt.Printf(`
+rolegate is listening on %s in front of PostgreSQL on %s.
+some_user may hold one session (connection limit 1). Try, in other terminals:
+
+  psql "host=%s port=%s user=some_user dbname=some_db password=some_password"
+  psql "host=%s port=%d user=%s dbname=postgres password=%s"   # the server directly, as superuser
+
+Press Ctrl-C to stop and remove everything.
+
+`, listen, c.Addr(), host, port, c.Host, c.Port, c.SuperUser, c.SuperPassword)
+}
