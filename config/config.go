@@ -264,9 +264,30 @@ func keyLine(data []byte, key string) int {
 			}
 		case unstable.KeyValue:
 			full := append(append([]string(nil), table...), keyParts(e)...)
-			if strings.Join(full, ".") == key {
-				return firstKeyLine(&p, e)
+			if line := keyValueLine(&p, e, full, key); line > 0 {
+				return line
 			}
+		}
+	}
+	return 0
+}
+
+// keyValueLine finds key in the key/value node n named full, looking into inline
+// tables (server = { sslmode = "..." }).
+func keyValueLine(p *unstable.Parser, n *unstable.Node, full []string, key string) int {
+	name := strings.Join(full, ".")
+	if name == key {
+		return firstKeyLine(p, n)
+	}
+	v := n.Value()
+	if v.Kind != unstable.InlineTable || !strings.HasPrefix(key, name+".") {
+		return 0
+	}
+	it := v.Children()
+	for it.Next() {
+		kv := it.Node()
+		if line := keyValueLine(p, kv, append(append([]string(nil), full...), keyParts(kv)...), key); line > 0 {
+			return line
 		}
 	}
 	return 0

@@ -10,6 +10,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -41,15 +42,30 @@ func wantTypes(types ...byte) *[256]bool {
 // goroutine the only writer to client. Both are done when relay returns.
 func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess *session,
 	client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Reader) error {
+	// The server closes its end as soon as it reads Terminate, often before the
+	// client's own close is read here: that end is still the client's doing.
+	var terminated atomic.Bool
+	fromClient := func(evs []event, n int) {
+		sess.fromClient(evs, n)
+		for _, e := range evs {
+			if e.typ == 'X' {
+				terminated.Store(true)
+			}
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		defer recoverInto(cancel, s.log)
-		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, sess.fromClient, errClientClosed, "client", "server"))
+		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, errClientClosed, "client", "server"))
 	}()
 	func() {
 		defer recoverInto(cancel, s.log)
-		cancel(pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, errServerClosed, "server", "client"))
+		err := pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, errServerClosed, "server", "client")
+		if errors.Is(err, errServerClosed) && terminated.Load() {
+			err = errClientClosed
+		}
+		cancel(err)
 	}()
 	<-done
 	return context.Cause(ctx)

@@ -123,7 +123,8 @@ func parseStartupPacket(body []byte) (*startupPacket, error) {
 	p.params = make(map[string]string)
 	for len(rest) > 0 {
 		name, value, ok := cutPair(rest)
-		if !ok {
+		// An empty name is PostgreSQL's end of the list, so it must be the last byte.
+		if !ok || name == "" {
 			return nil, protocolViolation("invalid startup packet layout: expected terminator as last byte")
 		}
 		rest = rest[len(name)+len(value)+2:]

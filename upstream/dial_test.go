@@ -1,0 +1,416 @@
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/binary"
+	"encoding/pem"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/rolegate/rolegate/config"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// ca is a test certificate authority; pemFile holds its certificate.
+type ca struct {
+	cert    *x509.Certificate
+	key     *ecdsa.PrivateKey
+	pemFile string
+}
+
+func newCA(t *testing.T) *ca {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dial test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	file := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &ca{cert: cert, key: key, pemFile: file}
+}
+
+// issue makes a server certificate for the DNS name given only: not for 127.0.0.1.
+func (c *ca) issue(t *testing.T, dnsName string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: dnsName},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames: []string{dnsName},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// fakeServer is a listener that answers SSLRequest with answer ('S' with a TLS
+// handshake using cert, or another byte) and then hands the connection to after.
+type fakeServer struct {
+	addr string
+	got  chan []byte // what after read, when it reads
+}
+
+func startFake(t *testing.T, answer byte, cert *tls.Certificate, after func(net.Conn, *fakeServer)) *fakeServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := &fakeServer{addr: ln.Addr().String(), got: make(chan []byte, 16)}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Go(func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				var req [8]byte
+				if _, err := io.ReadFull(c, req[:]); err != nil {
+					return
+				}
+				if binary.BigEndian.Uint32(req[:4]) != 8 || binary.BigEndian.Uint32(req[4:]) != 80877103 {
+					// Not an SSLRequest (sslmode=disable): after reads it all.
+					after(&prefixed{Conn: c, r: io.MultiReader(bytes.NewReader(req[:]), c)}, fs)
+					return
+				}
+				if answer == 0 { // never answer; say the request is in
+					fs.got <- req[:]
+					_, _ = c.Read(make([]byte, 1))
+					return
+				}
+				if _, err := c.Write([]byte{answer}); err != nil {
+					return
+				}
+				var conn net.Conn = c
+				if answer == 'S' {
+					tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{*cert}})
+					if err := tc.Handshake(); err != nil {
+						return
+					}
+					conn = tc
+				}
+				if after != nil {
+					after(conn, fs)
+				}
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return fs
+}
+
+// prefixed is a connection whose first bytes were read already.
+type prefixed struct {
+	net.Conn
+	r io.Reader
+}
+
+func (p *prefixed) Read(b []byte) (int, error) { return p.r.Read(b) }
+
+// readAll records everything the client sends until it closes.
+func readAll(c net.Conn, fs *fakeServer) {
+	b, _ := io.ReadAll(c)
+	fs.got <- b
+}
+
+func dialer(t *testing.T, addr string, mode config.SSLMode, rootCert string) *Dialer {
+	t.Helper()
+	d, err := NewDialer(config.Server{Address: addr, SSLMode: mode, SSLRootCert: rootCert, ConnectTimeout: "2s"})
+	if err != nil {
+		t.Fatalf("NewDialer: %v", err)
+	}
+	return d
+}
+
+func TestNewDialerErrors(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	notPEM := filepath.Join(dir, "not.pem")
+	if err := os.WriteFile(notPEM, []byte("hello"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.pem")
+	tests := []struct {
+		name string
+		cfg  config.Server
+		want string
+		is   error
+	}{
+		{"missing sslrootcert", config.Server{Address: "127.0.0.1:5432", SSLMode: config.SSLVerifyFull, SSLRootCert: missing},
+			"read server sslrootcert", os.ErrNotExist},
+		{"missing sslrootcert with require", config.Server{Address: "127.0.0.1:5432", SSLMode: config.SSLRequire, SSLRootCert: missing},
+			"read server sslrootcert", os.ErrNotExist},
+		{"sslrootcert without PEM", config.Server{Address: "127.0.0.1:5432", SSLMode: config.SSLVerifyCA, SSLRootCert: notPEM},
+			"server sslrootcert " + notPEM + ": no PEM certificates found", nil},
+		{"address without a port", config.Server{Address: "db.internal", SSLMode: config.SSLPrefer},
+			`server address "db.internal"`, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, err := NewDialer(tt.cfg)
+			if err == nil || !strings.Contains(err.Error(), tt.want) || (tt.is != nil && !errors.Is(err, tt.is)) {
+				t.Errorf("NewDialer: %v, %v; want an error containing %q", d, err, tt.want)
+			}
+		})
+	}
+	// sslmode=disable reads no files.
+	d, err := NewDialer(config.Server{Address: "127.0.0.1:5432", SSLMode: config.SSLDisable, SSLRootCert: missing, ConnectTimeout: "1s"})
+	if err != nil || d.Address() != "127.0.0.1:5432" {
+		t.Errorf("NewDialer with sslmode=disable: %v, %v", d, err)
+	}
+}
+
+func TestDialRefused(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	for _, mode := range []config.SSLMode{config.SSLDisable, config.SSLPrefer} {
+		_, _, err := dialer(t, addr, mode, "").Dial(t.Context())
+		var de *DialError
+		if !errors.As(err, &de) || de.Address != addr || !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("sslmode=%s: %v (%T), want a DialError for %s wrapping ECONNREFUSED", mode, err, err, addr)
+		}
+		if !strings.HasPrefix(err.Error(), "could not connect to server "+addr+": ") {
+			t.Errorf("message %q", err)
+		}
+	}
+}
+
+func TestDialTLSModes(t *testing.T) {
+	t.Parallel()
+	serverCA := newCA(t)
+	otherCA := newCA(t)
+	// The certificate names db.example, not 127.0.0.1: verify-full must fail on
+	// the host name, verify-ca must pass.
+	cert := serverCA.issue(t, "db.example")
+	// Each case gets its own server, which answers the SSLRequest with this byte.
+	const tlsServer, plainServer, oddServer = 'S', 'N', 'E'
+
+	tests := []struct {
+		name    string
+		answer  byte
+		mode    config.SSLMode
+		root    string
+		wantTLS bool
+		wantErr string
+	}{
+		{"prefer, TLS offered", tlsServer, config.SSLPrefer, "", true, ""},
+		{"require without root", tlsServer, config.SSLRequire, "", true, ""},
+		{"require with the right root", tlsServer, config.SSLRequire, serverCA.pemFile, true, ""},
+		{"require with another root", tlsServer, config.SSLRequire, otherCA.pemFile, false, "certificate signed by unknown authority"},
+		{"verify-ca", tlsServer, config.SSLVerifyCA, serverCA.pemFile, true, ""},
+		{"verify-ca with another root", tlsServer, config.SSLVerifyCA, otherCA.pemFile, false, "certificate signed by unknown authority"},
+		{"verify-full, host name mismatch", tlsServer, config.SSLVerifyFull, serverCA.pemFile, false, "cannot validate certificate for 127.0.0.1 because it doesn't contain any IP SANs"},
+		{"prefer, TLS refused", plainServer, config.SSLPrefer, "", false, ""},
+		{"require, TLS refused", plainServer, config.SSLRequire, "", false, "server does not support SSL, but sslmode is require"},
+		{"verify-full, TLS refused", plainServer, config.SSLVerifyFull, serverCA.pemFile, false, "server does not support SSL, but sslmode is verify-full"},
+		{"an odd answer", oddServer, config.SSLPrefer, "", false, `unexpected answer 'E' to SSLRequest`},
+		{"disable", plainServer, config.SSLDisable, "", false, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			server := startFake(t, tt.answer, &cert, readAll)
+			conn, useTLS, err := dialer(t, server.addr, tt.mode, tt.root).Dial(t.Context())
+			if tt.wantErr != "" {
+				var de *DialError
+				if !errors.As(err, &de) || de.Address != server.addr || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("Dial: %v, want a DialError containing %q", err, tt.wantErr)
+				}
+				if conn != nil {
+					t.Error("connection returned with an error")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			defer conn.Close()
+			_, isTLS := conn.(*tls.Conn)
+			if useTLS != tt.wantTLS || isTLS != tt.wantTLS {
+				t.Errorf("useTLS %v, *tls.Conn %v; want %v", useTLS, isTLS, tt.wantTLS)
+			}
+			// The connection is ready for a StartupMessage: what we write arrives intact.
+			want := []byte("a startup message")
+			if _, err := conn.Write(want); err != nil {
+				t.Fatal(err)
+			}
+			conn.Close()
+			select {
+			case got := <-server.got:
+				if !bytes.Equal(got, want) {
+					t.Errorf("server got %q, want %q", got, want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("server got nothing")
+			}
+		})
+	}
+}
+
+// A server that never answers the SSLRequest does not hold a login past
+// connect_timeout, nor past the caller's context.
+func TestDialTimeout(t *testing.T) {
+	t.Parallel()
+	silent := startFake(t, 0, nil, nil)
+	d, err := NewDialer(config.Server{Address: silent.addr, SSLMode: config.SSLPrefer, ConnectTimeout: "200ms"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, _, err = d.Dial(t.Context())
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Dial: %v, want a deadline error", err)
+	}
+	if elapsed := time.Since(start); elapsed > 5*time.Second {
+		t.Errorf("Dial took %v with connect_timeout 200ms", elapsed)
+	}
+
+	<-silent.got // the first Dial's request
+
+	// connect_timeout 2 s; the caller's context ends first.
+	d = dialer(t, silent.addr, config.SSLPrefer, "")
+	ctx, cancel := context.WithCancel(t.Context())
+	go func() {
+		<-silent.got // cancel while Dial waits for the answer
+		cancel()
+	}()
+	_, _, err = d.Dial(ctx)
+	cancel()
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Dial with a cancelled context: %v, want context.Canceled", err)
+	}
+}
+
+func TestCancel(t *testing.T) {
+	t.Parallel()
+	serverCA := newCA(t)
+	cert := serverCA.issue(t, "db.example")
+	readCancel := func(c net.Conn, fs *fakeServer) {
+		b := make([]byte, 16)
+		n, _ := io.ReadFull(c, b)
+		fs.got <- b[:n]
+	}
+	tlsServer := startFake(t, 'S', &cert, readCancel)
+	key := []byte{0xde, 0xad, 0xbe, 0xef}
+	want := []byte{0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0x30, 0x39, 0xde, 0xad, 0xbe, 0xef}
+
+	t.Run("over TLS", func(t *testing.T) {
+		d := dialer(t, tlsServer.addr, config.SSLRequire, "")
+		if err := d.Cancel(t.Context(), 12345, key, true); err != nil {
+			t.Fatal(err)
+		}
+		// Cancel waited for the server to close, so the request is there already.
+		select {
+		case got := <-tlsServer.got:
+			if !bytes.Equal(got, want) {
+				t.Errorf("server got %x, want %x", got, want)
+			}
+		default:
+			t.Error("Cancel returned before the server had the request")
+		}
+	})
+	t.Run("plain, as the session was", func(t *testing.T) {
+		d := dialer(t, tlsServer.addr, config.SSLRequire, "")
+		if err := d.Cancel(t.Context(), 12345, key, false); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case got := <-tlsServer.got:
+			if !bytes.Equal(got, want) {
+				t.Errorf("server got %x, want %x", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("server got nothing")
+		}
+	})
+	t.Run("server unreachable", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		err = dialer(t, addr, config.SSLDisable, "").Cancel(t.Context(), 1, key, false)
+		var de *DialError
+		if !errors.As(err, &de) || de.Address != addr {
+			t.Errorf("Cancel: %v, want a DialError", err)
+		}
+	})
+}
+
+// verify-full checks the host name of the address: localhost matches a
+// certificate for localhost.
+func TestDialVerifyFullByName(t *testing.T) {
+	t.Parallel()
+	serverCA := newCA(t)
+	cert := serverCA.issue(t, "localhost")
+	server := startFake(t, 'S', &cert, readAll)
+	_, port, _ := net.SplitHostPort(server.addr)
+	conn, useTLS, err := dialer(t, net.JoinHostPort("localhost", port), config.SSLVerifyFull, serverCA.pemFile).Dial(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if !useTLS {
+		t.Error("not TLS")
+	}
+}
