@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
@@ -110,6 +111,12 @@ func (s *Server) handle(raw net.Conn) {
 		switch {
 		case errors.As(err, &fail):
 			log.Info("login failed", "sqlstate", fail.code, "reason", fail.msg)
+			if sess.clientTLS && sess.serverTLS && strings.Contains(fail.msg, "channel binding") {
+				// A passthrough SCRAM exchange is bound to rolegate's certificate
+				// by the client but checked against the server's by the server.
+				log.Warn("SCRAM channel binding cannot pass through rolegate when both sides use TLS; " +
+					"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
+			}
 		case errors.Is(err, errClientClosed):
 			log.Debug("client left during login")
 		default:
