@@ -27,10 +27,11 @@ type Config struct {
 	// ShutdownTimeout bounds how long sessions may run on after SIGTERM.
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 
-	TLS    TLS    `toml:"tls"`
-	Server Server `toml:"server"`
-	Auth   Auth   `toml:"auth"`
-	Log    Log    `toml:"log"`
+	TLS     TLS     `toml:"tls"`
+	Server  Server  `toml:"server"`
+	Control Control `toml:"control"`
+	Auth    Auth    `toml:"auth"`
+	Log     Log     `toml:"log"`
 }
 
 // TLS is the client-facing TLS configuration. Both files empty means no TLS:
@@ -51,9 +52,32 @@ type Server struct {
 	ConnectTimeout Duration `toml:"connect_timeout"`
 }
 
+// Control is rolegate's own connection to the server, for the auth query (and,
+// later, pg_stat_activity and pg_terminate_backend).
+type Control struct {
+	// DSN is a libpq/pgx connection string. A password in it works but is better
+	// kept in the environment (ROLEGATE_CONTROL_PASSWORD) or PasswordFile.
+	DSN          string `toml:"dsn"`
+	PasswordFile string `toml:"password_file"`
+	MaxConns     int    `toml:"max_conns"`
+}
+
 // Auth selects how clients are authenticated.
 type Auth struct {
+	// Mode is "proxy" (rolegate verifies clients with the server's verifiers) or
+	// "passthrough" (the exchange is relayed). Empty: proxy when a verifier source
+	// (control.dsn or userlist) is configured, else passthrough.
 	Mode AuthMode `toml:"mode"`
+	// Method is what rolegate asks clients for in proxy mode.
+	Method string `toml:"method"`
+	// CleartextWithoutTLS allows method "password" on unencrypted connections.
+	CleartextWithoutTLS bool `toml:"cleartext_without_tls"`
+	// Userlist is a PgBouncer-style auth_file; it is consulted before the auth query.
+	Userlist string `toml:"userlist"`
+	// AuthQuery returns a role's secret; $1 is the role name.
+	AuthQuery string   `toml:"auth_query"`
+	CacheSize int      `toml:"cache_size"`
+	CacheTTL  Duration `toml:"cache_ttl"`
 }
 
 // Log configures rolegate's own log output.
@@ -77,8 +101,19 @@ const (
 // AuthMode says who verifies a client's password.
 type AuthMode string
 
-// AuthPassthrough relays the authentication exchange between client and server.
-const AuthPassthrough AuthMode = "passthrough"
+// Authentication modes.
+const (
+	// AuthProxy: rolegate authenticates clients itself and logs in to the server
+	// as them with the recovered key.
+	AuthProxy AuthMode = "proxy"
+	// AuthPassthrough relays the authentication exchange between client and server.
+	AuthPassthrough AuthMode = "passthrough"
+)
+
+// DefaultAuthQuery reads a role's verifier; it needs a superuser control role
+// (sql/setup.sql shows a least-privilege alternative). NOLOGIN roles are
+// returned too, so that the server, not rolegate, refuses them with its own error.
+const DefaultAuthQuery = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1"
 
 // Duration is a Go duration string ("10s", "1m30s"). It is a string kind so that
 // the TOML decoder reports a value of the wrong type with its key and line; Parse
@@ -116,8 +151,14 @@ func Default() *Config {
 			SSLMode:        SSLPrefer,
 			ConnectTimeout: "10s",
 		},
-		Auth: Auth{Mode: AuthPassthrough},
-		Log:  Log{Level: "info", Format: "text"},
+		Control: Control{MaxConns: 4},
+		Auth: Auth{
+			Method:    "scram-sha-256",
+			AuthQuery: DefaultAuthQuery,
+			CacheSize: 1000,
+			CacheTTL:  "60s",
+		},
+		Log: Log{Level: "info", Format: "text"},
 	}
 }
 
@@ -211,6 +252,7 @@ func (c *Config) validate() error {
 		{"startup_timeout", c.StartupTimeout, true},
 		{"shutdown_timeout", c.ShutdownTimeout, false},
 		{"server.connect_timeout", c.Server.ConnectTimeout, true},
+		{"auth.cache_ttl", c.Auth.CacheTTL, false},
 	} {
 		if err := d.v.check(d.positive); err != nil {
 			return &Error{Key: d.key, Msg: err.Error()}
@@ -224,12 +266,34 @@ func (c *Config) validate() error {
 	default:
 		return bad("server.sslmode", "invalid sslmode %q (want disable, prefer, require, verify-ca or verify-full)", c.Server.SSLMode)
 	}
+	hasSource := c.Control.DSN != "" || c.Auth.Userlist != ""
 	switch c.Auth.Mode {
+	case "":
+		c.Auth.Mode = AuthPassthrough
+		if hasSource {
+			c.Auth.Mode = AuthProxy
+		}
+	case AuthProxy:
+		if !hasSource {
+			return bad("auth.mode", `mode "proxy" needs a verifier source: control.dsn or auth.userlist`)
+		}
 	case AuthPassthrough:
-	case "proxy":
-		return bad("auth.mode", `mode "proxy" is not available in this version (want "passthrough")`)
 	default:
-		return bad("auth.mode", "invalid mode %q (want \"passthrough\")", c.Auth.Mode)
+		return bad("auth.mode", "invalid mode %q (want \"proxy\" or \"passthrough\")", c.Auth.Mode)
+	}
+	switch c.Auth.Method {
+	case "scram-sha-256", "md5", "password":
+	default:
+		return bad("auth.method", "invalid method %q (want scram-sha-256, md5 or password)", c.Auth.Method)
+	}
+	if c.Auth.CacheSize < 1 {
+		return bad("auth.cache_size", "must be at least 1")
+	}
+	if c.Control.MaxConns < 1 {
+		return bad("control.max_conns", "must be at least 1")
+	}
+	if c.Control.DSN != "" && !strings.Contains(c.Auth.AuthQuery, "$1") {
+		return bad("auth.auth_query", "must take the role name as $1")
 	}
 	if (c.Server.SSLMode == SSLVerifyCA || c.Server.SSLMode == SSLVerifyFull) && c.Server.SSLRootCert == "" {
 		return bad("server.sslrootcert", "required with sslmode %q", c.Server.SSLMode)

@@ -18,6 +18,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/internal/wire"
+	"github.com/rolegate/rolegate/upstream"
 )
 
 // Why sessions end. A client or server that closes its connection is the normal
@@ -105,23 +109,9 @@ func (s *Server) handle(raw net.Conn) {
 
 	cr := bufio.NewReader(client)
 	defer s.registry.remove(sess)
-	lg, err := s.login(ctx, sess, client, cr, pkt, deadline, &sockets)
+	lg, err := s.login(ctx, sess, client, cr, pkt, deadline, &sockets, log)
 	if err != nil {
-		var fail *loginError
-		switch {
-		case errors.As(err, &fail):
-			log.Info("login failed", "sqlstate", fail.code, "reason", fail.msg)
-			if sess.clientTLS && sess.serverTLS && strings.Contains(fail.msg, "channel binding") {
-				// A passthrough SCRAM exchange is bound to rolegate's certificate
-				// by the client but checked against the server's by the server.
-				log.Warn("SCRAM channel binding cannot pass through rolegate when both sides use TLS; " +
-					"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
-			}
-		case errors.Is(err, errClientClosed):
-			log.Debug("client left during login")
-		default:
-			log.Warn("login failed", "err", err)
-		}
+		s.loginFailed(sess, err, log)
 		return
 	}
 	log = log.With("pid", sess.backendPID)
@@ -235,7 +225,7 @@ func (s *Server) startupFailed(c net.Conn, err error, log *slog.Logger) {
 
 // sendFatal writes a FATAL ErrorResponse; the caller closes the connection.
 func sendFatal(c net.Conn, code, msg string) {
-	_, _ = c.Write(encode(nil, errorResponse("FATAL", code, msg)))
+	_, _ = c.Write(wire.Encode(nil, wire.Error("FATAL", code, msg)))
 }
 
 // forwardCancel passes a CancelRequest that carries a key rolegate issued to the
@@ -265,37 +255,63 @@ func (e *loginError) Error() string {
 	return fmt.Sprintf("server refused login: %s (%s)", e.msg, e.code)
 }
 
+// loginFailed writes the one log line of a failed login.
+func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
+	var refused *loginError
+	var failed *authFailure
+	switch {
+	case errors.As(err, &failed):
+		log.Info("login failed", "sqlstate", failed.code, "reason", failed.class, "detail", failed.msg)
+	case errors.As(err, &refused):
+		log.Info("login failed", "sqlstate", refused.code, "reason", "refused by server", "detail", refused.msg)
+		if sess.clientTLS && sess.serverTLS && strings.Contains(refused.msg, "channel binding") {
+			// A passthrough SCRAM exchange is bound to rolegate's certificate
+			// by the client but checked against the server's by the server.
+			log.Warn("SCRAM channel binding cannot pass through rolegate when both sides use TLS; " +
+				"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
+		}
+	case errors.Is(err, errClientClosed):
+		log.Debug("client left during login")
+	default:
+		log.Warn("login failed", "err", err)
+	}
+}
+
 // loggedIn is the server side of a session that has logged in.
 type loggedIn struct {
 	server net.Conn
 	reader *bufio.Reader
 }
 
-// login opens the server connection for sess and passes the authentication
-// exchange through unchanged, up to the server's first ReadyForQuery. The
-// server's BackendKeyData is kept and replaced by one rolegate issues.
+// login authenticates the client (proxy mode) or relays its authentication
+// (passthrough), opens the server connection, and hands the session over: the
+// server's parameters and ReadyForQuery go to the client with a BackendKeyData
+// that rolegate issues in place of the server's.
 func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
-	p *startupPacket, deadline time.Time, sockets *conns) (*loggedIn, error) {
-	var out []byte // to the client, flushed before rolegate waits for it
+	p *startupPacket, deadline time.Time, sockets *conns, log *slog.Logger) (*loggedIn, error) {
 	if p.minor > 0 || len(p.unrecognized) > 0 {
 		// Speak 3.0: PostgreSQL's answer to a newer minor or unknown _pq_ options.
-		out = encode(out, &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: p.unrecognized})
-	}
-	flush := func() error {
-		if len(out) == 0 {
-			return nil
+		msg := wire.Encode(nil, &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: p.unrecognized})
+		if _, err := client.Write(msg); err != nil {
+			return nil, errClientClosed
 		}
-		_, err := client.Write(out)
-		out = out[:0]
-		return err
+	}
+	var keys *auth.Keys
+	if s.cfg.Auth != nil {
+		// The client proves who it is before rolegate opens anything for it.
+		a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
+		var err error
+		if keys, err = a.authenticate(ctx); err != nil {
+			return nil, err
+		}
 	}
 
+	var out []byte // to the client, flushed before rolegate waits for it
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	server, useTLS, err := s.cfg.Upstream.Dial(dctx)
 	if err != nil {
-		out = encode(out, errorResponse("FATAL", "08006", err.Error()))
-		_ = flush()
+		sendFatal(client, "08006", err.Error())
 		return nil, err
 	}
 	if !sockets.set(&sockets.server, server) {
@@ -304,86 +320,160 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	sess.serverTLS = useTLS
 	_ = server.SetDeadline(deadline)
 
-	startup := encode(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: p.params})
+	startup := wire.Encode(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: p.params})
 	if _, err := server.Write(startup); err != nil {
 		return nil, s.serverLost(client, &out, err)
 	}
 	sr := bufio.NewReader(server)
+	if keys == nil {
+		if out, err = relayAuth(client, cr, server, sr); err != nil {
+			var lost *serverLostError
+			if errors.As(err, &lost) {
+				return nil, s.serverLost(client, &out, lost.err)
+			}
+			return nil, err
+		}
+	} else if err := upstream.Authenticate(sr, server, keys); err != nil {
+		return nil, s.upstreamAuthFailed(sess, client, err)
+	} else {
+		out = wire.Encode(out, &pgproto3.AuthenticationOk{})
+	}
+	return s.handoff(sess, client, server, sr, out)
+}
+
+// handoff passes what the server sends after AuthenticationOk to the client, up
+// to the first ReadyForQuery, and issues the client's own cancel key.
+func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte) (*loggedIn, error) {
 	for {
-		m, err := readMessage(sr, maxServerLoginMsg)
+		m, err := wire.ReadMessage(sr, wire.MaxServerLoginMsg)
 		if err != nil {
 			return nil, s.serverLost(client, &out, err)
 		}
-		switch m.typ {
-		case 'R':
-			out = append(out, m.raw()...)
-			if len(m.body) < 4 {
-				return nil, s.serverLost(client, &out, errors.New("short authentication request"))
-			}
-			if !needsResponse(binary.BigEndian.Uint32(m.body)) {
-				continue
-			}
-			if err := flush(); err != nil {
-				return nil, errClientClosed
-			}
-			reply, err := readMessage(cr, maxClientAuthMessage)
-			if err != nil {
-				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-					return nil, errClientClosed
-				}
-				return nil, fmt.Errorf("read authentication response: %w", err)
-			}
-			if reply.typ == 'X' {
-				return nil, errClientClosed // psql hangs up to prompt for a password
-			}
-			if reply.typ != 'p' {
-				msg := fmt.Sprintf("expected password response, got message type %q", reply.typ)
-				out = encode(out, errorResponse("FATAL", "08P01", msg))
-				_ = flush()
-				return nil, &loginError{code: "08P01", msg: msg}
-			}
-			if _, err := server.Write(reply.raw()); err != nil {
-				return nil, s.serverLost(client, &out, err)
-			}
+		switch m.Type {
 		case 'K':
 			var k pgproto3.BackendKeyData
-			if err := k.Decode(m.body); err != nil {
+			if err := k.Decode(m.Body); err != nil {
 				return nil, s.serverLost(client, &out, err)
 			}
 			sess.backendPID, sess.backendKey = k.ProcessID, k.SecretKey
 			// Registration issues the client's own key; it must happen before the
 			// client can use it.
 			s.registry.add(sess)
-			out = encode(out, &pgproto3.BackendKeyData{ProcessID: sess.cancelKey.pid, SecretKey: sess.cancelKey.secretBytes()})
+			out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: sess.cancelKey.pid, SecretKey: sess.cancelKey.secretBytes()})
 		case 'Z':
-			out = append(out, m.raw()...)
-			if err := flush(); err != nil {
+			out = append(out, m.Raw()...)
+			if _, err := client.Write(out); err != nil {
 				return nil, errClientClosed
 			}
-			if len(m.body) == 1 {
-				sess.setState(txState(m.body[0]))
+			if len(m.Body) == 1 {
+				sess.setState(txState(m.Body[0]))
 			}
 			return &loggedIn{server: server, reader: sr}, nil
 		case 'E':
-			out = append(out, m.raw()...)
-			_ = flush()
-			var e pgproto3.ErrorResponse
-			if err := e.Decode(m.body); err != nil {
-				return nil, fmt.Errorf("decode server error: %w", err)
-			}
-			return nil, &loginError{code: e.Code, msg: e.Message}
-		case 'S', 'N', 'v':
-			out = append(out, m.raw()...)
+			out = append(out, m.Raw()...)
+			_, _ = client.Write(out)
+			return nil, refusedBy(m)
+		case 'S', 'N':
+			out = append(out, m.Raw()...)
 		default:
-			return nil, s.serverLost(client, &out, fmt.Errorf("unexpected message type %q during login", m.typ))
+			return nil, s.serverLost(client, &out, fmt.Errorf("unexpected message type %q during login", m.Type))
 		}
 	}
+}
+
+// serverLostError marks a server connection that broke during relayAuth.
+type serverLostError struct{ err error }
+
+func (e *serverLostError) Error() string { return e.err.Error() }
+
+// relayAuth passes the authentication exchange between client and server
+// unchanged (passthrough mode) and returns, unsent, the server's messages up to
+// and including AuthenticationOk.
+func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Reader) ([]byte, error) {
+	var out []byte
+	for {
+		m, err := wire.ReadMessage(sr, wire.MaxServerLoginMsg)
+		if err != nil {
+			return out, &serverLostError{err}
+		}
+		switch m.Type {
+		case 'R':
+		case 'E':
+			out = append(out, m.Raw()...)
+			_, _ = client.Write(out)
+			return nil, refusedBy(m)
+		case 'N', 'v':
+			out = append(out, m.Raw()...)
+			continue
+		default:
+			return out, &serverLostError{fmt.Errorf("unexpected message type %q during authentication", m.Type)}
+		}
+		out = append(out, m.Raw()...)
+		if len(m.Body) < 4 {
+			return out, &serverLostError{errors.New("short authentication request")}
+		}
+		code := binary.BigEndian.Uint32(m.Body)
+		if code == 0 {
+			return out, nil
+		}
+		if !needsResponse(code) {
+			continue
+		}
+		if _, err := client.Write(out); err != nil {
+			return nil, errClientClosed
+		}
+		out = out[:0]
+		reply, err := wire.ReadMessage(cr, wire.MaxClientAuthMessage)
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return nil, errClientClosed
+			}
+			return nil, fmt.Errorf("read authentication response: %w", err)
+		}
+		if reply.Type == 'X' {
+			return nil, errClientClosed // psql hangs up to prompt for a password
+		}
+		if reply.Type != 'p' {
+			msg := fmt.Sprintf("expected password response, got message type %q", reply.Type)
+			sendFatal(client, "08P01", msg)
+			return nil, &loginError{code: "08P01", msg: msg}
+		}
+		if _, err := server.Write(reply.Raw()); err != nil {
+			return nil, &serverLostError{err}
+		}
+	}
+}
+
+// refusedBy turns the server's ErrorResponse into a loginError.
+func refusedBy(m wire.Message) error {
+	var e pgproto3.ErrorResponse
+	if err := e.Decode(m.Body); err != nil {
+		return fmt.Errorf("decode server error: %w", err)
+	}
+	return &loginError{code: e.Code, msg: e.Message}
+}
+
+// upstreamAuthFailed reports a server that refused the keys of a client
+// rolegate had authenticated: the server's own error goes to the client as
+// sent. A 28P01 means the cached verifier is stale, so it is dropped.
+func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) error {
+	var se *upstream.ServerError
+	if errors.As(err, &se) {
+		_, _ = client.Write(se.Raw)
+		if se.Code == "28P01" {
+			s.cfg.Auth.Store.Forget(sess.user)
+		}
+		return &loginError{code: se.Code, msg: se.Message}
+	}
+	msg := fmt.Sprintf("rolegate could not log in to the server as %q: %v", sess.user, err)
+	sendFatal(client, "28000", msg)
+	return &loginError{code: "28000", msg: msg}
 }
 
 // serverLost tells the client the server connection failed during login.
 func (s *Server) serverLost(client net.Conn, out *[]byte, err error) error {
 	err = fmt.Errorf("server %s: %w", s.cfg.Upstream.Address(), err)
-	*out = encode(*out, errorResponse("FATAL", "08006", "rolegate lost the server connection during login: "+err.Error()))
+	*out = wire.Encode(*out, wire.Error("FATAL", "08006", "rolegate lost the server connection during login: "+err.Error()))
 	_, _ = client.Write(*out)
 	return err
 }

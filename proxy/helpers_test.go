@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
 
+	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
 	"github.com/rolegate/rolegate/upstream"
@@ -101,6 +102,7 @@ type proxyOpts struct {
 	sslrootcert    string
 	clientTLS      *tls.Config
 	startupTimeout time.Duration // default: 10 s
+	auth           *ClientAuth   // nil: passthrough
 }
 
 // testProxy is a proxy Server serving on a loopback port.
@@ -137,6 +139,7 @@ func startProxy(t testing.TB, o proxyOpts) *testProxy {
 	srv := New(Config{
 		Upstream:       d,
 		TLS:            o.clientTLS,
+		Auth:           o.auth,
 		StartupTimeout: o.startupTimeout,
 		Logger:         slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
@@ -234,4 +237,21 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// superControl is a control pool on c as its superuser, with the default auth
+// query; it is closed at cleanup.
+func superControl(t testing.TB, c *pgtest.Cluster) *upstream.Control {
+	t.Helper()
+	ctl, err := upstream.NewControl(context.Background(), config.Control{DSN: c.SuperDSN(), MaxConns: 2}, config.DefaultAuthQuery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctl.Close)
+	return ctl
+}
+
+// proxyAuth is proxy-mode authentication from the given sources, cached for ttl.
+func proxyAuth(ttl time.Duration, sources ...auth.Source) *ClientAuth {
+	return &ClientAuth{Store: auth.NewStore(100, ttl, sources...), Method: "scram-sha-256"}
 }

@@ -1021,7 +1021,7 @@ func TestRelayBrokenLengthEndsOnlyThatSession(t *testing.T) {
 			}
 			backend := s.BackendPID
 			// A good query first, then a Query whose length word is broken.
-			good := wire(t, &pgproto3.Query{String: "select 1"})
+			good := encodeAll(t, &pgproto3.Query{String: "select 1"})
 			if _, err := conn.Write(good); err != nil {
 				t.Fatal(err)
 			}

@@ -11,8 +11,8 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
-// wire encodes protocol messages back to back, as they travel.
-func wire(t testing.TB, msgs ...pgproto3.Message) []byte {
+// encodeAll encodes protocol messages back to back, as they travel.
+func encodeAll(t testing.TB, msgs ...pgproto3.Message) []byte {
 	t.Helper()
 	var b []byte
 	for _, m := range msgs {
@@ -99,7 +99,7 @@ func errString(err error) string {
 // serverSession is a realistic server stream: login, a query in a transaction,
 // an error that aborts it, a rollback and a row of big bytes (big: its length).
 func serverSession(t testing.TB, big int) []byte {
-	return wire(t,
+	return encodeAll(t,
 		&pgproto3.AuthenticationOk{},
 		&pgproto3.ParameterStatus{Name: "server_version", Value: "15.18"},
 		&pgproto3.BackendKeyData{ProcessID: 4242, SecretKey: []byte{1, 2, 3, 4}},
@@ -127,7 +127,7 @@ var serverSessionEvents = []event{{'Z', 'I'}, {'Z', 'T'}, {'Z', 'T'}, {'Z', 'E'}
 // round with its zero-length Sync, big lines of COPY data, a function call and
 // Terminate.
 func clientSession(t testing.TB, big int) []byte {
-	return wire(t,
+	return encodeAll(t,
 		&pgproto3.Query{String: "select 1"},
 		&pgproto3.Parse{Name: "s1", Query: "select $1::int"},
 		&pgproto3.Bind{PreparedStatement: "s1", Parameters: [][]byte{[]byte("7")}},
@@ -158,13 +158,13 @@ func TestScannerEvents(t *testing.T) {
 		{name: "server session", want: serverEvents, stream: serverSession(t, 70000), events: serverSessionEvents},
 		{name: "client session", want: clientEvents, stream: clientSession(t, 20000), events: clientSessionEvents},
 		{name: "empty", want: serverEvents, stream: nil},
-		{name: "ReadyForQuery idle", want: serverEvents, stream: wire(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}), events: []event{{'Z', 'I'}}},
-		{name: "ReadyForQuery in transaction", want: serverEvents, stream: wire(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), events: []event{{'Z', 'T'}}},
-		{name: "ReadyForQuery failed transaction", want: serverEvents, stream: wire(t, &pgproto3.ReadyForQuery{TxStatus: 'E'}), events: []event{{'Z', 'E'}}},
+		{name: "ReadyForQuery idle", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}), events: []event{{'Z', 'I'}}},
+		{name: "ReadyForQuery in transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), events: []event{{'Z', 'T'}}},
+		{name: "ReadyForQuery failed transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'E'}), events: []event{{'Z', 'E'}}},
 		{name: "zero-length Sync", want: clientEvents, stream: []byte{'S', 0, 0, 0, 4}, events: []event{{'S', 0}}},
 		{name: "zero-length Terminate", want: clientEvents, stream: []byte{'X', 0, 0, 0, 4}, events: []event{{'X', 0}}},
 		{name: "several Syncs", want: clientEvents, stream: slices.Repeat([]byte{'S', 0, 0, 0, 4}, 5), events: slices.Repeat([]event{{'S', 0}}, 5)},
-		{name: "unwanted zero-length messages", want: clientEvents, stream: wire(t, &pgproto3.Flush{}, &pgproto3.CopyDone{}, &pgproto3.Sync{}), events: []event{{'S', 0}}},
+		{name: "unwanted zero-length messages", want: clientEvents, stream: encodeAll(t, &pgproto3.Flush{}, &pgproto3.CopyDone{}, &pgproto3.Sync{}), events: []event{{'S', 0}}},
 		{name: "empty-bodied ReadyForQuery is reported with status 0", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 4}, events: []event{{'Z', 0}}},
 		{name: "unfinished header reports nothing", want: serverEvents, stream: []byte{'Z', 0, 0, 0}},
 		{name: "header without its body byte reports nothing", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 5}},
@@ -176,7 +176,7 @@ func TestScannerEvents(t *testing.T) {
 		{
 			name:   "broken length after good messages keeps their events",
 			want:   serverEvents,
-			stream: append(wire(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}, &pgproto3.ReadyForQuery{TxStatus: 'T'}), rawMsg('Z', 2, []byte{'I'})...),
+			stream: append(encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}, &pgproto3.ReadyForQuery{TxStatus: 'T'}), rawMsg('Z', 2, []byte{'I'})...),
 			events: []event{{'Z', 'I'}, {'Z', 'T'}},
 			err:    `invalid message length 2 for message type 'Z'`,
 		},
@@ -260,7 +260,7 @@ func TestScannerAppendsToEvents(t *testing.T) {
 	t.Parallel()
 	sc := &scanner{want: serverEvents}
 	prev := []event{{'Q', 'x'}}
-	got, err := sc.scan(wire(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), prev)
+	got, err := sc.scan(encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), prev)
 	if err != nil || !slices.Equal(got, []event{{'Q', 'x'}, {'Z', 'T'}}) {
 		t.Fatalf("got %q, %v", got, err)
 	}

@@ -31,6 +31,10 @@ type Config struct {
 	Upstream *upstream.Dialer
 	// TLS, when not nil, is offered to clients (SSLRequest and direct TLS).
 	TLS *tls.Config
+	// Auth, when not nil, makes rolegate authenticate clients itself and log in
+	// to the server with their recovered keys (proxy mode); nil relays the
+	// authentication exchange (passthrough).
+	Auth *ClientAuth
 	// StartupTimeout bounds startup and authentication of a client.
 	StartupTimeout time.Duration
 	// Logger receives one line per login, session end and failure. nil: slog.Default().

@@ -23,6 +23,7 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/proxy"
 	"github.com/rolegate/rolegate/upstream"
@@ -59,54 +60,96 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "rolegate: %v\n", err)
 		return 2
 	}
-	dialer, tlsCfg, err := components(cfg)
+	parts, err := components(cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "rolegate: %s: %v\n", *cfgPath, err)
 		return 2
 	}
+	defer parts.close()
 	if *check {
 		fmt.Fprintf(stdout, "%s: configuration is valid\n", *cfgPath)
 		return 0
 	}
 	log := newLogger(cfg.Log, stderr)
-	if err := serve(cfg, dialer, tlsCfg, log); err != nil {
+	if err := serve(cfg, parts, log); err != nil {
 		log.Error("rolegate stopped", "err", err)
 		return 1
 	}
 	return 0
 }
 
-// components builds what the configuration names and can fail on: files are read
-// here so that -check catches a missing certificate.
-func components(cfg *config.Config) (*upstream.Dialer, *tls.Config, error) {
-	dialer, err := upstream.NewDialer(cfg.Server)
-	if err != nil {
-		return nil, nil, err
+// parts are what the configuration names, built and ready to wire.
+type parts struct {
+	dialer  *upstream.Dialer
+	tls     *tls.Config
+	control *upstream.Control // nil without [control] dsn
+	auth    *proxy.ClientAuth // nil in passthrough mode
+}
+
+func (p *parts) close() {
+	if p.control != nil {
+		p.control.Close()
 	}
-	var tlsCfg *tls.Config
+}
+
+// components builds what the configuration names and can fail on: files are read
+// here so that -check catches a missing certificate or userlist. The control
+// pool connects lazily, so -check does not need the server.
+func components(cfg *config.Config) (*parts, error) {
+	p := &parts{}
+	var err error
+	if p.dialer, err = upstream.NewDialer(cfg.Server); err != nil {
+		return nil, err
+	}
 	if cfg.TLS.Enabled() {
 		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
 		if err != nil {
-			return nil, nil, fmt.Errorf("tls: load certificate: %w", err)
+			return nil, fmt.Errorf("tls: load certificate: %w", err)
 		}
-		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		p.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	return dialer, tlsCfg, nil
+	if cfg.Control.DSN != "" {
+		if p.control, err = upstream.NewControl(context.Background(), cfg.Control, cfg.Auth.AuthQuery); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.Auth.Mode != config.AuthProxy {
+		return p, nil
+	}
+	var sources []auth.Source
+	if cfg.Auth.Userlist != "" {
+		users, err := auth.LoadUserlist(cfg.Auth.Userlist)
+		if err != nil {
+			p.close()
+			return nil, err
+		}
+		sources = append(sources, users)
+	}
+	if p.control != nil {
+		sources = append(sources, auth.SourceFunc(p.control.Secret))
+	}
+	p.auth = &proxy.ClientAuth{
+		Store:               auth.NewStore(cfg.Auth.CacheSize, cfg.Auth.CacheTTL.Value(), sources...),
+		Method:              cfg.Auth.Method,
+		CleartextWithoutTLS: cfg.Auth.CleartextWithoutTLS,
+	}
+	return p, nil
 }
 
-func serve(cfg *config.Config, dialer *upstream.Dialer, tlsCfg *tls.Config, log *slog.Logger) error {
+func serve(cfg *config.Config, p *parts, log *slog.Logger) error {
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	srv := proxy.New(proxy.Config{
-		Upstream:       dialer,
-		TLS:            tlsCfg,
+		Upstream:       p.dialer,
+		TLS:            p.tls,
+		Auth:           p.auth,
 		StartupTimeout: cfg.StartupTimeout.Value(),
 		Logger:         log,
 	})
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
-		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", tlsCfg != nil)
+		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)

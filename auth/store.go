@@ -1,0 +1,129 @@
+package auth
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/expirable"
+)
+
+// Source yields a role's stored secret. found is false for a role the source
+// does not know; err is for a source that could not answer.
+type Source interface {
+	Secret(ctx context.Context, role string) (s Secret, found bool, err error)
+}
+
+// SourceFunc adapts a function to a Source (the control connection's auth query
+// is one; cmd/rolegate wires it).
+type SourceFunc func(ctx context.Context, role string) (Secret, bool, error)
+
+// Secret calls f.
+func (f SourceFunc) Secret(ctx context.Context, role string) (Secret, bool, error) {
+	return f(ctx, role)
+}
+
+// Userlist is a Source read from a PgBouncer-style auth_file.
+type Userlist map[string]Secret
+
+// LoadUserlist reads an auth_file; errors name the file and line, never a secret.
+func LoadUserlist(path string) (Userlist, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("userlist: %w", err)
+	}
+	defer f.Close()
+	m, err := ParseUserlist(f)
+	if err != nil {
+		return nil, fmt.Errorf("userlist %s: %w", path, err)
+	}
+	return Userlist(m), nil
+}
+
+// Secret looks role up in the file.
+func (u Userlist) Secret(_ context.Context, role string) (Secret, bool, error) {
+	s, ok := u[role]
+	return s, ok, nil
+}
+
+// entry is a cached answer: unknown roles are cached too, so a client guessing
+// role names costs one query per name and TTL, not one per attempt.
+type entry struct {
+	secret Secret
+	found  bool
+}
+
+// Store answers "what is this role's secret" from its sources, in order, with
+// an expirable LRU cache in front. A password changed on the server reaches the
+// cache through Refresh, which the proxy calls after a failed login.
+type Store struct {
+	sources []Source
+	cache   *expirable.LRU[string, entry]
+}
+
+// NewStore returns a Store that asks sources in order (the first that knows a
+// role wins) and caches up to size answers for ttl. ttl 0 disables caching.
+func NewStore(size int, ttl time.Duration, sources ...Source) *Store {
+	s := &Store{sources: sources}
+	if ttl > 0 {
+		s.cache = expirable.NewLRU[string, entry](size, nil, ttl)
+	}
+	return s
+}
+
+// Lookup returns role's secret, from the cache when it holds one.
+func (s *Store) Lookup(ctx context.Context, role string) (Secret, bool, error) {
+	if s.cache != nil {
+		if e, ok := s.cache.Get(role); ok {
+			return e.secret, e.found, nil
+		}
+	}
+	return s.Refresh(ctx, role)
+}
+
+// Refresh asks the sources again, bypassing and then updating the cache.
+func (s *Store) Refresh(ctx context.Context, role string) (Secret, bool, error) {
+	for _, src := range s.sources {
+		sec, found, err := src.Secret(ctx, role)
+		if err != nil {
+			return Secret{}, false, err
+		}
+		if found {
+			s.put(role, entry{secret: sec, found: true})
+			return sec, true, nil
+		}
+	}
+	s.put(role, entry{})
+	return Secret{}, false, nil
+}
+
+// Forget drops role from the cache, so that the next login asks the sources.
+func (s *Store) Forget(role string) {
+	if s.cache != nil {
+		s.cache.Remove(role)
+	}
+}
+
+func (s *Store) put(role string, e entry) {
+	if s.cache != nil {
+		s.cache.Add(role, e)
+	}
+}
+
+// Same reports whether two secrets are the same stored value, to tell whether a
+// Refresh found a changed password.
+func Same(a, b Secret) bool {
+	if a.Kind != b.Kind {
+		return false
+	}
+	switch a.Kind {
+	case SCRAM:
+		return a.SCRAM.String() == b.SCRAM.String()
+	case MD5:
+		return a.MD5 == b.MD5
+	case Plain:
+		return a.Plain == b.Plain
+	}
+	return true
+}

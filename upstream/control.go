@@ -1,0 +1,110 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/config"
+)
+
+// PasswordEnv names the environment variable that holds the control role's
+// password, so that it need not be written in proxy.toml.
+const PasswordEnv = "ROLEGATE_CONTROL_PASSWORD"
+
+// Control is rolegate's own connection pool to the server: it runs the auth
+// query (and, with limits, reads pg_stat_activity and terminates backends).
+type Control struct {
+	pool      *pgxpool.Pool
+	authQuery string
+}
+
+// NewControl builds the pool; it connects lazily, so a server that is down at
+// start-up delays logins rather than rolegate's start. The password comes from
+// ROLEGATE_CONTROL_PASSWORD, then password_file, then the DSN (or PGPASSWORD
+// and ~/.pgpass, which pgx reads itself).
+func NewControl(ctx context.Context, cfg config.Control, authQuery string) (*Control, error) {
+	pcfg, err := pgxpool.ParseConfig(cfg.DSN)
+	if err != nil {
+		// pgx's parse errors leave the password out.
+		return nil, fmt.Errorf("control dsn: %w", err)
+	}
+	switch {
+	case os.Getenv(PasswordEnv) != "":
+		pcfg.ConnConfig.Password = os.Getenv(PasswordEnv)
+	case cfg.PasswordFile != "":
+		b, err := os.ReadFile(cfg.PasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("control password_file: %w", err)
+		}
+		pcfg.ConnConfig.Password = strings.TrimRight(string(b), "\r\n")
+	}
+	pcfg.MaxConns = int32(cfg.MaxConns)
+	if pcfg.ConnConfig.RuntimeParams["application_name"] == "" {
+		pcfg.ConnConfig.RuntimeParams["application_name"] = "rolegate"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("control pool: %w", err)
+	}
+	return &Control{pool: pool, authQuery: authQuery}, nil
+}
+
+// Close closes the pool; it is safe to call twice.
+func (c *Control) Close() { c.pool.Close() }
+
+// Ping checks that the server answers on the control connection.
+func (c *Control) Ping(ctx context.Context) error { return c.pool.Ping(ctx) }
+
+// Secret runs the auth query for role. No row means an unknown role; a NULL
+// secret is a role without a password (auth.NoSecret). The query may return
+// the secret alone or, as PgBouncer's auth_query does, the name and the secret:
+// the last column is the secret.
+func (c *Control) Secret(ctx context.Context, role string) (auth.Secret, bool, error) {
+	rows, err := c.pool.Query(ctx, c.authQuery, role)
+	if err != nil {
+		return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)
+	}
+	defer rows.Close()
+	if !rows.Next() {
+		if err := rows.Err(); err != nil {
+			return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)
+		}
+		return auth.Secret{}, false, nil
+	}
+	vals, err := rows.Values()
+	if err != nil || len(vals) == 0 {
+		return auth.Secret{}, false, fmt.Errorf("auth query: read row: %v", errors.Join(err, errNoColumns(len(vals))))
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)
+	}
+	var text string
+	switch v := vals[len(vals)-1].(type) {
+	case nil:
+		return auth.Secret{}, true, nil
+	case string:
+		text = v
+	default:
+		return auth.Secret{}, false, fmt.Errorf("auth query: the secret column is %T, want text", v)
+	}
+	sec, err := auth.ParseSecret(text)
+	if err != nil {
+		return auth.Secret{}, false, fmt.Errorf("auth query: role %q: %w", role, err)
+	}
+	return sec, true, nil
+}
+
+func errNoColumns(n int) error {
+	if n == 0 {
+		return errors.New("no columns")
+	}
+	return nil
+}
+

@@ -1,0 +1,126 @@
+package upstream
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/internal/wire"
+)
+
+// ServerError is an ErrorResponse the server sent during login. Raw is the
+// message as sent, for the proxy to pass to the client unchanged.
+type ServerError struct {
+	Code    string
+	Message string
+	Raw     []byte
+}
+
+func (e *ServerError) Error() string {
+	return fmt.Sprintf("server refused login: %s (SQLSTATE %s)", e.Message, e.Code)
+}
+
+// Authenticate answers the server's authentication requests on a connection
+// whose StartupMessage has been sent, as the client whose keys rolegate
+// recovered, and returns when the server sends AuthenticationOk. This is what
+// lets rolegate open a server connection for a client at any time, without the
+// client: SCRAM needs only the ClientKey, md5 the stored hash.
+func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
+	var scram *auth.SCRAMClient
+	for {
+		m, err := wire.ReadMessage(r, wire.MaxServerLoginMsg)
+		if err != nil {
+			return fmt.Errorf("read login reply: %w", err)
+		}
+		switch m.Type {
+		case 'E':
+			return serverError(m)
+		case 'N':
+			continue // a notice before login completes has nobody to go to
+		case 'R':
+		default:
+			return fmt.Errorf("unexpected message type %q during authentication", m.Type)
+		}
+		if len(m.Body) < 4 {
+			return errors.New("short authentication request")
+		}
+		var reply pgproto3.FrontendMessage
+		switch code := binary.BigEndian.Uint32(m.Body); code {
+		case 0: // AuthenticationOk
+			if scram != nil {
+				return errors.New("server skipped the SCRAM signature")
+			}
+			return nil
+		case 3: // cleartext password
+			if keys.Password == "" {
+				return errors.New("server asks for a cleartext password, but the client did not send one to rolegate")
+			}
+			reply = &pgproto3.PasswordMessage{Password: keys.Password}
+		case 5: // md5
+			var req pgproto3.AuthenticationMD5Password
+			if err := req.Decode(m.Body); err != nil {
+				return fmt.Errorf("decode md5 request: %w", err)
+			}
+			hash := keys.MD5
+			if hash == "" && keys.Password != "" {
+				hash = auth.MD5Hash(keys.User, keys.Password)
+			}
+			if hash == "" {
+				return errors.New("server asks for md5, but rolegate holds only a SCRAM key for this role " +
+					"(the server's pg_hba.conf should use scram-sha-256 for it)")
+			}
+			reply = &pgproto3.PasswordMessage{Password: auth.MD5Response(hash, req.Salt)}
+		case 10: // SASL
+			var req pgproto3.AuthenticationSASL
+			if err := req.Decode(m.Body); err != nil {
+				return fmt.Errorf("decode SASL request: %w", err)
+			}
+			if !slices.Contains(req.AuthMechanisms, auth.SCRAMSHA256) {
+				return fmt.Errorf("server offers SASL mechanisms %v, not %s", req.AuthMechanisms, auth.SCRAMSHA256)
+			}
+			if scram, err = auth.NewSCRAMClient(keys); err != nil {
+				return fmt.Errorf("server asks for SCRAM: %w", err)
+			}
+			reply = &pgproto3.SASLInitialResponse{AuthMechanism: auth.SCRAMSHA256, Data: scram.ClientFirst()}
+		case 11: // SASL continue
+			var req pgproto3.AuthenticationSASLContinue
+			if err := req.Decode(m.Body); err != nil || scram == nil {
+				return fmt.Errorf("unexpected SASL continue: %v", err)
+			}
+			final, err := scram.ClientFinal(req.Data)
+			if err != nil {
+				return fmt.Errorf("SCRAM: %w", err)
+			}
+			reply = &pgproto3.SASLResponse{Data: final}
+		case 12: // SASL final
+			var req pgproto3.AuthenticationSASLFinal
+			if err := req.Decode(m.Body); err != nil || scram == nil {
+				return fmt.Errorf("unexpected SASL final: %v", err)
+			}
+			if err := scram.Verify(req.Data); err != nil {
+				return fmt.Errorf("SCRAM: %w", err)
+			}
+			scram = nil
+			continue
+		default:
+			return fmt.Errorf("server asks for authentication method %d, which rolegate cannot answer for a client", code)
+		}
+		if _, err := w.Write(wire.Encode(nil, reply)); err != nil {
+			return fmt.Errorf("send authentication reply: %w", err)
+		}
+	}
+}
+
+func serverError(m wire.Message) error {
+	var e pgproto3.ErrorResponse
+	if err := e.Decode(m.Body); err != nil {
+		return fmt.Errorf("decode server error: %w", err)
+	}
+	return &ServerError{Code: e.Code, Message: e.Message, Raw: m.Raw()}
+}
