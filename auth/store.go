@@ -6,7 +6,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	lru "github.com/hashicorp/golang-lru/v2"
 )
 
 // Source yields a role's stored secret. found is false for a role the source
@@ -50,24 +50,32 @@ func (u Userlist) Secret(_ context.Context, role string) (Secret, bool, error) {
 // entry is a cached answer: unknown roles are cached too, so a client guessing
 // role names costs one query per name and TTL, not one per attempt.
 type entry struct {
-	secret Secret
-	found  bool
+	secret  Secret
+	found   bool
+	expires time.Time
 }
 
 // Store answers "what is this role's secret" from its sources, in order, with
-// an expirable LRU cache in front. A password changed on the server reaches the
-// cache through Refresh, which the proxy calls after a failed login.
+// an LRU cache in front whose entries expire after a TTL. A password changed on
+// the server reaches the cache through Refresh, which the proxy calls after a
+// failed login. (golang-lru's expirable cache is not used: it starts a
+// goroutine that nothing can stop.)
 type Store struct {
 	sources []Source
-	cache   *expirable.LRU[string, entry]
+	ttl     time.Duration
+	now     func() time.Time
+	cache   *lru.Cache[string, entry]
 }
 
 // NewStore returns a Store that asks sources in order (the first that knows a
 // role wins) and caches up to size answers for ttl. ttl 0 disables caching.
 func NewStore(size int, ttl time.Duration, sources ...Source) *Store {
-	s := &Store{sources: sources}
+	s := &Store{sources: sources, ttl: ttl, now: time.Now}
 	if ttl > 0 {
-		s.cache = expirable.NewLRU[string, entry](size, nil, ttl)
+		var err error
+		if s.cache, err = lru.New[string, entry](max(size, 1)); err != nil {
+			panic(err) // only for a size under 1
+		}
 	}
 	return s
 }
@@ -75,7 +83,7 @@ func NewStore(size int, ttl time.Duration, sources ...Source) *Store {
 // Lookup returns role's secret, from the cache when it holds one.
 func (s *Store) Lookup(ctx context.Context, role string) (Secret, bool, error) {
 	if s.cache != nil {
-		if e, ok := s.cache.Get(role); ok {
+		if e, ok := s.cache.Get(role); ok && s.now().Before(e.expires) {
 			return e.secret, e.found, nil
 		}
 	}
@@ -107,6 +115,7 @@ func (s *Store) Forget(role string) {
 
 func (s *Store) put(role string, e entry) {
 	if s.cache != nil {
+		e.expires = s.now().Add(s.ttl)
 		s.cache.Add(role, e)
 	}
 }
