@@ -82,7 +82,7 @@ func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
 
 // method picks the exchange for a role, following PostgreSQL's rules for a
 // method that does not fit the stored secret.
-func (a *clientAuth) method(secret Secret) string {
+func (a *clientAuth) method(secret auth.Secret) string {
 	switch {
 	case a.cfg.Method == "password":
 		return "password"
@@ -96,10 +96,7 @@ func (a *clientAuth) method(secret Secret) string {
 	return "scram-sha-256"
 }
 
-// Secret is auth.Secret; the alias keeps signatures short.
-type Secret = auth.Secret
-
-func (a *clientAuth) scram(ctx context.Context, secret Secret, found bool) (*auth.Keys, error) {
+func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
 	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret)
 	if !found {
 		srv = auth.NewSCRAMServer(a.sess.user, nil) // a mock exchange: no hint the role is unknown
@@ -139,7 +136,7 @@ func (a *clientAuth) scram(ctx context.Context, secret Secret, found bool) (*aut
 	return keys, nil
 }
 
-func (a *clientAuth) md5(ctx context.Context, secret Secret, found bool) (*auth.Keys, error) {
+func (a *clientAuth) md5(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
 	var salt [4]byte
 	_, _ = rand.Read(salt[:])
 	body, err := a.ask(&pgproto3.AuthenticationMD5Password{Salt: salt})
@@ -150,12 +147,12 @@ func (a *clientAuth) md5(ctx context.Context, secret Secret, found bool) (*auth.
 	if err != nil {
 		return nil, err
 	}
-	return a.verifyAgain(ctx, secret, found, func(s Secret) (*auth.Keys, error) {
+	return a.verifyAgain(ctx, secret, found, func(s auth.Secret) (*auth.Keys, error) {
 		return auth.VerifyMD5(s, a.sess.user, salt, response)
 	})
 }
 
-func (a *clientAuth) password(ctx context.Context, secret Secret, found bool) (*auth.Keys, error) {
+func (a *clientAuth) password(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
 	body, err := a.ask(&pgproto3.AuthenticationCleartextPassword{})
 	if err != nil {
 		return nil, err
@@ -164,7 +161,7 @@ func (a *clientAuth) password(ctx context.Context, secret Secret, found bool) (*
 	if err != nil {
 		return nil, err
 	}
-	return a.verifyAgain(ctx, secret, found, func(s Secret) (*auth.Keys, error) {
+	return a.verifyAgain(ctx, secret, found, func(s auth.Secret) (*auth.Keys, error) {
 		return auth.VerifyPassword(s, a.sess.user, password)
 	})
 }
@@ -172,9 +169,9 @@ func (a *clientAuth) password(ctx context.Context, secret Secret, found bool) (*
 // verifyAgain checks a response that does not depend on the stored secret's
 // salt, and after a mismatch checks it once more against a freshly fetched
 // secret, so that a password changed on the server works at once.
-func (a *clientAuth) verifyAgain(ctx context.Context, secret Secret, found bool, verify func(Secret) (*auth.Keys, error)) (*auth.Keys, error) {
+func (a *clientAuth) verifyAgain(ctx context.Context, secret auth.Secret, found bool, verify func(auth.Secret) (*auth.Keys, error)) (*auth.Keys, error) {
 	if !found {
-		secret = Secret{}
+		secret = auth.Secret{}
 	}
 	keys, err := verify(secret)
 	if err == nil || !errors.Is(err, auth.ErrPasswordMismatch) {
@@ -189,14 +186,14 @@ func (a *clientAuth) verifyAgain(ctx context.Context, secret Secret, found bool,
 
 // refreshed fetches the role's secret again after a failed login and reports
 // whether it differs from the one that failed.
-func (a *clientAuth) refreshed(ctx context.Context, old Secret) (Secret, bool) {
+func (a *clientAuth) refreshed(ctx context.Context, old auth.Secret) (auth.Secret, bool) {
 	fresh, found, err := a.cfg.Store.Refresh(ctx, a.sess.user)
 	if err != nil {
 		a.log.Warn("verifier refresh failed", "err", err)
-		return Secret{}, false
+		return auth.Secret{}, false
 	}
 	if !found || auth.Same(fresh, old) {
-		return Secret{}, false
+		return auth.Secret{}, false
 	}
 	a.log.Info("the role's password changed on the server; using the new one from now on")
 	return fresh, true
@@ -245,7 +242,7 @@ func (a *clientAuth) fail(e *auth.Error, class string) error {
 
 // failureClass names why a login failed, for the log line an operator reads
 // when one address keeps failing; the client always sees the same message.
-func failureClass(e *auth.Error, secret Secret, found bool) string {
+func failureClass(e *auth.Error, secret auth.Secret, found bool) string {
 	switch {
 	case errors.Is(e, auth.ErrPasswordMismatch) && !found:
 		return "unknown role"
