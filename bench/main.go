@@ -1,0 +1,587 @@
+// Command bench compares, in one run on one machine, a direct connection to
+// PostgreSQL, rolegate, and PgBouncer in session mode. It is run by hand
+// (bench/run.sh, `make bench`), never in CI, and asserts nothing: it prints
+// medians, ratios and every individual run.
+//
+//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500]
+//
+// One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
+// the role bench and loads `pgbench -i -s 10` as that role, starts rolegate
+// and PgBouncer (installing PgBouncer first when it is missing and we are
+// root) in front of it, and then runs, interleaved over the targets in every
+// round, pgbench select-only with -M simple and -M extended and a bulk
+// COPY ... TO STDOUT read by psql into /dev/null. Everything it started is
+// stopped and removed on exit, also on Ctrl-C.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/rolegate/rolegate/internal/pgtest"
+)
+
+const (
+	// benchRole is the role (and database) the benchmark logs in as.
+	benchRole = "bench"
+	// copyRowLen is the width of one COPY row without its newline.
+	copyRowLen = 1000
+	// listenTimeout is how long rolegate or PgBouncer may take to open its port.
+	listenTimeout = 15 * time.Second
+	// stopTimeout is how long a proxy may take to exit after its stop signal.
+	stopTimeout = 10 * time.Second
+	// idleCheck is how long the machine is watched, with everything started
+	// and idle, before the first run.
+	idleCheck = 2 * time.Second
+	// quietSample is how long waitQuiet watches the machine at a time, and
+	// quietCores how much CPU other work may use for it to count as quiet.
+	quietSample = time.Second
+	quietCores  = 0.1
+	// skewedCores is how much CPU other work may use during a run before
+	// the run counts as skewed and is repeated (-repeats).
+	skewedCores = 0.2
+)
+
+// options are the command-line flags.
+type options struct {
+	rolegate    string
+	rounds      int
+	duration    time.Duration
+	warmup      time.Duration
+	copyMB      int
+	clients     int
+	jobs        int
+	scale       int
+	noPgBouncer bool
+	quietWait   time.Duration
+	repeats     int
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.rolegate, "rolegate", "", "rolegate binary; empty builds ./cmd/rolegate into the temp dir")
+	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every test against every target")
+	flag.DurationVar(&o.duration, "duration", 10*time.Second, "length of each pgbench run (whole seconds)")
+	flag.DurationVar(&o.warmup, "warmup", 5*time.Second, "unrecorded pgbench run per target before round 1 (0 skips it)")
+	flag.IntVar(&o.copyMB, "copy-mb", 500, "size of the COPY output in MB (10^6 bytes)")
+	flag.IntVar(&o.clients, "clients", 16, "pgbench -c")
+	flag.IntVar(&o.jobs, "jobs", 2, "pgbench -j")
+	flag.IntVar(&o.scale, "scale", 10, "pgbench -i -s")
+	flag.BoolVar(&o.noPgBouncer, "no-pgbouncer", false, "leave PgBouncer out")
+	flag.DurationVar(&o.quietWait, "quiet-wait", 2*time.Minute, "before each run, wait up to this long for other work on the machine to stop (0: do not wait)")
+	flag.IntVar(&o.repeats, "repeats", 2, "run a test again, up to this many times, when other work used the CPU during it")
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "bench: unexpected arguments: %v\n", flag.Args())
+		os.Exit(2)
+	}
+	if err := o.validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(2)
+	}
+	os.Exit(run(o))
+}
+
+func (o options) validate() error {
+	switch {
+	case o.rounds < 1:
+		return errors.New("-rounds must be at least 1")
+	case o.duration < time.Second || o.duration%time.Second != 0:
+		return fmt.Errorf("-duration %v: pgbench -T takes whole seconds, at least 1s", o.duration)
+	case o.warmup < 0 || o.warmup%time.Second != 0:
+		return fmt.Errorf("-warmup %v: whole seconds, 0 or more", o.warmup)
+	case o.copyMB < 1:
+		return errors.New("-copy-mb must be at least 1")
+	case o.clients < 1 || o.jobs < 1 || o.clients%o.jobs != 0:
+		return fmt.Errorf("-clients %d -jobs %d: pgbench needs clients to be a multiple of jobs", o.clients, o.jobs)
+	case o.scale < 1:
+		return errors.New("-scale must be at least 1")
+	case o.repeats < 0:
+		return errors.New("-repeats must be 0 or more")
+	}
+	return nil
+}
+
+// logf prints progress to standard error; the results go to standard output.
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench %s: %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// run returns the exit status, so that the deferred cleanups run before the
+// process exits.
+func run(o options) int {
+	began := time.Now()
+	// Signals are caught from here on, so a Ctrl-C at any point still stops
+	// what was started. Once one has arrived the default handling comes back:
+	// a second Ctrl-C ends the program at once.
+	ctx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stopSignals()
+	context.AfterFunc(ctx, stopSignals)
+
+	err := bench(ctx, o, began)
+	switch {
+	case err == nil:
+		return 0
+	case ctx.Err() != nil:
+		logf("interrupted (%v); everything started was stopped and removed", err)
+		return 130
+	default:
+		logf("%v", err)
+		return 1
+	}
+}
+
+// bench does the whole run; its deferred calls are the cleanup.
+func bench(ctx context.Context, o options, began time.Time) (err error) {
+	for _, tool := range []string{"pgbench", "psql"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found on PATH: install the PostgreSQL client tools (Debian/Ubuntu: apt-get install postgresql-client postgresql-contrib), or run scripts/ensure-postgres.sh", tool)
+		}
+	}
+
+	work, err := os.MkdirTemp("", "rolegate-bench-")
+	if err != nil {
+		return fmt.Errorf("temp dir: %w", err)
+	}
+	defer func() {
+		if rerr := os.RemoveAll(work); rerr != nil {
+			logf("removing %s: %v", work, rerr)
+		}
+	}()
+	// Traversable by PgBouncer's user, whose own dir is inside.
+	if err := os.Chmod(work, 0o755); err != nil {
+		return fmt.Errorf("temp dir: %w", err)
+	}
+
+	rolegateBin, err := rolegateBinary(ctx, o.rolegate, work)
+	if err != nil {
+		return err
+	}
+
+	var bouncerBin, bouncerNote string
+	if o.noPgBouncer {
+		bouncerNote = "PgBouncer left out (-no-pgbouncer)"
+	} else if bouncerBin, bouncerNote, err = ensurePgBouncer(ctx); err != nil {
+		return err
+	}
+	if bouncerNote != "" {
+		logf("%s", bouncerNote)
+	}
+
+	logf("starting PostgreSQL")
+	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf})
+	if err != nil {
+		return fmt.Errorf("starting PostgreSQL: %w", err)
+	}
+	defer func() {
+		if cerr := cluster.Close(); cerr != nil {
+			logf("stopping PostgreSQL: %v", cerr)
+		}
+	}()
+
+	password := randomHex(12)
+	env := clientEnv(password)
+	verifier, serverVersion, err := setUpRole(ctx, cluster, password)
+	if err != nil {
+		return err
+	}
+	logf("pgbench -i -s %d as %s", o.scale, benchRole)
+	if _, _, err := runTool(ctx, env, "pgbench", "-i", "-q", "-s", strconv.Itoa(o.scale),
+		"-h", cluster.Host, "-p", strconv.Itoa(cluster.Port), "-U", benchRole, benchRole); err != nil {
+		return fmt.Errorf("loading pgbench data: %w", err)
+	}
+
+	targets := []*target{{name: "direct", host: cluster.Host, port: cluster.Port}}
+	var daemons []*daemon
+
+	rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr())
+	if err != nil {
+		return err
+	}
+	defer rg.stop(syscall.SIGINT) // SIGINT: close at once; nothing is left to drain
+	targets = append(targets, rg.target)
+	daemons = append(daemons, rg)
+
+	if bouncerBin != "" {
+		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, verifier)
+		if err != nil {
+			return err
+		}
+		defer pb.stop(syscall.SIGTERM) // SIGTERM: PgBouncer's immediate shutdown
+		targets = append(targets, pb.target)
+		daemons = append(daemons, pb)
+	}
+
+	m := machineInfo(ctx, rolegateBin, bouncerBin, serverVersion)
+	m.pgbouncerNote = bouncerNote
+	r := &report{opts: o, machine: m, targets: targets, copy: newCopySpec(o.copyMB), started: began}
+
+	// Other work on the machine skews every number; look before starting.
+	meter := newCPUMeter(filepath.Join(cluster.Dir, "data"))
+	var pids []int
+	for _, d := range daemons {
+		pids = append(pids, d.pid)
+	}
+	before := meter.take(pids...)
+	select {
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-time.After(idleCheck):
+	}
+	r.idle = meter.take(pids...).since(before, 0)
+	if r.idle.other > quietCores {
+		logf("with the benchmark idle, other work used %.2f cores; each run waits for quiet (-quiet-wait %v)", r.idle.other, o.quietWait)
+	}
+
+	if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
+		return err
+	}
+	if err := measure(ctx, o, env, targets, meter, r); err != nil {
+		return err
+	}
+	r.wall = time.Since(began)
+	r.proxyLogs = logSummary(daemons)
+	r.print(os.Stdout)
+	return nil
+}
+
+// rolegateBinary returns path when set, and otherwise builds ./cmd/rolegate
+// of this module into dir.
+func rolegateBinary(ctx context.Context, path, dir string) (string, error) {
+	if path != "" {
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return "", fmt.Errorf("-rolegate %s: %w", path, err)
+		}
+		if _, err := os.Stat(abs); err != nil {
+			return "", fmt.Errorf("-rolegate: %w", err)
+		}
+		return abs, nil
+	}
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	gomod := strings.TrimSpace(string(out))
+	if err != nil || gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("finding the module to build rolegate from (go env GOMOD: %q, %v); run from the repository or pass -rolegate", gomod, err)
+	}
+	root := filepath.Dir(gomod)
+	// The version stamp says in the report what was measured, as `make
+	// build` does.
+	version := "dev"
+	describe := exec.CommandContext(ctx, "git", "describe", "--tags", "--always", "--dirty")
+	describe.Dir = root
+	if out, err := describe.Output(); err == nil {
+		version = strings.TrimSpace(string(out))
+	}
+	bin := filepath.Join(dir, "rolegate")
+	logf("building rolegate %s", version)
+	cmd := exec.CommandContext(ctx, "go", "build", "-ldflags", "-X main.version="+version, "-o", bin, "./cmd/rolegate")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/rolegate: %w\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// setUpRole creates the role and database bench and returns the role's SCRAM
+// verifier (for PgBouncer's auth_file) and the server version.
+func setUpRole(ctx context.Context, c *pgtest.Cluster, password string) (verifier, version string, err error) {
+	conn, err := pgx.Connect(ctx, c.SuperDSN())
+	if err != nil {
+		return "", "", fmt.Errorf("connect as superuser: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	// CREATE DATABASE cannot run inside the implicit transaction of a
+	// multi-statement query, so the statements go one by one.
+	for _, sql := range []string{
+		fmt.Sprintf("create role %s login password '%s'", benchRole, password),
+		fmt.Sprintf("create database %s owner %s", benchRole, benchRole),
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return "", "", fmt.Errorf("setting up role %s: %w", benchRole, err)
+		}
+	}
+	if err := conn.QueryRow(ctx, "select rolpassword from pg_authid where rolname = $1", benchRole).Scan(&verifier); err != nil {
+		return "", "", fmt.Errorf("reading the SCRAM verifier of %s: %w", benchRole, err)
+	}
+	if !strings.HasPrefix(verifier, "SCRAM-SHA-256$") {
+		return "", "", fmt.Errorf("role %s has no SCRAM verifier (password_encryption is not scram-sha-256?)", benchRole)
+	}
+	if err := conn.QueryRow(ctx, "show server_version").Scan(&version); err != nil {
+		return "", "", fmt.Errorf("reading the server version: %w", err)
+	}
+	return verifier, version, nil
+}
+
+// clientEnv is the environment for pgbench and psql: ours without PG*
+// variables that could redirect them and without locale variables (pgbench's
+// output is parsed), plus the password.
+func clientEnv(password string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, "PG") || strings.HasPrefix(name, "LC_") || name == "LANG" || name == "LANGUAGE" {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return append(env, "LC_ALL=C", "PGPASSWORD="+password, "PGSSLMODE=disable", "PGCONNECT_TIMEOUT=10")
+}
+
+// runTool runs a client tool to completion and returns its standard output
+// and its CPU time; a failure carries the tail of what it printed.
+func runTool(ctx context.Context, env []string, name string, args ...string) (string, time.Duration, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = env
+	var stdout, stderr strings.Builder
+	cmd.Stdout = &stdout
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String(), 0, fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, tail(stdout.String()+stderr.String(), 15))
+	}
+	return stdout.String(), cpuTime(cmd), nil
+}
+
+// cpuTime is the user and system time of a process that has exited.
+func cpuTime(cmd *exec.Cmd) time.Duration {
+	return cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+}
+
+// tail returns the last n lines of s, indented.
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "\t" + strings.Join(lines, "\n\t")
+}
+
+// copySpec is the COPY every target runs: rows of copyRowLen 'x' made by
+// generate_series, which the server produces faster than it reads a stored
+// table of the same size.
+type copySpec struct {
+	rows  int
+	bytes int64
+	sql   string
+}
+
+func newCopySpec(mb int) copySpec {
+	rowBytes := int64(copyRowLen + 1) // text format: the value and a newline
+	rows := (int64(mb)*1_000_000 + rowBytes - 1) / rowBytes
+	return copySpec{
+		rows:  int(rows),
+		bytes: rows * rowBytes,
+		sql:   fmt.Sprintf("copy (select repeat('x', %d) from generate_series(1, %d)) to stdout", copyRowLen, rows),
+	}
+}
+
+// psqlArgs are the arguments for psql to run sql against t as bench.
+func psqlArgs(t *target, sql string) []string {
+	return []string{"-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", t.host, "-p", strconv.Itoa(t.port),
+		"-U", benchRole, "-d", benchRole, "-c", sql}
+}
+
+// runCopy runs the COPY through psql with its output going to out and
+// returns the wall time from psql's start to its exit, and psql's CPU time.
+func runCopy(ctx context.Context, env []string, t *target, spec copySpec, out io.Writer) (took, cpu time.Duration, err error) {
+	cmd := exec.CommandContext(ctx, "psql", psqlArgs(t, spec.sql)...)
+	cmd.Env = env
+	cmd.Stdout = out
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	start := time.Now()
+	err = cmd.Run()
+	took = time.Since(start)
+	if err != nil {
+		return 0, 0, fmt.Errorf("COPY via %s: psql: %w\n%s", t.name, err, tail(stderr.String(), 10))
+	}
+	return took, cpuTime(cmd), nil
+}
+
+// tpsLine is pgbench's result line (PostgreSQL 14 and later).
+var tpsLine = regexp.MustCompile(`(?m)^tps = ([0-9.]+) \(without initial connection time\)`)
+
+// runPgbench runs pgbench select-only against t and returns its TPS and
+// pgbench's CPU time.
+func runPgbench(ctx context.Context, o options, env []string, t *target, mode string, d time.Duration) (tps float64, cpu time.Duration, err error) {
+	out, cpu, err := runTool(ctx, env, "pgbench", "-n", "-S",
+		"-c", strconv.Itoa(o.clients), "-j", strconv.Itoa(o.jobs),
+		"-T", strconv.Itoa(int(d/time.Second)), "-M", mode,
+		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", benchRole, benchRole)
+	if err != nil {
+		return 0, 0, fmt.Errorf("pgbench -M %s via %s: %w", mode, t.name, err)
+	}
+	m := tpsLine.FindStringSubmatch(out)
+	if m == nil {
+		return 0, 0, fmt.Errorf("pgbench -M %s via %s: no tps line in its output:\n%s", mode, t.name, tail(out, 15))
+	}
+	tps, err = strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("pgbench -M %s via %s: tps %q: %w", mode, t.name, m[1], err)
+	}
+	return tps, cpu, nil
+}
+
+// countingWriter counts and discards what is written to it.
+type countingWriter struct{ n int64 }
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.n += int64(len(p))
+	return len(p), nil
+}
+
+// warmUp runs each target once, unrecorded: a short pgbench (caches, the
+// proxies' first sessions) and one COPY whose bytes are counted, which proves
+// that every target delivers the whole output before anything is timed.
+func warmUp(ctx context.Context, o options, env []string, targets []*target, spec copySpec) error {
+	for _, t := range targets {
+		if o.warmup > 0 {
+			logf("warm-up via %s: pgbench %v", t.name, o.warmup)
+			if _, _, err := runPgbench(ctx, o, env, t, "simple", o.warmup); err != nil {
+				return fmt.Errorf("warm-up: %w", err)
+			}
+		}
+		logf("warm-up via %s: COPY of %d bytes, counted", t.name, spec.bytes)
+		var w countingWriter
+		if _, _, err := runCopy(ctx, env, t, spec, &w); err != nil {
+			return fmt.Errorf("warm-up: %w", err)
+		}
+		if w.n != spec.bytes {
+			return fmt.Errorf("warm-up: COPY via %s delivered %d bytes, want %d", t.name, w.n, spec.bytes)
+		}
+	}
+	return nil
+}
+
+// measure runs the rounds. Within a round each test runs against every
+// target in turn, so slow drift of the machine hits all targets alike.
+func measure(ctx context.Context, o options, env []string, targets []*target, meter *cpuMeter, r *report) error {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", os.DevNull, err)
+	}
+	defer devNull.Close()
+
+	var idlePids []int // every proxy: all of them idle between runs
+	for _, t := range targets {
+		if t.pid != 0 {
+			idlePids = append(idlePids, t.pid)
+		}
+	}
+	r.runs = make(map[testKind]map[string][]sample)
+	for _, k := range tests {
+		r.runs[k] = make(map[string][]sample)
+	}
+	for round := 1; round <= o.rounds; round++ {
+		for _, k := range tests {
+			for _, t := range targets {
+				var s sample
+				for attempt := 0; ; attempt++ {
+					if err := waitQuiet(ctx, o.quietWait, meter, idlePids); err != nil {
+						return err
+					}
+					s, err = runOnce(ctx, o, env, t, k, meter, r.copy, devNull)
+					if err != nil {
+						return fmt.Errorf("round %d: %w", round, err)
+					}
+					s.repeats = attempt
+					logf("round %d/%d  %-22s %-9s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
+					if !s.skewed() || attempt >= o.repeats {
+						break
+					}
+					logf("other work used %.2f cores during that run; running it again", s.cpu.other)
+				}
+				r.runs[k][t.name] = append(r.runs[k][t.name], s)
+			}
+		}
+	}
+	return nil
+}
+
+// runOnce runs test k against t once and measures it.
+func runOnce(ctx context.Context, o options, env []string, t *target, k testKind, meter *cpuMeter, spec copySpec, devNull *os.File) (sample, error) {
+	var proxy []int
+	if t.pid != 0 {
+		proxy = append(proxy, t.pid)
+	}
+	before := meter.take(proxy...)
+	var s sample
+	var client time.Duration
+	switch k {
+	case simple, extended:
+		tps, cpu, err := runPgbench(ctx, o, env, t, k.mode(), o.duration)
+		if err != nil {
+			return s, err
+		}
+		s.value, client = tps, cpu
+	case copyOut:
+		// An *os.File goes to psql as its stdout: no copying in this
+		// process.
+		took, cpu, err := runCopy(ctx, env, t, spec, devNull)
+		if err != nil {
+			return s, err
+		}
+		s.value, client = took.Seconds(), cpu
+	}
+	meter.settle()
+	s.cpu = meter.take(proxy...).since(before, client)
+	return s, nil
+}
+
+// waitQuiet returns once other work on the machine uses less than
+// quietCores, or when maxWait has passed (with a warning), so a run does not
+// start while, say, a test suite runs next to it.
+func waitQuiet(ctx context.Context, maxWait time.Duration, meter *cpuMeter, pids []int) error {
+	if maxWait <= 0 {
+		return nil
+	}
+	start := time.Now()
+	warned := false
+	for {
+		before := meter.take(pids...)
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(quietSample):
+		}
+		u := meter.take(pids...).since(before, 0)
+		if u.other < 0 || u.other < quietCores {
+			if warned {
+				logf("quiet again after %v", time.Since(start).Round(time.Second))
+			}
+			return nil
+		}
+		if time.Since(start) >= maxWait {
+			logf("WARNING: other work still uses %.2f cores after %v of waiting; running anyway", u.other, maxWait)
+			return nil
+		}
+		if !warned {
+			logf("other work uses %.2f cores; waiting up to %v for the machine to be quiet", u.other, maxWait)
+			warned = true
+		}
+	}
+}
+
+// freePort asks the kernel for a port nobody uses right now.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

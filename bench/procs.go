@@ -1,0 +1,404 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rolegate/rolegate/internal/pgtest"
+)
+
+// target is one way of reaching the server: directly or through a proxy.
+type target struct {
+	name string
+	host string
+	port int
+	// pid is the proxy's process, whose CPU time each run records; 0 for
+	// the direct connection.
+	pid int
+}
+
+// daemon is a proxy process the benchmark started.
+type daemon struct {
+	*target
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	logFile string
+}
+
+// startDaemon starts cmd, which logs to logFile, and returns once it
+// accepts TCP connections on t's address.
+func startDaemon(ctx context.Context, t *target, cmd *exec.Cmd, logFile string) (*daemon, error) {
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: credentialOf(cmd),
+		// The terminal's Ctrl-C reaches only the benchmark, which stops
+		// the proxies before the server.
+		Setpgid: true,
+		// A benchmark killed hard must not leave the proxy running.
+		Pdeathsig: syscall.SIGKILL,
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", t.name, err)
+	}
+	d := &daemon{target: t, cmd: cmd, exited: make(chan struct{}), logFile: logFile}
+	t.pid = cmd.Process.Pid
+	go func() {
+		_ = cmd.Wait() // the result is in cmd.ProcessState
+		close(d.exited)
+	}()
+	if err := d.waitListening(ctx); err != nil {
+		d.stop(syscall.SIGKILL)
+		return nil, fmt.Errorf("%w; log:\n%s", err, tail(readFile(logFile), 20))
+	}
+	return d, nil
+}
+
+// credentialOf returns the credential already set on cmd, if any, so
+// startDaemon can set the other process attributes around it.
+func credentialOf(cmd *exec.Cmd) *syscall.Credential {
+	if cmd.SysProcAttr == nil {
+		return nil
+	}
+	return cmd.SysProcAttr.Credential
+}
+
+func (d *daemon) waitListening(ctx context.Context) error {
+	addr := net.JoinHostPort(d.host, strconv.Itoa(d.port))
+	deadline := time.NewTimer(listenTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			conn.Close()
+			return nil
+		}
+		select {
+		case <-d.exited:
+			return fmt.Errorf("%s exited (%v) before listening on %s", d.name, d.cmd.ProcessState, addr)
+		case <-ctx.Done():
+			return fmt.Errorf("interrupted while waiting for %s to listen: %w", d.name, context.Cause(ctx))
+		case <-deadline.C:
+			return fmt.Errorf("%s did not listen on %s within %v", d.name, addr, listenTimeout)
+		case <-tick.C:
+		}
+	}
+}
+
+// stop sends sig and kills the process if it has not exited after
+// stopTimeout.
+func (d *daemon) stop(sig syscall.Signal) {
+	_ = d.cmd.Process.Signal(sig) // fails only if it already exited
+	timer := time.NewTimer(stopTimeout)
+	defer timer.Stop()
+	select {
+	case <-d.exited:
+	case <-timer.C:
+		logf("%s still running %v after %v; killing it", d.name, stopTimeout, sig)
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+	}
+}
+
+func readFile(path string) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	return string(data)
+}
+
+// startRolegate runs rolegate in front of server with TLS off on both sides
+// and log level warn.
+func startRolegate(ctx context.Context, bin, work, server string) (*daemon, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{name: "rolegate", host: "127.0.0.1", port: port}
+	config := fmt.Sprintf(`# written by the rolegate benchmark
+listen = "%s"
+
+[server]
+address = "%s"
+sslmode = "disable"
+
+[log]
+level = "warn"
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), server)
+	configFile := filepath.Join(work, "rolegate.toml")
+	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
+		return nil, fmt.Errorf("rolegate config: %w", err)
+	}
+	logFile := filepath.Join(work, "rolegate.log")
+	log, err := os.Create(logFile)
+	if err != nil {
+		return nil, fmt.Errorf("rolegate log: %w", err)
+	}
+	defer log.Close() // the child has its own descriptor
+	cmd := exec.Command(bin, "-config", configFile)
+	cmd.Stdout = log
+	cmd.Stderr = log
+	logf("starting rolegate on %s", net.JoinHostPort(t.host, strconv.Itoa(port)))
+	return startDaemon(ctx, t, cmd, logFile)
+}
+
+// ensurePgBouncer returns the pgbouncer binary. When it is missing it is
+// installed with apt-get as root; otherwise bin is empty and note says what
+// to install. A failed installation also leaves PgBouncer out, with the
+// reason in note.
+func ensurePgBouncer(ctx context.Context) (bin, note string, err error) {
+	if bin := findPgBouncer(); bin != "" {
+		return bin, "", nil
+	}
+	const howTo = "Debian/Ubuntu: sudo apt-get install pgbouncer; Fedora/RHEL: sudo dnf install pgbouncer; macOS: brew install pgbouncer"
+	if os.Geteuid() != 0 {
+		return "", "PgBouncer is not installed and we are not root, so the PgBouncer column is left out. Install it (" + howTo + ") and run again.", nil
+	}
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return "", "PgBouncer is not installed and there is no apt-get, so the PgBouncer column is left out. Install it (" + howTo + ") and run again.", nil
+	}
+	logf("pgbouncer not found: apt-get update && apt-get install -y pgbouncer")
+	env := append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+	for _, args := range [][]string{{"update", "-q"}, {"install", "-y", "-q", "pgbouncer"}} {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = env
+		cmd.Stdout = os.Stderr
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			if ctx.Err() != nil {
+				return "", "", fmt.Errorf("apt-get %s: %w", strings.Join(args, " "), err)
+			}
+			return "", fmt.Sprintf("apt-get %s failed (%v), so the PgBouncer column is left out. Install it (%s) and run again.", strings.Join(args, " "), err, howTo), nil
+		}
+	}
+	// The package may start the distribution's own pgbouncer; ours listens
+	// on a port of its own, but an idle second pooler is not wanted either.
+	if _, err := exec.LookPath("service"); err == nil {
+		_ = exec.CommandContext(ctx, "service", "pgbouncer", "stop").Run()
+	}
+	if bin := findPgBouncer(); bin != "" {
+		return bin, "", nil
+	}
+	return "", "apt-get install pgbouncer did not provide a pgbouncer binary, so the PgBouncer column is left out.", nil
+}
+
+// findPgBouncer looks on PATH and in /usr/sbin, where Debian installs it and
+// which a normal user's PATH may lack.
+func findPgBouncer() string {
+	if bin, err := exec.LookPath("pgbouncer"); err == nil {
+		return bin
+	}
+	if fi, err := os.Stat("/usr/sbin/pgbouncer"); err == nil && fi.Mode().Perm()&0o111 != 0 {
+		return "/usr/sbin/pgbouncer"
+	}
+	return ""
+}
+
+// pgbouncerCredential is who PgBouncer runs as: it refuses root, so root
+// hands it to the postgres user (or nobody); anyone else runs it as himself.
+func pgbouncerCredential() (*syscall.Credential, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	for _, name := range []string{"postgres", "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			continue
+		}
+		uid, err := strconv.ParseUint(u.Uid, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("user %s: uid %q: %w", name, u.Uid, err)
+		}
+		gid, err := strconv.ParseUint(u.Gid, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("user %s: gid %q: %w", name, u.Gid, err)
+		}
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
+	}
+	return nil, errors.New("running as root, PgBouncer refuses root, and there is neither a postgres nor a nobody user to run it as")
+}
+
+// startPgBouncer runs PgBouncer in session mode in front of the cluster. Its
+// auth_file holds bench's SCRAM verifier, with which PgBouncer checks the
+// client and then logs in to the server with the client's SCRAM keys.
+func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, verifier string) (*daemon, error) {
+	cred, err := pgbouncerCredential()
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(work, "pgbouncer")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("pgbouncer dir: %w", err)
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{name: "pgbouncer", host: "127.0.0.1", port: port}
+	authFile := filepath.Join(dir, "userlist.txt")
+	logFile := filepath.Join(dir, "pgbouncer.log")
+	ini := fmt.Sprintf(`; written by the rolegate benchmark
+[databases]
+%[1]s = host=%[2]s port=%[3]d dbname=%[1]s
+
+[pgbouncer]
+listen_addr = %[4]s
+listen_port = %[5]d
+unix_socket_dir = %[6]s
+auth_type = scram-sha-256
+auth_file = %[7]s
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 40
+ignore_startup_parameters = extra_float_digits,options
+client_tls_sslmode = disable
+server_tls_sslmode = disable
+logfile = %[8]s
+pidfile = %[9]s
+log_connections = 0
+log_disconnections = 0
+`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"))
+	iniFile := filepath.Join(dir, "pgbouncer.ini")
+	files := map[string]string{
+		iniFile:  ini,
+		authFile: fmt.Sprintf("%q %q\n", benchRole, verifier),
+	}
+	for path, content := range files {
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			return nil, fmt.Errorf("pgbouncer files: %w", err)
+		}
+	}
+	// PgBouncer writes its log and pidfile here as its own user.
+	if cred != nil {
+		for _, path := range []string{dir, iniFile, authFile} {
+			if err := os.Chown(path, int(cred.Uid), int(cred.Gid)); err != nil {
+				return nil, fmt.Errorf("chown %s to PgBouncer's user: %w", path, err)
+			}
+		}
+	}
+	// In the foreground PgBouncer logs to stderr as well as to logfile;
+	// stderr also catches what it says before it opens the logfile.
+	stderrFile := filepath.Join(work, "pgbouncer.stderr")
+	stderr, err := os.Create(stderrFile)
+	if err != nil {
+		return nil, fmt.Errorf("pgbouncer stderr: %w", err)
+	}
+	defer stderr.Close()
+	cmd := exec.Command(bin, iniFile)
+	cmd.Dir = dir
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"}
+	cmd.Stdout = stderr
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	logf("starting PgBouncer on %s", net.JoinHostPort(t.host, strconv.Itoa(port)))
+	return startDaemon(ctx, t, cmd, stderrFile)
+}
+
+// machine describes where the run happened.
+type machine struct {
+	cpus          int
+	cpuModel      string
+	memory        string
+	kernel        string
+	postgres      string
+	pgbench       string
+	pgbouncer     string
+	pgbouncerNote string
+	goVersion     string
+	rolegate      string
+}
+
+func machineInfo(ctx context.Context, rolegateBin, bouncerBin, serverVersion string) machine {
+	m := machine{
+		cpus:      runtime.NumCPU(),
+		cpuModel:  "unknown",
+		memory:    "unknown",
+		kernel:    strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")),
+		postgres:  serverVersion,
+		goVersion: runtime.Version(),
+	}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if name, value, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(name) == "model name" {
+				m.cpuModel = strings.TrimSpace(value)
+				break
+			}
+		}
+		f.Close()
+	}
+	if f, err := os.Open("/proc/meminfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) >= 2 && fields[0] == "MemTotal:" {
+				if kb, err := strconv.ParseFloat(fields[1], 64); err == nil {
+					m.memory = fmt.Sprintf("%.0f GiB", kb/(1<<20))
+				}
+				break
+			}
+		}
+		f.Close()
+	}
+	firstLine := func(name string, args ...string) string {
+		out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+		if err != nil {
+			return fmt.Sprintf("unknown (%s: %v)", name, err)
+		}
+		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		return line
+	}
+	m.pgbench = firstLine("pgbench", "--version")
+	m.rolegate = firstLine(rolegateBin, "-version")
+	if bouncerBin != "" {
+		m.pgbouncer = firstLine(bouncerBin, "--version")
+	}
+	return m
+}
+
+// logSummary counts the lines each proxy logged during the run: with
+// rolegate at level warn and PgBouncer without connection logging, a quiet
+// run logs little, so many lines are worth a look.
+func logSummary(daemons []*daemon) []string {
+	var out []string
+	for _, d := range daemons {
+		text := strings.TrimSpace(readFile(d.logFile))
+		if text == "" {
+			out = append(out, fmt.Sprintf("%s logged nothing", d.name))
+			continue
+		}
+		lines := strings.Split(text, "\n")
+		var notable []string
+		for _, l := range lines {
+			if d.name == "rolegate" || strings.Contains(l, "WARNING") || strings.Contains(l, "ERROR") || strings.Contains(l, "FATAL") {
+				notable = append(notable, l)
+			}
+		}
+		s := fmt.Sprintf("%s logged %d lines, %d of them warnings or errors", d.name, len(lines), len(notable))
+		if len(notable) > 0 {
+			s += ":\n" + tail(strings.Join(notable, "\n"), 10)
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b) // never fails, per crypto/rand
+	return hex.EncodeToString(b)
+}
