@@ -29,7 +29,7 @@ unit:
 # failing input lands in the package's testdata/fuzz and then runs in every `unit`.
 FUZZ_TARGETS := proxy:FuzzStartupPacket proxy:FuzzScanner \
 	auth:FuzzSCRAMClientFirst auth:FuzzSCRAMClientFinal auth:FuzzSCRAMServerMessages \
-	auth:FuzzUserlist auth:FuzzParseSecret
+	auth:FuzzUserlist auth:FuzzParseSecret limiter:FuzzDecide
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t#*:}; \

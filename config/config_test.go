@@ -11,15 +11,23 @@ import (
 	"time"
 )
 
+// resolvedDefaults is what Parse makes of a file that sets nothing: the
+// defaults, with the auth mode resolved (no verifier source: passthrough).
+func resolvedDefaults() *Config {
+	c := Default()
+	c.Auth.Mode = AuthPassthrough
+	return c
+}
+
 func TestDefaults(t *testing.T) {
 	t.Parallel()
-	for _, doc := range []string{"", "# only a comment\n", "[tls]\n[server]\n[auth]\n[log]\n"} {
+	for _, doc := range []string{"", "# only a comment\n", "[tls]\n[server]\n[control]\n[auth]\n[log]\n"} {
 		cfg, err := Parse("empty.toml", []byte(doc))
 		if err != nil {
 			t.Fatalf("Parse(%q): %v", doc, err)
 		}
-		if !reflect.DeepEqual(cfg, Default()) {
-			t.Errorf("Parse(%q) = %+v, want the defaults %+v", doc, cfg, Default())
+		if !reflect.DeepEqual(cfg, resolvedDefaults()) {
+			t.Errorf("Parse(%q) = %+v, want the defaults %+v", doc, cfg, resolvedDefaults())
 		}
 	}
 	d := Default()
@@ -28,8 +36,10 @@ func TestDefaults(t *testing.T) {
 		StartupTimeout:  "60s",
 		ShutdownTimeout: "30s",
 		Server:          Server{Address: "127.0.0.1:5432", SSLMode: SSLPrefer, ConnectTimeout: "10s"},
-		Auth:            Auth{Mode: AuthPassthrough},
-		Log:             Log{Level: "info", Format: "text"},
+		Control:         Control{MaxConns: 4},
+		// Mode "" until Parse resolves it from the verifier sources.
+		Auth: Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
+		Log:  Log{Level: "info", Format: "text"},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -37,12 +47,18 @@ func TestDefaults(t *testing.T) {
 	if d.TLS.Enabled() {
 		t.Error("TLS enabled by default")
 	}
-	if d.StartupTimeout.Value() != time.Minute || d.ShutdownTimeout.Value() != 30*time.Second || d.Server.ConnectTimeout.Value() != 10*time.Second {
-		t.Errorf("default durations %v %v %v", d.StartupTimeout.Value(), d.ShutdownTimeout.Value(), d.Server.ConnectTimeout.Value())
+	if d.StartupTimeout.Value() != time.Minute || d.ShutdownTimeout.Value() != 30*time.Second ||
+		d.Server.ConnectTimeout.Value() != 10*time.Second || d.Auth.CacheTTL.Value() != time.Minute {
+		t.Errorf("default durations %v %v %v %v", d.StartupTimeout.Value(), d.ShutdownTimeout.Value(),
+			d.Server.ConnectTimeout.Value(), d.Auth.CacheTTL.Value())
+	}
+	if !strings.Contains(DefaultAuthQuery, "$1") {
+		t.Errorf("DefaultAuthQuery %q does not take the role as $1", DefaultAuthQuery)
 	}
 	// Default returns a fresh value each time.
 	d.Listen = "changed:1"
-	if Default().Listen == "changed:1" {
+	d.Auth.Method = "md5"
+	if Default().Listen == "changed:1" || Default().Auth.Method == "md5" {
 		t.Error("Default shares state between calls")
 	}
 }
@@ -54,8 +70,8 @@ func TestRepositoryProxyTOML(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !reflect.DeepEqual(cfg, Default()) {
-		t.Errorf("proxy.toml = %+v, want the defaults %+v", cfg, Default())
+	if !reflect.DeepEqual(cfg, resolvedDefaults()) {
+		t.Errorf("proxy.toml = %+v, want the defaults %+v", cfg, resolvedDefaults())
 	}
 }
 
@@ -76,8 +92,19 @@ sslmode = "verify-full"
 sslrootcert = "/etc/rolegate/root.crt"
 connect_timeout = "250ms"
 
+[control]
+dsn = "postgres://rolegate@db.internal:5433/postgres?sslmode=verify-full"
+password_file = "/etc/rolegate/control.pw"
+max_conns = 2
+
 [auth]
-mode = "passthrough"
+mode = "proxy"
+method = "password"
+cleartext_without_tls = true
+userlist = "/etc/rolegate/userlist.txt"
+auth_query = "SELECT rolegate.get_secret($1)"
+cache_size = 50
+cache_ttl = "5m"
 
 [log]
 level = "debug"
@@ -94,8 +121,11 @@ format = "json"
 		TLS:             TLS{Cert: "/etc/rolegate/server.crt", Key: "/etc/rolegate/server.key"},
 		Server: Server{Address: "db.internal:5433", SSLMode: SSLVerifyFull,
 			SSLRootCert: "/etc/rolegate/root.crt", ConnectTimeout: "250ms"},
-		Auth: Auth{Mode: AuthPassthrough},
-		Log:  Log{Level: "debug", Format: "json"},
+		Control: Control{DSN: "postgres://rolegate@db.internal:5433/postgres?sslmode=verify-full",
+			PasswordFile: "/etc/rolegate/control.pw", MaxConns: 2},
+		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
+			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
+		Log: Log{Level: "debug", Format: "json"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("got  %+v\nwant %+v", cfg, want)
@@ -104,8 +134,9 @@ format = "json"
 		t.Error("TLS not enabled with cert and key")
 	}
 	if cfg.StartupTimeout.Value() != 5*time.Second || cfg.ShutdownTimeout.Value() != 90*time.Second ||
-		cfg.Server.ConnectTimeout.Value() != 250*time.Millisecond {
-		t.Errorf("durations %v %v %v", cfg.StartupTimeout.Value(), cfg.ShutdownTimeout.Value(), cfg.Server.ConnectTimeout.Value())
+		cfg.Server.ConnectTimeout.Value() != 250*time.Millisecond || cfg.Auth.CacheTTL.Value() != 5*time.Minute {
+		t.Errorf("durations %v %v %v %v", cfg.StartupTimeout.Value(), cfg.ShutdownTimeout.Value(),
+			cfg.Server.ConnectTimeout.Value(), cfg.Auth.CacheTTL.Value())
 	}
 }
 
@@ -119,6 +150,11 @@ func TestAcceptedValues(t *testing.T) {
 			t.Errorf("sslmode %s: %+v, %v", mode, cfg, err)
 		}
 	}
+	for _, method := range []string{"scram-sha-256", "md5", "password"} {
+		if cfg, err := Parse("f.toml", []byte("[auth]\nmethod = \""+method+"\"\n")); err != nil || cfg.Auth.Method != method {
+			t.Errorf("auth method %s: %v", method, err)
+		}
+	}
 	for _, level := range []string{"debug", "info", "warn", "error"} {
 		if cfg, err := Parse("f.toml", []byte("[log]\nlevel = \""+level+"\"\n")); err != nil || cfg.Log.Level != level {
 			t.Errorf("log level %s: %v", level, err)
@@ -130,6 +166,11 @@ func TestAcceptedValues(t *testing.T) {
 		"server = { sslmode = \"require\" }\n", // an inline table
 		"listen = \"[::1]:6432\"\n",
 		"listen = \":6432\"\n",
+		"[auth]\ncache_ttl = \"0s\"\n", // no cache: ask the server at every login
+		"[auth]\ncache_size = 1\n",
+		// The auth query is only checked when there is a control connection to run it.
+		"[auth]\nauth_query = \"\"\n",
+		"[auth]\nuserlist = \"u.txt\"\nauth_query = \"select 1\"\n",
 	} {
 		if _, err := Parse("f.toml", []byte(doc)); err != nil {
 			t.Errorf("Parse(%q): %v", doc, err)
@@ -158,7 +199,21 @@ func TestErrors(t *testing.T) {
 		{"duration as a number", "shutdown_timeout = 30\n", "shutdown_timeout", 1, "cannot decode TOML integer"},
 		{"bad connect_timeout", "[server]\n\nconnect_timeout = \"soon\"\n", "server.connect_timeout", 3, `invalid duration "soon"`},
 		{"zero connect_timeout", "[server]\nconnect_timeout = \"0ms\"\n", "server.connect_timeout", 2, "must be greater than zero"},
-		{"auth mode proxy", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2, "not available in this version"},
+		{"auth mode proxy without a source", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2,
+			`mode "proxy" needs a verifier source: control.dsn or auth.userlist`},
+		{"auth mode proxy, source empty", "[control]\ndsn = \"\"\n[auth]\nuserlist = \"\"\nmode = \"proxy\"\n", "auth.mode", 5,
+			"needs a verifier source"},
+		{"bad auth method", "[auth]\nmethod = \"scram\"\n", "auth.method", 2, `invalid method "scram"`},
+		{"auth method of the wrong case", "[auth]\n\nmethod = \"MD5\"\n", "auth.method", 3, `invalid method "MD5"`},
+		{"cleartext_without_tls as a string", "[auth]\ncleartext_without_tls = \"yes\"\n", "auth.cleartext_without_tls", 2,
+			"cannot decode TOML string"},
+		{"zero cache_size", "[auth]\ncache_size = 0\n", "auth.cache_size", 2, "must be at least 1"},
+		{"bad cache_ttl", "[auth]\ncache_ttl = \"1 minute\"\n", "auth.cache_ttl", 2, `invalid duration "1 minute"`},
+		{"negative cache_ttl", "[auth]\ncache_ttl = \"-5s\"\n", "auth.cache_ttl", 2, "must not be negative"},
+		{"auth_query without $1", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n[auth]\nauth_query = \"SELECT rolpassword FROM pg_authid\"\n",
+			"auth.auth_query", 4, "must take the role name as $1"},
+		{"zero max_conns", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\nmax_conns = 0\n", "control.max_conns", 3, "must be at least 1"},
+		{"unknown key in control", "[control]\npassword = \"secret\"\n", "control.password", 2, "unknown key"},
 		{"bad auth mode", "[auth]\n\nmode = \"ldap\"\n", "auth.mode", 3, `invalid mode "ldap"`},
 		{"bad log level", "[log]\nlevel = \"verbose\"\n", "log.level", 2, `invalid level "verbose"`},
 		{"bad log format", "[log]\nlevel = \"info\"\nformat = \"xml\"\n", "log.format", 3, `invalid format "xml"`},
@@ -255,5 +310,46 @@ func TestDurationValue(t *testing.T) {
 		if got := d.Value(); got != want {
 			t.Errorf("Duration(%q).Value() = %v, want %v", d, got, want)
 		}
+	}
+}
+
+// An auth mode left out is resolved from the verifier sources; one that is set
+// is kept.
+func TestAuthModeResolution(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, doc string
+		want      AuthMode
+	}{
+		{"nothing set", "", AuthPassthrough},
+		{"empty mode", "[auth]\nmode = \"\"\n", AuthPassthrough},
+		{"a control dsn", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n", AuthProxy},
+		{"a userlist", "[auth]\nuserlist = \"/etc/rolegate/userlist.txt\"\n", AuthProxy},
+		{"both", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n[auth]\nuserlist = \"u.txt\"\n", AuthProxy},
+		{"proxy with a userlist", "[auth]\nmode = \"proxy\"\nuserlist = \"u.txt\"\n", AuthProxy},
+		{"proxy with a control dsn", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n[auth]\nmode = \"proxy\"\n", AuthProxy},
+		// The control connection also serves limits; passthrough stays passthrough.
+		{"passthrough with a control dsn", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n[auth]\nmode = \"passthrough\"\n",
+			AuthPassthrough},
+	}
+	for _, tt := range tests {
+		cfg, err := Parse("f.toml", []byte(tt.doc))
+		if err != nil {
+			t.Errorf("%s: %v", tt.name, err)
+			continue
+		}
+		if cfg.Auth.Mode != tt.want {
+			t.Errorf("%s: mode %q, want %q", tt.name, cfg.Auth.Mode, tt.want)
+		}
+	}
+}
+
+// Configuration errors never quote a control password written into the DSN.
+func TestErrorsKeepDSNPasswordOut(t *testing.T) {
+	t.Parallel()
+	doc := "[control]\ndsn = \"postgres://rolegate:hunter2@db/postgres\"\nmax_conns = -1\n[auth]\nauth_query = \"select 1\"\n"
+	_, err := Parse("f.toml", []byte(doc))
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("error %v: want one without the password", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -209,6 +210,10 @@ func (a *clientAuth) ask(req pgproto3.BackendMessage) ([]byte, error) {
 	switch {
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
 		return nil, errClientClosed
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// The startup timeout covers authentication. As PostgreSQL does at
+		// authentication_timeout, close without telling the client.
+		return nil, &authFailure{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout"}
 	case err != nil:
 		return nil, &auth.Error{Code: "08P01", Message: "invalid authentication response: " + err.Error(), Err: auth.ErrMalformed}
 	case m.Type == 'X':

@@ -107,4 +107,3 @@ func errNoColumns(n int) error {
 	}
 	return nil
 }
-

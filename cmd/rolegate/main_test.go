@@ -71,6 +71,21 @@ format = "json"
 		t.Errorf("-check proxy.toml: exit %d, stderr %q", code, errOut)
 	}
 
+	// Proxy mode: -check reads the userlist, builds the control pool and
+	// needs no server (nothing listens on port 1).
+	userlist := writeFile(t, "userlist.txt", "\"alice\" \"md5"+strings.Repeat("0", 32)+"\"\n")
+	for _, doc := range []string{
+		"[control]\ndsn = \"postgres://rolegate@127.0.0.1:1/postgres\"\n[auth]\nauth_query = \"SELECT rolegate.get_secret($1)\"\n",
+		"[auth]\nmode = \"proxy\"\nmethod = \"md5\"\nuserlist = \"" + userlist + "\"\n",
+		"[control]\ndsn = \"postgres://rolegate@127.0.0.1:1/postgres\"\n[auth]\nmode = \"proxy\"\nuserlist = \"" + userlist + "\"\n",
+	} {
+		path := writeFile(t, "proxy-mode.toml", doc)
+		if code, out, errOut := runMain("-check", "-config", path); code != 0 || out != path+": configuration is valid\n" {
+			t.Errorf("-check %q: exit %d, stdout %q, stderr %q", doc, code, out, errOut)
+		}
+	}
+	brokenUserlist := writeFile(t, "broken-userlist.txt", "\"alice\" \"md5"+strings.Repeat("0", 32)+"\"\n\"bob\" \"s3cret\n")
+
 	tests := []struct {
 		name, doc, want string
 	}{
@@ -80,6 +95,17 @@ format = "json"
 			"tls: load certificate"},
 		{"missing sslrootcert", "[server]\nsslmode = \"verify-full\"\nsslrootcert = \"" + filepath.Join(dir, "no-ca.pem") + "\"\n",
 			"read server sslrootcert"},
+		{"proxy mode without a verifier source", "[auth]\nmode = \"proxy\"\n", ":2: auth.mode: mode \"proxy\" needs a verifier source"},
+		{"missing userlist", "[auth]\nuserlist = \"" + filepath.Join(dir, "no-userlist.txt") + "\"\n",
+			"userlist: open " + filepath.Join(dir, "no-userlist.txt") + ": no such file or directory"},
+		{"broken userlist", "[auth]\nuserlist = \"" + brokenUserlist + "\"\n",
+			"userlist " + brokenUserlist + ": userlist line 2: secret of user \"bob\": closing double quote missing"},
+		{"bad control dsn", "[control]\ndsn = \"postgres://rolegate:hunter2@127.0.0.1:port/postgres\"\n", "control dsn: "},
+	}
+	if os.Getenv("ROLEGATE_CONTROL_PASSWORD") == "" { // the environment's password wins over the file
+		tests = append(tests, struct{ name, doc, want string }{"missing control password_file",
+			"[control]\ndsn = \"postgres://rolegate@127.0.0.1:5432/postgres\"\npassword_file = \"" + filepath.Join(dir, "no-pw") + "\"\n",
+			"control password_file: open " + filepath.Join(dir, "no-pw")})
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -88,6 +114,11 @@ format = "json"
 			code, out, errOut := runMain("-check", "-config", path)
 			if code != 2 || out != "" || !strings.Contains(errOut, path) || !strings.Contains(errOut, tt.want) {
 				t.Errorf("exit %d, stdout %q, stderr %q; want 2 and stderr naming %s and %q", code, out, errOut, path, tt.want)
+			}
+			for _, secret := range []string{"hunter2", "s3cret"} {
+				if strings.Contains(errOut, secret) {
+					t.Errorf("stderr %q quotes a secret", errOut)
+				}
 			}
 		})
 	}

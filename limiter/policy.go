@@ -1,0 +1,129 @@
+package limiter
+
+import (
+	"fmt"
+	"time"
+)
+
+// Policy says what happens to a login that finds its role (or database) at its
+// limit. The values are proxy.toml's spelling, so a Policy prints the way an
+// operator wrote it.
+type Policy string
+
+// The policies. PolicyReject is what PostgreSQL itself does; the others are why
+// rolegate exists.
+const (
+	// PolicyReject refuses the login with PostgreSQL's own 53300 error.
+	PolicyReject Policy = "reject"
+	// PolicyWait queues the login (FIFO) until a slot frees or the rule's
+	// WaitTimeout passes, then rejects it.
+	PolicyWait Policy = "wait"
+	// PolicyNewestWins terminates the oldest session (by backend_start).
+	PolicyNewestWins Policy = "newest-wins"
+	// PolicyEvictIdle terminates the session idle the longest (state 'idle',
+	// by state_change); a session in a transaction or running a query is never
+	// chosen.
+	PolicyEvictIdle Policy = "evict-idle"
+)
+
+// ParsePolicy reads a policy as proxy.toml spells it. It is strict (no case
+// folding, no trimming) because a misspelt policy must fail the config load,
+// not quietly become another policy.
+func ParsePolicy(s string) (Policy, error) {
+	switch p := Policy(s); p {
+	case PolicyReject, PolicyWait, PolicyNewestWins, PolicyEvictIdle:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown policy %q (want reject, wait, newest-wins or evict-idle)", s)
+}
+
+// Evicts reports whether the policy makes room by terminating sessions.
+func (p Policy) Evicts() bool { return p == PolicyNewestWins || p == PolicyEvictIdle }
+
+// String returns the policy as proxy.toml spells it.
+func (p Policy) String() string { return string(p) }
+
+// Rule is the limit and policy for one role or one database, as the caller
+// resolved it from proxy.toml, [limits] defaults and the server's own limit.
+//
+// The zero Rule is a limit of 0 (nobody but superusers may log in), because 0
+// is a meaningful PostgreSQL connection limit; use NoLimit for "no limit".
+type Rule struct {
+	// MaxSessions is the effective limit (see Effective); < 0 means no limit.
+	MaxSessions int
+	// Policy applies when the limit is reached. An empty or unknown policy is
+	// treated as PolicyReject, the server's own behaviour, so a bad rule can
+	// never evict anyone.
+	Policy Policy
+	// Fallback is what an evicting policy does when no session may be evicted
+	// (none idle, all too young, all protected): PolicyReject (the default,
+	// also for empty or anything else) or PolicyWait.
+	Fallback Policy
+	// MinSessionAge protects sessions younger than this (by backend_start)
+	// from eviction, so two clients fighting over one slot cannot evict each
+	// other in a loop.
+	MinSessionAge time.Duration
+	// WaitTimeout bounds a wait (PolicyWait or a Fallback of PolicyWait),
+	// counted from the moment the login starts waiting. <= 0 means the login
+	// does not wait at all and is rejected at once: a wait without end would
+	// hold a client (and a file descriptor) forever.
+	WaitTimeout time.Duration
+}
+
+// NoLimit returns a Rule that never limits anyone. It is a function, not a
+// package variable, so no caller can change it for the others.
+func NoLimit() Rule { return Rule{MaxSessions: -1, Policy: PolicyReject, Fallback: PolicyReject} }
+
+// Limited reports whether the rule has a limit at all.
+func (r Rule) Limited() bool { return r.MaxSessions >= 0 }
+
+// Validate reports the first thing wrong with a rule, for config loading. The
+// limiter itself never fails on a bad rule; it treats one as strictly as it
+// can (see Policy and Fallback).
+func (r Rule) Validate() error {
+	if _, err := ParsePolicy(string(r.Policy)); err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	if r.Fallback != "" && r.Fallback != PolicyReject && r.Fallback != PolicyWait {
+		return fmt.Errorf("fallback: %q is not reject or wait", string(r.Fallback))
+	}
+	if r.MinSessionAge < 0 {
+		return fmt.Errorf("min_session_age: %s is negative", r.MinSessionAge)
+	}
+	if r.WaitTimeout < 0 {
+		return fmt.Errorf("wait_timeout: %s is negative", r.WaitTimeout)
+	}
+	return nil
+}
+
+// policy is the policy Decide applies: unknown or empty means reject.
+func (r Rule) policy() Policy {
+	switch r.Policy {
+	case PolicyWait, PolicyNewestWins, PolicyEvictIdle:
+		return r.Policy
+	}
+	return PolicyReject
+}
+
+// fallback is the policy Decide applies when an evicting policy finds no
+// victim: wait only when asked for explicitly.
+func (r Rule) fallback() Policy {
+	if r.Fallback == PolicyWait {
+		return PolicyWait
+	}
+	return PolicyReject
+}
+
+// Effective combines proxy.toml's limit with the server's (rolconnlimit or
+// datconnlimit): the smaller wins, and a negative value on either side means
+// that side sets no limit. The caller passes -1 for the server side when
+// server_limits is off.
+func Effective(config, server int) int {
+	switch {
+	case config < 0:
+		return max(server, -1)
+	case server < 0:
+		return config
+	}
+	return min(config, server)
+}

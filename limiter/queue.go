@@ -1,0 +1,219 @@
+package limiter
+
+import (
+	"slices"
+	"time"
+)
+
+// A Ticket is a login's place in line. Decide hands one out with its first
+// Wait or Evict decision; the caller passes it back in Login.Ticket on every
+// later Decide for that login, so that the login keeps its position: a login
+// is never admitted ahead of earlier waiters for the same limit, and a login
+// that evicted for a slot is not overtaken by someone who started waiting
+// after it. Admit and Reject decisions retire the ticket; a caller that gives
+// up earlier (client gone, context cancelled) calls Leave.
+//
+// A ticket belongs to one login: only the goroutine handling that login passes
+// it to Decide.
+type Ticket struct {
+	l     *Limiter
+	ready chan struct{} // capacity 1: a pending wake-up
+
+	// Guarded by l.mu.
+	seq       uint64 // arrival order
+	loginID   uint64
+	role      string
+	database  string
+	queued    bool      // waiting in queues[queue]
+	queue     queueKey  // the limit it waits for
+	woken     bool      // signalled and not yet back in Decide
+	waitStart time.Time // when it first had to wait
+	deadline  time.Time
+	gone      bool
+}
+
+// queueKey names one wait queue: the role's or the database's limit.
+type queueKey struct {
+	scope Scope
+	name  string
+}
+
+// Ready is signalled when a slot may have freed for this ticket: it is the
+// first waiter not yet woken for its limit and Released was called for that
+// role or database, or a Decide saw a free slot in the census, or an earlier
+// waiter left without using its wake-up. The caller then runs the census and
+// Decide again. It must also re-check on a poll interval and at Deadline,
+// because sessions opened directly against the server end without telling
+// rolegate, and because an evicting policy may find a victim later (sessions
+// age past min_session_age, go idle).
+func (t *Ticket) Ready() <-chan struct{} { return t.ready }
+
+// Deadline is when the wait ends in a rejection: the moment the login first
+// had to wait plus that limit's WaitTimeout. It is zero while the login has
+// not waited. The caller sets its timer to it and then calls Decide once
+// more, which admits the login if a slot freed in time and rejects it
+// otherwise.
+func (t *Ticket) Deadline() time.Time {
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	return t.deadline
+}
+
+// Leave takes the login out of line at once: the client disconnected, its
+// context ended, or the caller is done with the login. A wake-up it had not
+// used passes to the next waiter. Leaving twice, or after Admit or Reject, is
+// harmless.
+func (t *Ticket) Leave() {
+	if t == nil {
+		return
+	}
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	t.l.retire(t)
+}
+
+// Released tells the limiter that a session of role in database ended (the
+// proxy calls it when a session's server socket closes). It wakes the first
+// waiter of the role's queue and of the database's queue that has not been
+// woken yet; the others stay asleep, so one freed slot costs one census.
+func (l *Limiter) Released(role, database string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wake(queueKey{ScopeRole, role}, 1, nil)
+	l.wake(queueKey{ScopeDatabase, database}, 1, nil)
+}
+
+// ticketFor returns the caller's ticket if it is a live one of this limiter.
+// A ticket that already left is treated as none: its login starts over at the
+// back of the line.
+func (l *Limiter) ticketFor(t *Ticket) *Ticket {
+	if t == nil || t.l != l || t.gone {
+		return nil
+	}
+	return t
+}
+
+// newTicket creates a ticket for a login that starts waiting or evicting now.
+func (l *Limiter) newTicket(login Login) *Ticket {
+	l.seq++
+	t := &Ticket{
+		l: l, ready: make(chan struct{}, 1),
+		seq: l.seq, loginID: login.ID, role: login.Role, database: login.Database,
+	}
+	l.tickets[t] = struct{}{}
+	return t
+}
+
+// retire removes t from everything. A wake-up t had not used passes on.
+func (l *Limiter) retire(t *Ticket) {
+	if t == nil || t.gone {
+		return
+	}
+	t.gone = true
+	delete(l.tickets, t)
+	if t.queued {
+		l.dequeue(t)
+		if t.woken {
+			t.woken = false
+			l.wake(t.queue, 1, nil)
+		}
+	}
+	for _, e := range l.evicting {
+		if e.claimant == t {
+			e.claimant = nil
+		}
+	}
+}
+
+// enqueue puts t in the queue for key at its arrival position, moving it
+// there if it waited for the other limit before.
+func (l *Limiter) enqueue(t *Ticket, key queueKey) {
+	if t.queued && t.queue == key {
+		return
+	}
+	if t.queued {
+		l.dequeue(t)
+	}
+	q := l.queues[key]
+	i, _ := slices.BinarySearchFunc(q, t.seq, func(u *Ticket, seq uint64) int {
+		switch {
+		case u.seq < seq:
+			return -1
+		case u.seq > seq:
+			return 1
+		}
+		return 0
+	})
+	l.queues[key] = slices.Insert(q, i, t)
+	t.queued, t.queue = true, key
+}
+
+// dequeue takes t out of its queue; it keeps its ticket (and position).
+func (l *Limiter) dequeue(t *Ticket) {
+	if !t.queued {
+		return
+	}
+	q := slices.DeleteFunc(l.queues[t.queue], func(u *Ticket) bool { return u == t })
+	if len(q) == 0 {
+		delete(l.queues, t.queue)
+	} else {
+		l.queues[t.queue] = q
+	}
+	t.queued = false
+}
+
+// ahead counts the tickets waiting for key that arrived before t (all of them
+// when t is nil: a newcomer goes to the back).
+func (l *Limiter) ahead(key queueKey, t *Ticket) int {
+	n := 0
+	for _, u := range l.queues[key] {
+		if t != nil && u.seq >= t.seq {
+			break
+		}
+		n++
+	}
+	return n
+}
+
+// wake signals up to n waiters of key that are not woken yet, in order,
+// skipping except (the ticket whose Decide is running). n < 0 wakes all.
+func (l *Limiter) wake(key queueKey, n int, except *Ticket) {
+	for _, u := range l.queues[key] {
+		if n == 0 {
+			return
+		}
+		if u.woken || u == except {
+			continue
+		}
+		l.signal(u)
+		n--
+	}
+}
+
+// wokenIn counts the waiters of key that were signalled and have not come back.
+func (l *Limiter) wokenIn(key queueKey) int {
+	n := 0
+	for _, u := range l.queues[key] {
+		if u.woken {
+			n++
+		}
+	}
+	return n
+}
+
+func (l *Limiter) signal(t *Ticket) {
+	t.woken = true
+	select {
+	case t.ready <- struct{}{}:
+	default: // already pending
+	}
+}
+
+// consume marks t's wake-up as used: its login is deciding again.
+func (t *Ticket) consume() {
+	t.woken = false
+	select {
+	case <-t.ready:
+	default:
+	}
+}

@@ -1,0 +1,692 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/upstream"
+)
+
+// Passwords of the roles authServer creates, besides the shared cluster's.
+const (
+	plainPW   = "plain secret"
+	nologinPW = "nologin secret"
+	controlPW = "control secret"
+	wrongPW   = "wrong secret"
+)
+
+// setupQuery is the auth query for sql/setup.sql's function.
+const setupQuery = "SELECT rolegate.get_secret($1)"
+
+// authServer is a TLS-capable cluster set up for proxy-side authentication:
+//
+//	scram_user    scram-sha-256, SCRAM verifier (scramPW)
+//	md5_user      md5, md5 verifier (md5PW)
+//	clear_user    password, SCRAM verifier (passwordPW)
+//	plain_user    scram-sha-256, SCRAM verifier (plainPW); plaintext in the userlist
+//	nologin_user  NOLOGIN, SCRAM verifier (nologinPW)
+//	nopw_user     no password at all; the server trusts it
+//	rolegate      sql/setup.sql's control role (controlPW)
+//
+// Members of md5_group log in with md5 and of clear_group with password, so
+// tests can add roles of their own.
+type authServer struct {
+	c        *pgtest.Cluster
+	super    auth.Source // the default auth query, as the superuser
+	function auth.Source // setup.sql's function, as the rolegate role
+	userlist auth.Source // a userlist with scram_user, md5_user, plain_user, nologin_user
+}
+
+func newAuthServer(t *testing.T) *authServer {
+	t.Helper()
+	c := pgtest.Start(t, pgtest.Options{SSL: true, HBA: []string{
+		"host all nopw_user 127.0.0.1/32 trust",
+		"host all +md5_group 127.0.0.1/32 md5",
+		"host all +clear_group 127.0.0.1/32 password",
+	}})
+	ctx := t.Context()
+	for _, q := range []string{
+		"create role md5_group nologin",
+		"create role clear_group nologin",
+		fmt.Sprintf("create role scram_user login password '%s'", scramPW),
+		fmt.Sprintf("set password_encryption = 'md5'; create role md5_user login password '%s' in role md5_group", md5PW),
+		fmt.Sprintf("create role clear_user login password '%s' in role clear_group", strings.ReplaceAll(passwordPW, "'", "''")),
+		fmt.Sprintf("create role plain_user login password '%s'", plainPW),
+		fmt.Sprintf("create role nologin_user nologin password '%s'", nologinPW),
+		"create role nopw_user login",
+	} {
+		if err := c.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The least-privilege set-up, as an operator runs it; twice, as it must
+	// be safe to run again.
+	setup, err := filepath.Abs(filepath.Join("..", "sql", "setup.sql"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, errOut, err := psql(t, c.SuperDSN(), "", "-q", "-f", setup); err != nil {
+			t.Fatalf("psql -f sql/setup.sql: %v\n%s", err, errOut)
+		}
+	}
+	if err := c.Exec(ctx, fmt.Sprintf("alter role rolegate password '%s'", controlPW)); err != nil {
+		t.Fatal(err)
+	}
+
+	s := &authServer{c: c, super: auth.SourceFunc(superControl(t, c).Secret)}
+	fn, err := upstream.NewControl(ctx, config.Control{DSN: c.DSN("rolegate", controlPW, "postgres"), MaxConns: 2}, setupQuery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fn.Close)
+	s.function = auth.SourceFunc(fn.Secret)
+
+	// A userlist as an operator writes it: a verifier and an md5 hash
+	// copied from pg_authid, and a plaintext password.
+	lines := []string{"; rolegate test userlist", `"plain_user" "` + plainPW + `"`}
+	for _, role := range []string{"scram_user", "md5_user", "nologin_user"} {
+		lines = append(lines, fmt.Sprintf("%q %q", role, s.stored(t, role)))
+	}
+	path := filepath.Join(t.TempDir(), "userlist.txt")
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ul, err := auth.LoadUserlist(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.userlist = ul
+	return s
+}
+
+// stored is a role's pg_authid.rolpassword.
+func (s *authServer) stored(t *testing.T, role string) string {
+	t.Helper()
+	conn := connect(t, s.c.SuperDSN())
+	defer conn.Close(context.Background())
+	var secret string
+	if err := conn.QueryRow(t.Context(), "select rolpassword from pg_authid where rolname = $1", role).Scan(&secret); err != nil {
+		t.Fatalf("secret of %s: %v", role, err)
+	}
+	return secret
+}
+
+// setPassword changes a role's password on the server, keeping md5 for md5 roles.
+func (s *authServer) setPassword(t *testing.T, role, password string, md5 bool) {
+	t.Helper()
+	q := fmt.Sprintf("alter role %s password '%s'", role, password)
+	if md5 {
+		q = "set password_encryption = 'md5'; " + q
+	}
+	if err := s.c.Exec(t.Context(), q); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// tlsOpts makes a proxy use TLS on both sides: clients verify rolegate's
+// certificate, rolegate verifies the server's. It returns the client's
+// connection string options.
+func (s *authServer) tlsOpts(t *testing.T, o *proxyOpts) []string {
+	t.Helper()
+	ca := newTestCA(t)
+	o.clientTLS = &tls.Config{Certificates: []tls.Certificate{ca.issue(t)}}
+	o.sslmode, o.sslrootcert = config.SSLVerifyFull, s.c.CACertFile
+	return []string{"sslmode=verify-full", "sslrootcert=" + ca.pemFile}
+}
+
+// wantLoginWorks logs in with pgx and psql and runs a query on each, checking
+// the role and whether the server connection uses TLS.
+func wantLoginWorks(t *testing.T, p *testProxy, user, password string, serverTLS bool, extra ...string) {
+	t.Helper()
+	dsn := p.DSN(user, password, "postgres", extra...)
+	c := connect(t, dsn)
+	var got string
+	var ssl bool
+	if err := c.QueryRow(t.Context(), "select current_user, coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)").
+		Scan(&got, &ssl); err != nil {
+		t.Fatal(err)
+	}
+	if got != user || ssl != serverTLS {
+		t.Errorf("pgx: current_user %q, server TLS %v; want %q, %v", got, ssl, user, serverTLS)
+	}
+	c.Close(t.Context())
+	out, errOut, err := psql(t, dsn, "", "-At", "-c", "select current_user")
+	if err != nil || strings.TrimSpace(out) != user {
+		t.Errorf("psql: %v, output %q, stderr %q", err, out, errOut)
+	}
+}
+
+// wantRefused checks that pgx and psql both get PostgreSQL's FATAL code and
+// message, and that neither error quotes the password.
+func wantRefused(t *testing.T, p *testProxy, user, password, code, msg string, extra ...string) {
+	t.Helper()
+	dsn := p.DSN(user, password, "postgres", extra...)
+	_, err := pgx.Connect(t.Context(), dsn)
+	if pgErr := wantPgError(t, err, "FATAL", code, msg); pgErr != nil && pgErr.Message != msg {
+		t.Errorf("pgx: message %q, want exactly %q", pgErr.Message, msg)
+	}
+	_, errOut, err := psql(t, dsn, "", "-c", "select 1")
+	if err == nil || !strings.Contains(errOut, "FATAL:  "+msg+"\n") {
+		t.Errorf("psql: %v, stderr %q; want FATAL %q", err, errOut, msg)
+	}
+	for _, text := range []string{fmt.Sprint(err), errOut} {
+		if strings.Contains(text, password) {
+			t.Errorf("the error %q quotes the password", text)
+		}
+	}
+}
+
+func passwordFailed(user string) string {
+	return fmt.Sprintf("password authentication failed for user %q", user)
+}
+
+// loginFailures are the proxy's "login failed" log lines.
+func loginFailures(p *testProxy) []string {
+	var lines []string
+	for _, line := range strings.Split(p.logs.String(), "\n") {
+		if strings.Contains(line, `msg="login failed"`) {
+			lines = append(lines, line)
+		}
+	}
+	return lines
+}
+
+// wantFailureLines waits for n "login failed" lines, each naming the role,
+// the client's address and why; reasons counts the lines per reason.
+func wantFailureLines(t *testing.T, p *testProxy, n int, reasons map[string]int) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d login failed lines", n), func() bool { return len(loginFailures(p)) >= n })
+	lines := loginFailures(p)
+	if len(lines) != n {
+		t.Errorf("%d login failed lines, want one per failed login, %d:\n%s", len(lines), n, strings.Join(lines, "\n"))
+	}
+	got := map[string]int{}
+	for _, line := range lines {
+		if !strings.Contains(line, " role=") || !strings.Contains(line, " client=127.0.0.1:") || !strings.Contains(line, " reason=") {
+			t.Errorf("login failed line without role, client or reason: %s", line)
+		}
+		if m := regexp.MustCompile(`reason=("[^"]*"|\S+)`).FindStringSubmatch(line); m != nil {
+			got[strings.Trim(m[1], `"`)]++
+		}
+	}
+	for reason, want := range reasons {
+		if got[reason] != want {
+			t.Errorf("%d lines with reason %q, want %d (all: %v)", got[reason], reason, want, got)
+		}
+	}
+}
+
+// Secret material as it would look in a log line.
+var (
+	md5HashRE = regexp.MustCompile(`md5[0-9a-f]{32}`)
+	proofRE   = regexp.MustCompile(`p=[A-Za-z0-9+/]{43}=`)
+)
+
+// wantNoSecrets checks a proxy's log holds no password, verifier, md5 hash
+// or SCRAM proof.
+func wantNoSecrets(t *testing.T, p *testProxy, passwords ...string) {
+	t.Helper()
+	logs := p.logs.String()
+	for _, pw := range append(passwords, scramPW, md5PW, passwordPW, plainPW, nologinPW, controlPW, wrongPW) {
+		if strings.Contains(logs, pw) {
+			t.Errorf("the log contains the password %q", pw)
+		}
+	}
+	if strings.Contains(logs, "SCRAM-SHA-256$") {
+		t.Error("the log contains a SCRAM verifier")
+	}
+	if m := md5HashRE.FindString(logs); m != "" {
+		t.Errorf("the log contains an md5 hash %s", m)
+	}
+	if m := proofRE.FindString(logs); m != "" || strings.Contains(logs, "c=biws") {
+		t.Errorf("the log contains a SCRAM message %q", m)
+	}
+}
+
+// rawLogin opens a raw connection, sends a StartupMessage and returns a
+// Frontend on it.
+func rawLogin(t *testing.T, p *testProxy, user string) (*net.TCPConn, *pgproto3.Frontend) {
+	t.Helper()
+	c := rawConn(t, p)
+	startupMessage(t, c, 3, 0, "user", user, "database", "postgres")
+	return c, pgproto3.NewFrontend(c, c)
+}
+
+func receive[M pgproto3.BackendMessage](t *testing.T, fe *pgproto3.Frontend) M {
+	t.Helper()
+	m, err := fe.Receive()
+	if err != nil {
+		t.Fatalf("receive: %v", err)
+	}
+	want, ok := m.(M)
+	if !ok {
+		t.Fatalf("got %T %+v, want %T", m, m, want)
+	}
+	return want
+}
+
+// TestProxyAuth runs every proxy-mode login against one server: the matrix
+// of verifier source × the server's method × TLS, and the special cases.
+func TestProxyAuth(t *testing.T) {
+	t.Parallel()
+	s := newAuthServer(t)
+
+	t.Run("matrix", func(t *testing.T) {
+		t.Parallel()
+		sources := []struct {
+			name  string
+			src   auth.Source
+			roles []string // roles the source has, each with the server method its name says
+		}{
+			{"superuser auth query", s.super, []string{"scram_user", "md5_user"}},
+			{"setup.sql function", s.function, []string{"scram_user", "md5_user"}},
+			{"userlist", s.userlist, []string{"scram_user", "md5_user", "plain_user"}},
+		}
+		passwords := map[string]string{"scram_user": scramPW, "md5_user": md5PW, "plain_user": plainPW}
+		for _, src := range sources {
+			for _, useTLS := range []bool{false, true} {
+				name := src.name + "/TLS off"
+				if useTLS {
+					name = src.name + "/TLS on"
+				}
+				t.Run(name, func(t *testing.T) {
+					t.Parallel()
+					o := proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, src.src)}
+					var extra []string
+					if useTLS {
+						// Clients keep libpq's and pgx's default
+						// channel_binding=prefer: rolegate offers SCRAM
+						// without -PLUS, and they log in without binding.
+						extra = s.tlsOpts(t, &o)
+					}
+					p := startProxy(t, o)
+					t.Run("logins", func(t *testing.T) {
+						for _, role := range src.roles {
+							t.Run(role, func(t *testing.T) {
+								t.Parallel()
+								wantLoginWorks(t, p, role, passwords[role], useTLS, extra...)
+							})
+							t.Run(role+" wrong password", func(t *testing.T) {
+								t.Parallel()
+								wantRefused(t, p, role, wrongPW, "28P01", passwordFailed(role), extra...)
+							})
+						}
+						// psql hangs up to ask for a password: not a failed login.
+						t.Run("psql without a password", func(t *testing.T) {
+							t.Parallel()
+							_, errOut, err := psql(t, p.DSN("scram_user", "", "postgres", extra...), "", "-w", "-c", "select 1")
+							if err == nil || !strings.Contains(errOut, "no password supplied") {
+								t.Errorf("psql -w without a password: %v, stderr %q", err, errOut)
+							}
+						})
+						t.Run("unknown role", func(t *testing.T) {
+							t.Parallel()
+							wantRefused(t, p, "no_such_role", wrongPW, "28P01", passwordFailed("no_such_role"), extra...)
+						})
+						// rolegate accepts the password; the server refuses the role.
+						t.Run("NOLOGIN", func(t *testing.T) {
+							t.Parallel()
+							wantRefused(t, p, "nologin_user", nologinPW, "28000", `role "nologin_user" is not permitted to log in`, extra...)
+						})
+					})
+					// pgx and psql for each: two wrong passwords per role,
+					// two unknown roles, two NOLOGIN.
+					wantFailureLines(t, p, 2*len(src.roles)+4, map[string]int{
+						"wrong password":    2 * len(src.roles),
+						"unknown role":      2,
+						"refused by server": 2,
+					})
+					wantNoSecrets(t, p)
+				})
+			}
+		}
+	})
+
+	// The issue's order: once the password changes on the server, the old one
+	// is refused and the new one accepted, with the verifier cache on and off.
+	// With a cached SCRAM verifier rolegate cannot tell an old password from
+	// the new one by itself (the client's proof is made with the cached salt):
+	// it accepts the old one, the server refuses rolegate's login with 28P01,
+	// which goes to the client, and the cache entry is dropped. An md5 or
+	// cleartext response that fails against the cached secret is checked
+	// again at once against a freshly fetched one, so the new password works
+	// in either order. Without a cache both orders work for every method.
+	t.Run("password changed on the server", func(t *testing.T) {
+		t.Parallel()
+		type step struct {
+			password string // "old" or "new"
+			ok       bool
+			psql     bool // psql instead of pgx
+		}
+		tests := []struct {
+			name   string
+			method string // the server's: scram-sha-256, md5 or password
+			ttl    time.Duration
+			steps  []step // after the change
+		}{
+			{"scram, cached, old then new", "scram-sha-256", time.Minute,
+				[]step{{"old", false, false}, {"new", true, true}, {"old", false, true}, {"new", true, false}}},
+			// The other order costs one refused login with the new password,
+			// which makes rolegate fetch the new verifier (and log that it did).
+			{"scram, cached, new then old", "scram-sha-256", time.Minute,
+				[]step{{"new", false, false}, {"new", true, false}, {"old", false, false}, {"new", true, true}}},
+			{"scram, no cache, old then new", "scram-sha-256", 0,
+				[]step{{"old", false, false}, {"new", true, false}}},
+			{"scram, no cache, new then old", "scram-sha-256", 0,
+				[]step{{"new", true, true}, {"old", false, true}, {"new", true, false}}},
+			{"md5, cached, old then new", "md5", time.Minute,
+				[]step{{"old", false, false}, {"new", true, true}, {"old", false, false}}},
+			{"md5, cached, new then old", "md5", time.Minute,
+				[]step{{"new", true, false}, {"old", false, true}, {"new", true, false}}},
+			{"md5, no cache, old then new", "md5", 0,
+				[]step{{"old", false, true}, {"new", true, false}}},
+			{"md5, no cache, new then old", "md5", 0,
+				[]step{{"new", true, false}, {"old", false, false}}},
+			{"cleartext, cached, old then new", "password", time.Minute,
+				[]step{{"old", false, false}, {"new", true, true}}},
+			{"cleartext, cached, new then old", "password", time.Minute,
+				[]step{{"new", true, false}, {"old", false, true}}},
+		}
+		for i, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				t.Parallel()
+				role := fmt.Sprintf("chg_%d", i)
+				group := map[string]string{"md5": " in role md5_group", "password": " in role clear_group"}[tt.method]
+				q := fmt.Sprintf("create role %s login password 'old pw'%s", role, group)
+				if tt.method == "md5" {
+					q = "set password_encryption = 'md5'; " + q
+				}
+				if err := s.c.Exec(t.Context(), q); err != nil {
+					t.Fatal(err)
+				}
+				a := proxyAuth(tt.ttl, s.super)
+				if tt.method == "password" {
+					a.Method, a.CleartextWithoutTLS = "password", true
+				}
+				p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: a})
+				connect(t, p.DSN(role, "old pw", "postgres")).Close(t.Context()) // caches the secret
+
+				s.setPassword(t, role, "new pw", tt.method == "md5")
+				for i, st := range tt.steps {
+					dsn := p.DSN(role, st.password+" pw", "postgres")
+					var err error
+					var errOut string
+					if st.psql {
+						_, errOut, err = psql(t, dsn, "", "-c", "select 1")
+					} else {
+						var c *pgx.Conn
+						if c, err = pgx.Connect(t.Context(), dsn); err == nil {
+							c.Close(t.Context())
+						}
+					}
+					switch {
+					case st.ok && err != nil:
+						t.Fatalf("step %d: %s password refused: %v %s", i+1, st.password, err, errOut)
+					case !st.ok && err == nil:
+						t.Fatalf("step %d: %s password accepted", i+1, st.password)
+					case !st.ok && st.psql && !strings.Contains(errOut, "FATAL:  "+passwordFailed(role)):
+						t.Errorf("step %d: psql stderr %q", i+1, errOut)
+					case !st.ok && !st.psql:
+						wantPgError(t, err, "FATAL", "28P01", passwordFailed(role))
+					}
+				}
+				// Whichever order: the old password's login that rolegate
+				// accepted from its cache was refused by the server, or the
+				// new one was refused by rolegate, which then saw the change.
+				logs := p.logs.String()
+				if tt.ttl > 0 && !tt.steps[0].ok {
+					want := `reason="refused by server"`
+					if tt.steps[0].password == "new" {
+						want = "the role's password changed on the server; using the new one from now on"
+					}
+					if !strings.Contains(logs, want) {
+						t.Errorf("the log lacks %q", want)
+					}
+				}
+				wantNoSecrets(t, p, "old pw", "new pw")
+			})
+		}
+	})
+
+	t.Run("8 concurrent logins of one role, cold cache", func(t *testing.T) {
+		t.Parallel()
+		p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, s.function)})
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		errs := make(chan error, 8)
+		for range 8 {
+			wg.Go(func() {
+				<-start
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				c, err := pgx.Connect(ctx, p.DSN("scram_user", scramPW, "postgres"))
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer c.Close(ctx)
+				var user string
+				if err := c.QueryRow(ctx, "select current_user").Scan(&user); err != nil || user != "scram_user" {
+					errs <- fmt.Errorf("current_user %q, %v", user, err)
+				}
+			})
+		}
+		close(start)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		if n := strings.Count(p.logs.String(), `msg=login `); n != 8 {
+			t.Errorf("%d login lines, want 8", n)
+		}
+	})
+
+	// A role without a password gets the wrong-password error, even where the
+	// server itself would let it in (nopw_user is trusted): rolegate has
+	// nothing to check the client against, and never lets an unchecked
+	// client through to the server.
+	t.Run("a role without a password is refused", func(t *testing.T) {
+		t.Parallel()
+		direct := connect(t, s.c.DSN("nopw_user", "", "postgres"))
+		direct.Close(t.Context())
+		for _, src := range []struct {
+			name   string
+			src    auth.Source
+			reason string
+		}{
+			{"superuser auth query", s.super, "role has no password"},
+			{"setup.sql function", s.function, "role has no password"},
+			{"userlist", s.userlist, "unknown role"},
+		} {
+			t.Run(src.name, func(t *testing.T) {
+				t.Parallel()
+				p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, src.src)})
+				wantRefused(t, p, "nopw_user", "anything", "28P01", passwordFailed("nopw_user"))
+				wantFailureLines(t, p, 2, map[string]int{src.reason: 2})
+			})
+		}
+	})
+
+	t.Run("authentication timeout", func(t *testing.T) {
+		t.Parallel()
+		const timeout = 300 * time.Millisecond
+		p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, startupTimeout: timeout,
+			auth: proxyAuth(time.Minute, s.super)})
+		t.Run("clients", func(t *testing.T) {
+			for _, tt := range []struct {
+				name, user string
+				answer     func(*testing.T, *pgproto3.Frontend) // how far the client gets
+			}{
+				{"never answers AuthenticationSASL", "scram_user", func(t *testing.T, fe *pgproto3.Frontend) {
+					receive[*pgproto3.AuthenticationSASL](t, fe)
+				}},
+				{"never sends its SCRAM proof", "scram_user", func(t *testing.T, fe *pgproto3.Frontend) {
+					receive[*pgproto3.AuthenticationSASL](t, fe)
+					fe.Send(&pgproto3.SASLInitialResponse{AuthMechanism: auth.SCRAMSHA256, Data: []byte("n,,n=,r=abcdefghijklmnop")})
+					if err := fe.Flush(); err != nil {
+						t.Fatal(err)
+					}
+					receive[*pgproto3.AuthenticationSASLContinue](t, fe)
+				}},
+				{"never answers AuthenticationMD5Password", "md5_user", func(t *testing.T, fe *pgproto3.Frontend) {
+					receive[*pgproto3.AuthenticationMD5Password](t, fe)
+				}},
+			} {
+				t.Run(tt.name, func(t *testing.T) {
+					t.Parallel()
+					start := time.Now()
+					_, fe := rawLogin(t, p, tt.user)
+					tt.answer(t, fe)
+					m, err := fe.Receive()
+					if err == nil {
+						t.Fatalf("got %T %+v, want the connection closed", m, m)
+					}
+					var ne net.Error
+					if errors.As(err, &ne) && ne.Timeout() {
+						t.Fatalf("rolegate did not close the connection: %v", err)
+					}
+					if elapsed := time.Since(start); elapsed < timeout-50*time.Millisecond {
+						t.Errorf("closed after %v, before the timeout %v", elapsed, timeout)
+					}
+				})
+			}
+		})
+		wantFailureLines(t, p, 3, map[string]int{"authentication timeout": 3})
+	})
+
+	t.Run("channel binding", func(t *testing.T) {
+		t.Parallel()
+		o := proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, s.super)}
+		extra := s.tlsOpts(t, &o)
+		p := startProxy(t, o)
+		dsn := p.DSN("scram_user", scramPW, "postgres", append(extra, "channel_binding=require")...)
+		_, errOut, err := psql(t, dsn, "", "-c", "select 1")
+		const libpqMsg = "channel binding is required, but server did not offer an authentication method that supports channel binding"
+		if err == nil || !strings.Contains(errOut, libpqMsg) {
+			t.Errorf("psql channel_binding=require: %v, stderr %q", err, errOut)
+		}
+		_, err = pgx.Connect(t.Context(), dsn)
+		if err == nil || !strings.Contains(err.Error(), "channel binding required but server does not support SCRAM-SHA-256-PLUS") {
+			t.Errorf("pgx channel_binding=require: %v", err)
+		}
+		// A client that insists anyway is told why.
+		for _, first := range []*pgproto3.SASLInitialResponse{
+			{AuthMechanism: "SCRAM-SHA-256-PLUS", Data: []byte("p=tls-server-end-point,,n=,r=abcdefghijklmnop")},
+			{AuthMechanism: auth.SCRAMSHA256, Data: []byte("p=tls-server-end-point,,n=,r=abcdefghijklmnop")},
+		} {
+			c, fe := rawLogin(t, p, "scram_user")
+			if m := receive[*pgproto3.AuthenticationSASL](t, fe); len(m.AuthMechanisms) != 1 || m.AuthMechanisms[0] != auth.SCRAMSHA256 {
+				t.Errorf("mechanisms offered: %q, want only %s", m.AuthMechanisms, auth.SCRAMSHA256)
+			}
+			fe.Send(first)
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			e := wantFatal(t, c, "08P01", "channel binding is not supported by rolegate")
+			if !strings.Contains(e.Detail, "rolegate does not offer") {
+				t.Errorf("detail %q", e.Detail)
+			}
+		}
+		wantFailureLines(t, p, 2, map[string]int{"channel binding required by client": 2})
+		// Without channel_binding=require the same clients log in (TLS on both sides).
+		wantLoginWorks(t, p, "scram_user", scramPW, true, extra...)
+		wantNoSecrets(t, p)
+	})
+
+	// The server's password method needs the cleartext password, which only
+	// [auth] method = "password" asks clients for.
+	t.Run("cleartext", func(t *testing.T) {
+		t.Parallel()
+		t.Run("method password over TLS", func(t *testing.T) {
+			t.Parallel()
+			a := proxyAuth(time.Minute, s.super)
+			a.Method = "password"
+			o := proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: a}
+			extra := s.tlsOpts(t, &o)
+			p := startProxy(t, o)
+			// Every server method can be served from the cleartext.
+			wantLoginWorks(t, p, "clear_user", passwordPW, true, extra...)
+			wantLoginWorks(t, p, "scram_user", scramPW, true, extra...)
+			wantLoginWorks(t, p, "md5_user", md5PW, true, extra...)
+			wantRefused(t, p, "clear_user", wrongPW, "28P01", passwordFailed("clear_user"), extra...)
+			// Without TLS the client is refused before it is asked for a password.
+			c, _ := rawLogin(t, p, "clear_user")
+			wantFatal(t, c, "28000", "rolegate accepts cleartext passwords only over TLS (see [auth] cleartext_without_tls)")
+			wantFailureLines(t, p, 3, map[string]int{"wrong password": 2, "cleartext without TLS": 1})
+			wantNoSecrets(t, p)
+		})
+		t.Run("method password without TLS, allowed", func(t *testing.T) {
+			t.Parallel()
+			a := proxyAuth(time.Minute, s.super)
+			a.Method, a.CleartextWithoutTLS = "password", true
+			p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: a})
+			wantLoginWorks(t, p, "clear_user", passwordPW, false)
+			wantNoSecrets(t, p)
+		})
+		t.Run("method md5", func(t *testing.T) {
+			t.Parallel()
+			a := proxyAuth(time.Minute, s.userlist, s.super)
+			a.Method = "md5"
+			p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: a})
+			// md5 for md5 hashes and plaintext; SCRAM for SCRAM verifiers, as PostgreSQL does.
+			for _, tt := range []struct {
+				user, password string
+				asked          func(*testing.T, *pgproto3.Frontend)
+			}{
+				{"md5_user", md5PW, func(t *testing.T, fe *pgproto3.Frontend) { receive[*pgproto3.AuthenticationMD5Password](t, fe) }},
+				{"plain_user", plainPW, func(t *testing.T, fe *pgproto3.Frontend) { receive[*pgproto3.AuthenticationMD5Password](t, fe) }},
+				{"scram_user", scramPW, func(t *testing.T, fe *pgproto3.Frontend) { receive[*pgproto3.AuthenticationSASL](t, fe) }},
+			} {
+				wantLoginWorks(t, p, tt.user, tt.password, false)
+				_, fe := rawLogin(t, p, tt.user)
+				tt.asked(t, fe)
+			}
+			wantNoSecrets(t, p)
+		})
+		t.Run("method scram-sha-256 cannot serve the password method", func(t *testing.T) {
+			t.Parallel()
+			p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, s.super)})
+			_, err := pgx.Connect(t.Context(), p.DSN("clear_user", passwordPW, "postgres"))
+			wantPgError(t, err, "FATAL", "28000",
+				`rolegate could not log in to the server as "clear_user": server asks for a cleartext password, but the client did not send one to rolegate`)
+			wantNoSecrets(t, p)
+		})
+	})
+}
+
+// The control role of sql/setup.sql cannot read verifiers other than through
+// the function; a proxy whose control role lacks it fails closed.
+func TestProxyAuthLookupFails(t *testing.T) {
+	t.Parallel()
+	ctl, err := upstream.NewControl(t.Context(), config.Control{DSN: shared.DSN("scram_user", scramPW, "postgres"), MaxConns: 1},
+		config.DefaultAuthQuery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctl.Close)
+	p := startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret))})
+	_, err = pgx.Connect(t.Context(), p.DSN("scram_user", scramPW, "app"))
+	wantPgError(t, err, "FATAL", "08006", "rolegate could not look up the role's password on the server")
+	waitFor(t, "the lookup failure in the log", func() bool {
+		return strings.Contains(p.logs.String(), "permission denied for table pg_authid")
+	})
+	wantNoSecrets(t, p)
+}
