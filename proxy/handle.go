@@ -52,6 +52,16 @@ func (p *conns) set(slot *net.Conn, c net.Conn) bool {
 	return true
 }
 
+// drop closes and forgets one socket, for a server connection that is replaced.
+func (p *conns) drop(slot *net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if *slot != nil {
+		(*slot).Close()
+		*slot = nil
+	}
+}
+
 func (p *conns) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -68,7 +78,8 @@ func (p *conns) close() {
 func (s *Server) handle(raw net.Conn) {
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	defer cancel(nil)
-	sess := &session{id: s.nextID.Add(1), clientAddr: raw.RemoteAddr().String(), start: time.Now()}
+	sess := &session{id: s.nextID.Add(1), clientAddr: raw.RemoteAddr().String(), start: time.Now(),
+		serverGone: make(chan struct{})}
 	sess.touch(sess.start)
 	log := s.log.With("client", sess.clientAddr)
 
@@ -78,6 +89,10 @@ func (s *Server) handle(raw net.Conn) {
 	defer func() {
 		stop()
 		sockets.close()
+		sess.markServerGone()
+		if s.cfg.Limits != nil && sess.user != "" {
+			s.cfg.Limits.Limiter.Released(sess.user, sess.database)
+		}
 	}()
 	defer func() {
 		if v := recover(); v != nil {
@@ -296,16 +311,36 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 			return nil, errClientClosed
 		}
 	}
-	var keys *auth.Keys
-	if s.cfg.Auth != nil {
-		// The client proves who it is before rolegate opens anything for it.
-		a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
-		var err error
-		if keys, err = a.authenticate(ctx); err != nil {
+	if s.cfg.Auth == nil {
+		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false)
+	}
+	// The client proves who it is before rolegate counts, waits or evicts for it.
+	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
+	keys, err := a.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 1; ; attempt++ {
+		done, err := s.admit(ctx, sess, client, log)
+		if err != nil {
 			return nil, err
 		}
+		lg, err := s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil)
+		done()
+		if !errors.Is(err, errServerFull) {
+			return lg, err
+		}
+		// A session from elsewhere took the slot between census and login.
+		log.Info("server at its limit after admission; admitting again", "attempt", attempt)
+		sockets.drop(&sockets.server)
 	}
+}
 
+// connect opens the server connection and logs in: relaying the client's
+// exchange (keys nil) or with the client's recovered keys. With holdFull, the
+// server's own 53300 is returned as errServerFull instead of being passed on.
+func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
+	p *startupPacket, deadline time.Time, sockets *conns, keys *auth.Keys, holdFull bool) (*loggedIn, error) {
 	var out []byte // to the client, flushed before rolegate waits for it
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
@@ -338,12 +373,12 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	} else {
 		out = wire.Encode(out, &pgproto3.AuthenticationOk{})
 	}
-	return s.handoff(sess, client, server, sr, out)
+	return s.handoff(sess, client, server, sr, out, holdFull)
 }
 
 // handoff passes what the server sends after AuthenticationOk to the client, up
 // to the first ReadyForQuery, and issues the client's own cancel key.
-func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte) (*loggedIn, error) {
+func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte, holdFull bool) (*loggedIn, error) {
 	for {
 		m, err := wire.ReadMessage(sr, wire.MaxServerLoginMsg)
 		if err != nil {
@@ -370,9 +405,14 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 			}
 			return &loggedIn{server: server, reader: sr}, nil
 		case 'E':
+			err := refusedBy(m)
+			var refused *loginError
+			if holdFull && errors.As(err, &refused) && refused.code == "53300" {
+				return nil, errServerFull
+			}
 			out = append(out, m.Raw()...)
 			_, _ = client.Write(out)
-			return nil, refusedBy(m)
+			return nil, err
 		case 'S', 'N':
 			out = append(out, m.Raw()...)
 		default:

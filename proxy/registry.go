@@ -84,3 +84,26 @@ func (r *registry) len() int {
 	defer r.mu.Unlock()
 	return len(r.sessions)
 }
+
+// byBackendPID finds the session rolegate holds for a server backend.
+func (r *registry) byBackendPID(pid uint32) *session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range r.sessions {
+		if s.backendPID == pid {
+			return s
+		}
+	}
+	return nil
+}
+
+// backendPIDs returns the server pids of the sessions rolegate holds.
+func (r *registry) backendPIDs() map[uint32]bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	pids := make(map[uint32]bool, len(r.sessions))
+	for _, s := range r.sessions {
+		pids[s.backendPID] = true
+	}
+	return pids
+}

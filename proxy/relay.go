@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/rolegate/rolegate/internal/wire"
 )
 
 // relayBufSize is the read size of each relay direction. Larger buffers move bulk
@@ -26,7 +28,7 @@ var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); ret
 // ReadyForQuery, whose first body byte is the transaction status.
 var (
 	clientEvents = wantTypes('Q', 'S', 'F', 'X')
-	serverEvents = wantTypes('Z')
+	serverEvents = wantTypes('Z', 'E')
 )
 
 func wantTypes(types ...byte) *[256]bool {
@@ -57,11 +59,12 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 	go func() {
 		defer close(done)
 		defer recoverInto(cancel, s.log)
-		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, errClientClosed, "client", "server"))
+		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, nil, errClientClosed, "client", "server"))
 	}()
 	func() {
 		defer recoverInto(cancel, s.log)
-		err := pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, errServerClosed, "server", "client")
+		defer sess.markServerGone()
+		err := pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
 		if errors.Is(err, errServerClosed) && terminated.Load() {
 			err = errClientClosed
 		}
@@ -79,10 +82,14 @@ func recoverInto(cancel context.CancelCauseFunc, log *slog.Logger) {
 	}
 }
 
+// rewriter may replace part of a buffer at a message boundary; a non-nil error
+// ends the pipe after the returned bytes are written.
+type rewriter func(buf []byte, evs []event) ([]byte, error)
+
 // pipe copies src to dst in whole buffers, starting with what the login phase
 // left in buffered, and hands each buffer's events to note. It returns eof when
 // src ends cleanly and a wrapped error otherwise.
-func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]event, int), eof error, from, to string) error {
+func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]event, int), rewrite rewriter, eof error, from, to string) error {
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp
@@ -100,8 +107,15 @@ func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]ev
 			if serr != nil {
 				return fmt.Errorf("protocol error from %s: %w", from, serr)
 			}
-			if _, err := dst.Write(buf[:n]); err != nil {
+			out, stop := buf[:n], error(nil)
+			if rewrite != nil {
+				out, stop = rewrite(out, evs)
+			}
+			if _, err := dst.Write(out); err != nil {
 				return fmt.Errorf("write to %s: %w", to, err)
+			}
+			if stop != nil {
+				return stop
 			}
 		}
 		if rerr != nil {
@@ -132,6 +146,9 @@ func (s *session) fromClient(evs []event, n int) {
 func (s *session) fromServer(evs []event, n int) {
 	s.bytesOut.Add(int64(n))
 	for _, e := range evs {
+		if e.typ != 'Z' {
+			continue
+		}
 		// A ReadyForQuery the client did not ask for (none is unasked-for today)
 		// must not drive the count negative.
 		if s.pending.Add(-1) < 0 {
@@ -142,4 +159,26 @@ func (s *session) fromServer(evs []event, n int) {
 			s.touch(time.Now())
 		}
 	}
+}
+
+// errEvicted ends the relay of a session rolegate evicted for a newer login.
+var errEvicted = errors.New("evicted by rolegate for a newer login")
+
+// replaceEvicted swaps the server's FATAL 57P01 for rolegate's own message that
+// says why, once the session is being evicted: the same SQLSTATE, so clients
+// that look for it behave the same, and a text an operator can act on. The
+// message is replaced whole at its boundary; nothing after it is forwarded (the
+// server closes the connection right after it).
+func (s *session) replaceEvicted(buf []byte, evs []event) ([]byte, error) {
+	why := s.evictMsg.Load()
+	if why == nil {
+		return buf, nil
+	}
+	for _, e := range evs {
+		if e.typ == 'E' && e.off >= 0 {
+			out := wire.Encode(buf[:e.off:e.off], wire.Error("FATAL", "57P01", *why))
+			return out, errEvicted
+		}
+	}
+	return buf, nil
 }

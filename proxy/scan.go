@@ -19,20 +19,28 @@ type scanner struct {
 	hdrN   int
 	waitB1 bool // a wanted message's first body byte is next
 	typ    byte
+	off    int // start of the pending wanted message in the current buffer, or -1
 }
 
-// event is one wanted message: its type and the first byte of its body (0 when empty).
+// event is one wanted message: its type, the first byte of its body (0 when
+// empty), and where its header starts in the buffer scanned (-1 when the header
+// began in an earlier buffer), so a message can be replaced at its boundary.
 type event struct {
 	typ   byte
 	first byte
+	off   int
 }
 
 // scan consumes b and appends events for wanted message types to evs. A length
 // word under 4 is a broken stream: the caller ends the session.
 func (s *scanner) scan(b []byte, evs []event) ([]event, error) {
+	size := len(b)
+	if s.waitB1 {
+		s.off = -1 // the pending message's header was in an earlier buffer
+	}
 	for len(b) > 0 {
 		if s.waitB1 {
-			evs = append(evs, event{typ: s.typ, first: b[0]})
+			evs = append(evs, event{typ: s.typ, first: b[0], off: s.off})
 			s.waitB1 = false
 			b = b[1:]
 			continue
@@ -48,12 +56,13 @@ func (s *scanner) scan(b []byte, evs []event) ([]event, error) {
 		// Fast path: a whole header in b.
 		if s.hdrN == 0 && len(b) >= 5 {
 			var err error
-			if evs, err = s.header(b[0], binary.BigEndian.Uint32(b[1:5]), evs); err != nil {
+			if evs, err = s.header(b[0], binary.BigEndian.Uint32(b[1:5]), evs, size-len(b)); err != nil {
 				return evs, err
 			}
 			b = b[5:]
 			continue
 		}
+		start := size - len(b) - s.hdrN // negative when the header began earlier
 		n := copy(s.hdr[s.hdrN:], b)
 		s.hdrN += n
 		b = b[n:]
@@ -62,24 +71,24 @@ func (s *scanner) scan(b []byte, evs []event) ([]event, error) {
 		}
 		s.hdrN = 0
 		var err error
-		if evs, err = s.header(s.hdr[0], binary.BigEndian.Uint32(s.hdr[1:5]), evs); err != nil {
+		if evs, err = s.header(s.hdr[0], binary.BigEndian.Uint32(s.hdr[1:5]), evs, max(start, -1)); err != nil {
 			return evs, err
 		}
 	}
 	return evs, nil
 }
 
-func (s *scanner) header(typ byte, length uint32, evs []event) ([]event, error) {
+func (s *scanner) header(typ byte, length uint32, evs []event, off int) ([]event, error) {
 	if length < 4 || length > 0x3fffffff {
 		return evs, fmt.Errorf("invalid message length %d for message type %q", length, typ)
 	}
 	s.skip = int(length) - 4
 	if s.want[typ] {
 		if s.skip == 0 {
-			return append(evs, event{typ: typ}), nil
+			return append(evs, event{typ: typ, off: off}), nil
 		}
 		// The waitB1 branch consumes the first body byte; skip covers the rest.
-		s.waitB1, s.typ = true, typ
+		s.waitB1, s.typ, s.off = true, typ, off
 		s.skip--
 	}
 	return evs, nil

@@ -44,13 +44,22 @@ func scanChunks(want *[256]bool, stream []byte, sizes []int) ([]event, error) {
 			sizes = sizes[1:]
 		}
 		evs, err := sc.scan(stream[:n], nil)
-		all = append(all, evs...)
+		all = append(all, withoutOffsets(evs)...)
 		if err != nil {
 			return all, err
 		}
 		stream = stream[n:]
 	}
 	return all, nil
+}
+
+// withoutOffsets drops where messages start, which depends on the chunking,
+// so that events from different chunkings compare equal.
+func withoutOffsets(evs []event) []event {
+	for i := range evs {
+		evs[i].off = 0
+	}
+	return evs
 }
 
 // scanEach is scanChunks with every chunk n bytes long.
@@ -121,7 +130,7 @@ func serverSession(t testing.TB, big int) []byte {
 	)
 }
 
-var serverSessionEvents = []event{{'Z', 'I'}, {'Z', 'T'}, {'Z', 'T'}, {'Z', 'E'}, {'Z', 'I'}, {'Z', 'I'}}
+var serverSessionEvents = []event{{typ: 'Z', first: 'I'}, {typ: 'Z', first: 'T'}, {typ: 'Z', first: 'T'}, {typ: 'E', first: 'S'}, {typ: 'Z', first: 'E'}, {typ: 'Z', first: 'I'}, {typ: 'Z', first: 'I'}}
 
 // clientSession is a realistic client stream: simple query, an extended-protocol
 // round with its zero-length Sync, big lines of COPY data, a function call and
@@ -144,7 +153,7 @@ func clientSession(t testing.TB, big int) []byte {
 	)
 }
 
-var clientSessionEvents = []event{{'Q', 's'}, {'S', 0}, {'Q', 'c'}, {'F', 0}, {'S', 0}, {'X', 0}}
+var clientSessionEvents = []event{{typ: 'Q', first: 's'}, {typ: 'S', first: 0}, {typ: 'Q', first: 'c'}, {typ: 'F', first: 0}, {typ: 'S', first: 0}, {typ: 'X', first: 0}}
 
 func TestScannerEvents(t *testing.T) {
 	t.Parallel()
@@ -158,17 +167,17 @@ func TestScannerEvents(t *testing.T) {
 		{name: "server session", want: serverEvents, stream: serverSession(t, 70000), events: serverSessionEvents},
 		{name: "client session", want: clientEvents, stream: clientSession(t, 20000), events: clientSessionEvents},
 		{name: "empty", want: serverEvents, stream: nil},
-		{name: "ReadyForQuery idle", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}), events: []event{{'Z', 'I'}}},
-		{name: "ReadyForQuery in transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), events: []event{{'Z', 'T'}}},
-		{name: "ReadyForQuery failed transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'E'}), events: []event{{'Z', 'E'}}},
-		{name: "zero-length Sync", want: clientEvents, stream: []byte{'S', 0, 0, 0, 4}, events: []event{{'S', 0}}},
-		{name: "zero-length Terminate", want: clientEvents, stream: []byte{'X', 0, 0, 0, 4}, events: []event{{'X', 0}}},
-		{name: "several Syncs", want: clientEvents, stream: slices.Repeat([]byte{'S', 0, 0, 0, 4}, 5), events: slices.Repeat([]event{{'S', 0}}, 5)},
-		{name: "unwanted zero-length messages", want: clientEvents, stream: encodeAll(t, &pgproto3.Flush{}, &pgproto3.CopyDone{}, &pgproto3.Sync{}), events: []event{{'S', 0}}},
-		{name: "empty-bodied ReadyForQuery is reported with status 0", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 4}, events: []event{{'Z', 0}}},
+		{name: "ReadyForQuery idle", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}), events: []event{{typ: 'Z', first: 'I'}}},
+		{name: "ReadyForQuery in transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), events: []event{{typ: 'Z', first: 'T'}}},
+		{name: "ReadyForQuery failed transaction", want: serverEvents, stream: encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'E'}), events: []event{{typ: 'Z', first: 'E'}}},
+		{name: "zero-length Sync", want: clientEvents, stream: []byte{'S', 0, 0, 0, 4}, events: []event{{typ: 'S', first: 0}}},
+		{name: "zero-length Terminate", want: clientEvents, stream: []byte{'X', 0, 0, 0, 4}, events: []event{{typ: 'X', first: 0}}},
+		{name: "several Syncs", want: clientEvents, stream: slices.Repeat([]byte{'S', 0, 0, 0, 4}, 5), events: slices.Repeat([]event{{typ: 'S', first: 0}}, 5)},
+		{name: "unwanted zero-length messages", want: clientEvents, stream: encodeAll(t, &pgproto3.Flush{}, &pgproto3.CopyDone{}, &pgproto3.Sync{}), events: []event{{typ: 'S', first: 0}}},
+		{name: "empty-bodied ReadyForQuery is reported with status 0", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 4}, events: []event{{typ: 'Z', first: 0}}},
 		{name: "unfinished header reports nothing", want: serverEvents, stream: []byte{'Z', 0, 0, 0}},
 		{name: "header without its body byte reports nothing", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 5}},
-		{name: "status byte alone is enough", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 9, 'T'}, events: []event{{'Z', 'T'}}},
+		{name: "status byte alone is enough", want: serverEvents, stream: []byte{'Z', 0, 0, 0, 9, 'T'}, events: []event{{typ: 'Z', first: 'T'}}},
 		{name: "length 0", want: clientEvents, stream: rawMsg('Q', 0, nil), err: "invalid message length 0"},
 		{name: "length 3", want: serverEvents, stream: rawMsg('D', 3, nil), err: "invalid message length 3"},
 		{name: "length over 1 GB", want: serverEvents, stream: rawMsg('D', 0x40000000, nil), err: "invalid message length 1073741824"},
@@ -177,7 +186,7 @@ func TestScannerEvents(t *testing.T) {
 			name:   "broken length after good messages keeps their events",
 			want:   serverEvents,
 			stream: append(encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'I'}, &pgproto3.ReadyForQuery{TxStatus: 'T'}), rawMsg('Z', 2, []byte{'I'})...),
-			events: []event{{'Z', 'I'}, {'Z', 'T'}},
+			events: []event{{typ: 'Z', first: 'I'}, {typ: 'Z', first: 'T'}},
 			err:    `invalid message length 2 for message type 'Z'`,
 		},
 	}
@@ -186,7 +195,7 @@ func TestScannerEvents(t *testing.T) {
 			check := func(how string, evs []event, err error) {
 				t.Helper()
 				if !slices.Equal(evs, tc.events) {
-					t.Errorf("%s: events %q, want %q", how, evs, tc.events)
+					t.Errorf("%s: events %v, want %v", how, evs, tc.events)
 				}
 				switch {
 				case tc.err == "" && err != nil:
@@ -244,12 +253,12 @@ func TestScannerEveryBodyLength(t *testing.T) {
 			stream = append(stream, rawMsg('D', uint32(4+n), body)...)
 			status := []byte("ITE")[i]
 			stream = append(stream, rawMsg('Z', 5, []byte{status})...)
-			want = append(want, event{'Z', status})
+			want = append(want, event{typ: 'Z', first: status})
 		}
 		for size := 1; size <= len(stream); size++ {
 			got, err := scanEach(serverEvents, stream, size)
 			if err != nil || !slices.Equal(got, want) {
-				t.Fatalf("body %d, chunks of %d: events %q, %v; want %q", n, size, got, err, want)
+				t.Fatalf("body %d, chunks of %d: events %v, %v; want %v", n, size, got, err, want)
 			}
 		}
 	}
@@ -259,10 +268,10 @@ func TestScannerEveryBodyLength(t *testing.T) {
 func TestScannerAppendsToEvents(t *testing.T) {
 	t.Parallel()
 	sc := &scanner{want: serverEvents}
-	prev := []event{{'Q', 'x'}}
+	prev := []event{{typ: 'Q', first: 'x'}}
 	got, err := sc.scan(encodeAll(t, &pgproto3.ReadyForQuery{TxStatus: 'T'}), prev)
-	if err != nil || !slices.Equal(got, []event{{'Q', 'x'}, {'Z', 'T'}}) {
-		t.Fatalf("got %q, %v", got, err)
+	if err != nil || !slices.Equal(got, []event{{typ: 'Q', first: 'x'}, {typ: 'Z', first: 'T'}}) {
+		t.Fatalf("got %v, %v", got, err)
 	}
 }
 
@@ -286,7 +295,7 @@ func FuzzScanner(f *testing.F) {
 			wholeEvs, wholeErr := scanChunks(want, stream, nil)
 			refEvs, refErr := refScan(want, stream)
 			if !slices.Equal(wholeEvs, refEvs) || errString(wholeErr) != errString(refErr) {
-				t.Fatalf("whole: %q, %v; reference: %q, %v", wholeEvs, wholeErr, refEvs, refErr)
+				t.Fatalf("whole: %v, %v; reference: %v, %v", wholeEvs, wholeErr, refEvs, refErr)
 			}
 			sizes := make([]int, len(chunking))
 			for i, c := range chunking {
@@ -294,12 +303,55 @@ func FuzzScanner(f *testing.F) {
 			}
 			byChunks, chunksErr := scanChunks(want, stream, sizes)
 			if !slices.Equal(byChunks, wholeEvs) || errString(chunksErr) != errString(wholeErr) {
-				t.Fatalf("chunks %v: %q, %v; whole: %q, %v", sizes, byChunks, chunksErr, wholeEvs, wholeErr)
+				t.Fatalf("chunks %v: %v, %v; whole: %v, %v", sizes, byChunks, chunksErr, wholeEvs, wholeErr)
 			}
 			byByte, byteErr := scanEach(want, stream, 1)
 			if !slices.Equal(byByte, wholeEvs) || errString(byteErr) != errString(wholeErr) {
-				t.Fatalf("one byte at a time: %q, %v; whole: %q, %v", byByte, byteErr, wholeEvs, wholeErr)
+				t.Fatalf("one byte at a time: %v, %v; whole: %v, %v", byByte, byteErr, wholeEvs, wholeErr)
 			}
 		}
 	})
+}
+
+// The relay replaces an evicted session's ErrorResponse at its boundary, so the
+// scanner must say where a wanted message starts, or -1 when its header began in
+// an earlier buffer.
+func TestScannerOffsets(t *testing.T) {
+	want := wantTypes('E', 'Z')
+	stream := encodeAll(t,
+		&pgproto3.DataRow{Values: [][]byte{[]byte("abc")}},
+		&pgproto3.ErrorResponse{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})
+	rowLen := len(encodeAll(t, &pgproto3.DataRow{Values: [][]byte{[]byte("abc")}}))
+	errLen := len(stream) - rowLen - 6
+
+	sc := &scanner{want: want}
+	evs, err := sc.scan(stream, nil)
+	if err != nil || len(evs) != 2 || evs[0].typ != 'E' || evs[0].off != rowLen || evs[1].typ != 'Z' || evs[1].off != rowLen+errLen {
+		t.Fatalf("whole buffer: %+v, %v", evs, err)
+	}
+	for split := 1; split < len(stream); split++ {
+		sc := &scanner{want: want}
+		first, _ := sc.scan(stream[:split], nil)
+		second, _ := sc.scan(stream[split:], nil)
+		var got []event
+		inFirst := len(first) > 0 && first[0].typ == 'E'
+		if inFirst {
+			got = first
+		} else {
+			got = second
+		}
+		var wantOff int
+		switch {
+		case split <= rowLen: // the error's header is all in the second buffer
+			wantOff = rowLen - split
+		case split >= rowLen+6: // header and first body byte in the first buffer
+			wantOff = rowLen
+		default: // the header began in the first buffer and ended in the second
+			wantOff = -1
+		}
+		if len(got) == 0 || got[0].typ != 'E' || got[0].off != wantOff || inFirst != (split >= rowLen+6) {
+			t.Errorf("split %d: events %+v then %+v, want E at %d", split, first, second, wantOff)
+		}
+	}
 }

@@ -35,6 +35,9 @@ type Config struct {
 	// to the server with their recovered keys (proxy mode); nil relays the
 	// authentication exchange (passthrough).
 	Auth *ClientAuth
+	// Limits, when not nil, enforces connection limits per role and database.
+	// It needs Auth: only a client that proved who it is may count or evict.
+	Limits *Limits
 	// StartupTimeout bounds startup and authentication of a client.
 	StartupTimeout time.Duration
 	// Logger receives one line per login, session end and failure. nil: slog.Default().

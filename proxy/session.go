@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -73,12 +74,23 @@ type session struct {
 	backendKey []byte
 	cancelKey  cancelKey // the key rolegate gave the client
 
+	// evictMsg, once set, replaces the server's 57P01 message to the client:
+	// the session is being evicted and the client is told why.
+	evictMsg atomic.Pointer[string]
+	// serverGone is closed when the relay has stopped reading from the server,
+	// which for an evicted session means its backend has left and its slot is free.
+	serverGone     chan struct{}
+	serverGoneOnce sync.Once
+
 	state        atomic.Int32
 	pending      atomic.Int64 // queries and syncs sent that await ReadyForQuery
 	lastActivity atomic.Int64 // unix nanoseconds
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 }
+
+// markServerGone closes serverGone once.
+func (s *session) markServerGone() { s.serverGoneOnce.Do(func() { close(s.serverGone) }) }
 
 func (s *session) setState(st State) { s.state.Store(int32(st)) }
 

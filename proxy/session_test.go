@@ -31,36 +31,36 @@ func TestSessionStateFromEvents(t *testing.T) {
 		steps []step
 	}{
 		{"a simple query", []step{
-			{true, []event{{'Q', 's'}}, 14, StateActive},
+			{true, []event{{typ: 'Q', first: 's'}}, 14, StateActive},
 			{false, nil, 100, StateActive}, // rows, no ReadyForQuery yet
-			{false, []event{{'Z', 'I'}}, 6, StateIdle},
+			{false, []event{{typ: 'Z', first: 'I'}}, 6, StateIdle},
 		}},
 		{"a transaction and its failure", []step{
-			{true, []event{{'Q', 'b'}}, 11, StateActive},
-			{false, []event{{'Z', 'T'}}, 20, StateIdleInTransaction},
-			{true, []event{{'S', 0}}, 40, StateActive},
-			{false, []event{{'Z', 'E'}}, 90, StateIdleInFailedTransaction},
-			{true, []event{{'Q', 'r'}}, 14, StateActive},
-			{false, []event{{'Z', 'I'}}, 20, StateIdle},
+			{true, []event{{typ: 'Q', first: 'b'}}, 11, StateActive},
+			{false, []event{{typ: 'Z', first: 'T'}}, 20, StateIdleInTransaction},
+			{true, []event{{typ: 'S', first: 0}}, 40, StateActive},
+			{false, []event{{typ: 'Z', first: 'E'}}, 90, StateIdleInFailedTransaction},
+			{true, []event{{typ: 'Q', first: 'r'}}, 14, StateActive},
+			{false, []event{{typ: 'Z', first: 'I'}}, 20, StateIdle},
 		}},
 		{"a pipeline stays active until its last ReadyForQuery", []step{
-			{true, []event{{'S', 0}, {'S', 0}, {'Q', 'c'}}, 80, StateActive},
-			{false, []event{{'Z', 'T'}}, 30, StateActive},
-			{false, []event{{'Z', 'E'}}, 30, StateActive},
-			{false, []event{{'Z', 'I'}}, 30, StateIdle},
+			{true, []event{{typ: 'S', first: 0}, {typ: 'S', first: 0}, {typ: 'Q', first: 'c'}}, 80, StateActive},
+			{false, []event{{typ: 'Z', first: 'T'}}, 30, StateActive},
+			{false, []event{{typ: 'Z', first: 'E'}}, 30, StateActive},
+			{false, []event{{typ: 'Z', first: 'I'}}, 30, StateIdle},
 		}},
 		{"several ReadyForQuery in one buffer", []step{
-			{true, []event{{'S', 0}}, 5, StateActive},
-			{true, []event{{'S', 0}, {'F', 0}}, 30, StateActive},
-			{false, []event{{'Z', 'I'}, {'Z', 'T'}, {'Z', 'E'}}, 18, StateIdleInFailedTransaction},
+			{true, []event{{typ: 'S', first: 0}}, 5, StateActive},
+			{true, []event{{typ: 'S', first: 0}, {typ: 'F', first: 0}}, 30, StateActive},
+			{false, []event{{typ: 'Z', first: 'I'}, {typ: 'Z', first: 'T'}, {typ: 'Z', first: 'E'}}, 18, StateIdleInFailedTransaction},
 		}},
 		{"an unasked-for ReadyForQuery", []step{
-			{false, []event{{'Z', 'T'}}, 6, StateIdleInTransaction},
-			{true, []event{{'Q', 's'}}, 14, StateActive},
-			{false, []event{{'Z', 'I'}}, 6, StateIdle},
+			{false, []event{{typ: 'Z', first: 'T'}}, 6, StateIdleInTransaction},
+			{true, []event{{typ: 'Q', first: 's'}}, 14, StateActive},
+			{false, []event{{typ: 'Z', first: 'I'}}, 6, StateIdle},
 		}},
 		{"Terminate", []step{
-			{true, []event{{'X', 0}}, 5, StateClosing},
+			{true, []event{{typ: 'X', first: 0}}, 5, StateClosing},
 		}},
 	}
 	for _, tc := range cases {

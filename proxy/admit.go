@@ -1,0 +1,264 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rolegate/rolegate/internal/wire"
+	"github.com/rolegate/rolegate/limiter"
+)
+
+// ServerView is what admission needs from the server, through rolegate's control
+// connection (upstream.Control implements it).
+type ServerView interface {
+	// Census lists the client backends holding slots of role or database.
+	Census(ctx context.Context, role, database string) ([]limiter.Holder, error)
+	// ServerLimits returns rolconnlimit, rolsuper and datconnlimit, cached for ttl.
+	ServerLimits(ctx context.Context, role, database string, ttl time.Duration) (roleLimit int, superuser bool, dbLimit int, err error)
+	// Terminate runs pg_terminate_backend(pid, timeout).
+	Terminate(ctx context.Context, pid uint32, timeout time.Duration) (bool, error)
+}
+
+// Rules gives the limits proxy.toml sets for a role and a database
+// (config.Config implements it); a reload swaps in a new one.
+type Rules interface {
+	RoleRule(role string) limiter.Rule
+	DatabaseRule(database string) limiter.Rule
+}
+
+// Limits turns on connection limits (proxy authentication mode only: the
+// client must have proved who it is before rolegate counts or evicts for it).
+type Limits struct {
+	Limiter *limiter.Limiter
+	Server  ServerView
+	// ServerLimits honours rolconnlimit and datconnlimit too; the smaller wins.
+	ServerLimits bool
+	// LimitsTTL is how long the server's limits are cached.
+	LimitsTTL time.Duration
+
+	rules atomic.Pointer[rulesBox]
+}
+
+type rulesBox struct{ Rules }
+
+// SetRules installs the rules new logins use; sessions already in are not touched.
+func (l *Limits) SetRules(r Rules) { l.rules.Store(&rulesBox{r}) }
+
+// Timings of admission. A victim rolegate holds frees its slot when its server
+// socket closes, usually within tens of milliseconds of the signal; one opened
+// elsewhere is awaited by pg_terminate_backend's own timeout form.
+const (
+	victimGoneTimeout = 5 * time.Second
+	waitPoll          = 250 * time.Millisecond
+	serverRetries     = 3
+)
+
+// admission is one login's pass through the limiter.
+type admission struct {
+	s      *Server
+	lim    *Limits
+	sess   *session
+	log    *slog.Logger
+	login  limiter.Login
+	role   limiter.Rule
+	db     limiter.Rule
+	unlock func()
+}
+
+// tooManyError is a login refused at a limit; the client has been told.
+type tooManyError struct{ msg string }
+
+func (e *tooManyError) Error() string { return e.msg }
+
+// admit decides whether sess may log in, evicting or waiting as the role's
+// policy says. On success it returns holding the role's admission lock: the
+// caller logs in to the server and then calls done, so that the next login of
+// the role sees this session in its census.
+func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, log *slog.Logger) (done func(), err error) {
+	lim := s.cfg.Limits
+	if lim == nil || sess.replication {
+		return func() {}, nil
+	}
+	a := &admission{s: s, lim: lim, sess: sess, log: log,
+		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
+	if err := a.rules(ctx); err != nil {
+		return nil, err
+	}
+	if a.login.Superuser || !a.role.Limited() && !a.db.Limited() {
+		return func() {}, nil // no limit anywhere costs nothing more
+	}
+	started := time.Now()
+	defer func() { a.login.Ticket.Leave() }()
+	for {
+		if a.unlock, err = lim.Limiter.Lock(ctx, sess.user); err != nil {
+			return nil, err
+		}
+		d, err := a.decide(ctx)
+		if err != nil {
+			a.unlock()
+			return nil, err
+		}
+		switch d.Kind {
+		case limiter.Admit:
+			if waited := time.Since(started); waited > waitPoll {
+				log.Info("admitted after waiting", "waited", waited.Round(time.Millisecond))
+			}
+			return a.unlock, nil
+		case limiter.Reject:
+			a.unlock()
+			return nil, a.reject(client, d)
+		}
+		a.unlock() // Wait: let other logins of the role through while this one waits
+		if d.Ticket != nil && time.Since(started) < waitPoll {
+			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
+		}
+		if err := a.wait(ctx, d); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// rules resolves the effective rules of the login's role and database.
+func (a *admission) rules(ctx context.Context) error {
+	box := a.lim.rules.Load()
+	a.role, a.db = limiter.NoLimit(), limiter.NoLimit()
+	if box != nil {
+		a.role, a.db = box.RoleRule(a.sess.user), box.DatabaseRule(a.sess.database)
+	}
+	if !a.lim.ServerLimits && !a.role.Limited() && !a.db.Limited() {
+		return nil
+	}
+	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(ctx, a.sess.user, a.sess.database, a.lim.LimitsTTL)
+	if err != nil {
+		return fmt.Errorf("read limits of role %q: %w", a.sess.user, err)
+	}
+	a.login.Superuser = super
+	if a.lim.ServerLimits {
+		a.role.MaxSessions = limiter.Effective(a.role.MaxSessions, roleLimit)
+		a.db.MaxSessions = limiter.Effective(a.db.MaxSessions, dbLimit)
+	}
+	return nil
+}
+
+// decide takes the census and asks the limiter until the answer is not Evict,
+// carrying out each eviction.
+func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
+	for {
+		holders, err := a.lim.Server.Census(ctx, a.sess.user, a.sess.database)
+		if err != nil {
+			return limiter.Decision{}, fmt.Errorf("census of role %q: %w", a.sess.user, err)
+		}
+		a.s.markOwn(holders)
+		d := a.lim.Limiter.Decide(a.login, a.role, a.db, holders)
+		a.login.Ticket = d.Ticket
+		if d.Kind != limiter.Evict {
+			return d, nil
+		}
+		for _, v := range d.Victims {
+			if a.evict(ctx, v, d) {
+				a.lim.Limiter.Evicted(v.PID)
+			} else {
+				a.lim.Limiter.EvictFailed(v.PID)
+			}
+		}
+	}
+}
+
+// evict terminates one victim and returns once its slot is free.
+func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decision) bool {
+	why := fmt.Sprintf("terminating connection: rolegate evicted this session for a newer login of role %q (policy %s)",
+		a.sess.user, d.Policy)
+	if d.Scope == limiter.ScopeDatabase {
+		why = fmt.Sprintf("terminating connection: rolegate evicted this session for a newer login to database %q (policy %s)",
+			a.sess.database, d.Policy)
+	}
+	attrs := []any{"victim_pid", v.PID, "victim_role", v.Role, "victim_database", v.Database,
+		"victim_state", v.State, "victim_age", time.Since(v.BackendStart).Round(time.Millisecond),
+		"via_rolegate", v.ViaRolegate, "policy", d.Policy.String(), "scope", d.Scope.String(), "reason", d.Reason}
+	held := a.s.registry.byBackendPID(v.PID)
+	if held != nil {
+		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
+		held.evictMsg.Store(&why)
+		if ok, err := a.lim.Server.Terminate(ctx, v.PID, 0); err != nil || !ok {
+			a.log.Warn("eviction failed", append(attrs, "err", err)...)
+			return false
+		}
+		// The server closes the socket only once the backend has left, so its
+		// close is the moment the slot is free.
+		select {
+		case <-held.serverGone:
+		case <-time.After(victimGoneTimeout):
+			a.log.Warn("evicted session did not end in time", attrs...)
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	} else if ok, err := a.lim.Server.Terminate(ctx, v.PID, victimGoneTimeout); err != nil || !ok {
+		a.log.Warn("eviction failed", append(attrs, "err", err)...)
+		return false
+	}
+	a.log.Info("evicted", attrs...)
+	return true
+}
+
+// wait blocks until the login's turn may have come: a slot freed, the poll
+// interval passed (sessions elsewhere end without telling rolegate), or the
+// wait timed out (the next Decide then rejects unless a slot freed).
+func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
+	t := d.Ticket
+	if t == nil {
+		// Waiting for victims of this login to be reported; poll again soon.
+		t := time.NewTimer(waitPoll)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return nil
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	delay := min(waitPoll, max(time.Until(t.Deadline()), 0))
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	select {
+	case <-t.Ready():
+	case <-timer.C:
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+	return nil
+}
+
+// reject answers as PostgreSQL does: AuthenticationOk, then the FATAL 53300,
+// in one write, without a server connection ever being opened.
+func (a *admission) reject(client net.Conn, d limiter.Decision) error {
+	msg := fmt.Sprintf("too many connections for role %q", a.sess.user)
+	if d.Scope == limiter.ScopeDatabase {
+		msg = fmt.Sprintf("too many connections for database %q", a.sess.database)
+	}
+	out := wire.Encode(nil, &pgproto3.AuthenticationOk{})
+	out = wire.Encode(out, wire.Error("FATAL", "53300", msg))
+	_, _ = client.Write(out)
+	a.log.Info("rejected", "sqlstate", "53300", "scope", d.Scope.String(), "limit", d.Limit,
+		"sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
+	return &tooManyError{msg: msg}
+}
+
+// errServerFull is the server's own 53300 during a login rolegate admitted: a
+// session raced in from elsewhere, and admission runs again.
+var errServerFull = errors.New("server at its connection limit")
+
+// markOwn flags the census rows that are sessions rolegate holds.
+func (s *Server) markOwn(holders []limiter.Holder) {
+	own := s.registry.backendPIDs()
+	for i := range holders {
+		holders[i].ViaRolegate = own[holders[i].PID]
+	}
+}
