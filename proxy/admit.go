@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -81,7 +83,7 @@ func (e *tooManyError) Error() string { return e.msg }
 // policy says. On success it returns holding the role's admission lock: the
 // caller logs in to the server and then calls done, so that the next login of
 // the role sees this session in its census.
-func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, log *slog.Logger) (done func(), err error) {
+func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger) (done func(), err error) {
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
 		return func() {}, nil
@@ -95,6 +97,7 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, log 
 		return func() {}, nil // no limit anywhere costs nothing more
 	}
 	started := time.Now()
+	waiting := false
 	defer func() { a.login.Ticket.Leave() }()
 	for {
 		if a.unlock, err = lim.Limiter.Lock(ctx, sess.user); err != nil {
@@ -107,8 +110,8 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, log 
 		}
 		switch d.Kind {
 		case limiter.Admit:
-			if waited := time.Since(started); waited > waitPoll {
-				log.Info("admitted after waiting", "waited", waited.Round(time.Millisecond))
+			if waiting {
+				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
 			return a.unlock, nil
 		case limiter.Reject:
@@ -116,10 +119,14 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, log 
 			return nil, a.reject(client, d)
 		}
 		a.unlock() // Wait: let other logins of the role through while this one waits
-		if d.Ticket != nil && time.Since(started) < waitPoll {
+		if d.Ticket != nil && !waiting {
+			waiting = true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
 		}
-		if err := a.wait(ctx, d); err != nil {
+		if err := a.wait(ctx, d, client, cr); err != nil {
+			if waiting {
+				log.Info("left the wait queue", "waited", time.Since(started).Round(time.Millisecond), "why", err.Error())
+			}
 			return nil, err
 		}
 	}
@@ -210,30 +217,56 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 
 // wait blocks until the login's turn may have come: a slot freed, the poll
 // interval passed (sessions elsewhere end without telling rolegate), or the
-// wait timed out (the next Decide then rejects unless a slot freed).
-func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
-	t := d.Ticket
-	if t == nil {
-		// Waiting for victims of this login to be reported; poll again soon.
-		t := time.NewTimer(waitPoll)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			return nil
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		}
+// wait timed out (the next Decide then rejects unless a slot freed). A client
+// that hangs up while it waits leaves at once: rolegate watches its socket.
+func (a *admission) wait(ctx context.Context, d limiter.Decision, client net.Conn, cr *bufio.Reader) error {
+	delay := waitPoll
+	var ready <-chan struct{}
+	if t := d.Ticket; t != nil {
+		delay = min(waitPoll, max(time.Until(t.Deadline()), time.Millisecond))
+		ready = t.Ready()
 	}
-	delay := min(waitPoll, max(time.Until(t.Deadline()), 0))
 	timer := time.NewTimer(delay)
 	defer timer.Stop()
+	left := watchHangUp(client, cr)
+	defer left.stop()
 	select {
-	case <-t.Ready():
+	case <-ready:
 	case <-timer.C:
+	case <-left.gone:
+		return errClientClosed
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	}
 	return nil
+}
+
+// hangUpWatch reads ahead on a client that should be silent (it waits for
+// AuthenticationOk), to notice when it goes away. A byte it reads stays in the
+// buffered reader for whoever reads next.
+type hangUpWatch struct {
+	conn     net.Conn
+	gone     chan struct{} // closed when the client hung up
+	finished chan struct{}
+}
+
+func watchHangUp(conn net.Conn, cr *bufio.Reader) *hangUpWatch {
+	w := &hangUpWatch{conn: conn, gone: make(chan struct{}), finished: make(chan struct{})}
+	_ = conn.SetReadDeadline(time.Time{})
+	go func() {
+		defer close(w.finished)
+		if _, err := cr.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			close(w.gone)
+		}
+	}()
+	return w
+}
+
+// stop ends the watch: a read deadline in the past wakes the blocked read.
+func (w *hangUpWatch) stop() {
+	_ = w.conn.SetReadDeadline(time.Now())
+	<-w.finished
+	_ = w.conn.SetReadDeadline(time.Time{})
 }
 
 // reject answers as PostgreSQL does: AuthenticationOk, then the FATAL 53300,

@@ -321,7 +321,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return nil, err
 	}
 	for attempt := 1; ; attempt++ {
-		done, err := s.admit(ctx, sess, client, log)
+		done, err := s.admit(ctx, sess, client, cr, log)
 		if err != nil {
 			return nil, err
 		}

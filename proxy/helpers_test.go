@@ -103,6 +103,7 @@ type proxyOpts struct {
 	clientTLS      *tls.Config
 	startupTimeout time.Duration // default: 10 s
 	auth           *ClientAuth   // nil: passthrough
+	limits         *Limits       // nil: no limits
 }
 
 // testProxy is a proxy Server serving on a loopback port.
@@ -140,6 +141,7 @@ func startProxy(t testing.TB, o proxyOpts) *testProxy {
 		Upstream:       d,
 		TLS:            o.clientTLS,
 		Auth:           o.auth,
+		Limits:         o.limits,
 		StartupTimeout: o.startupTimeout,
 		Logger:         slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
