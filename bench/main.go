@@ -1,16 +1,19 @@
 // Command bench compares, in one run on one machine, a direct connection to
-// PostgreSQL, rolegate, and PgBouncer in session mode. It is run by hand
-// (bench/run.sh, `make bench`), never in CI, and asserts nothing: it prints
-// medians, ratios and every individual run.
+// PostgreSQL, rolegate in proxy mode, and PgBouncer in session mode. It is
+// run by hand (bench/run.sh, `make bench`), never in CI, and asserts
+// nothing: it prints medians, ratios and every individual run.
 //
-//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500]
+//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
-// the role bench and loads `pgbench -i -s 10` as that role, starts rolegate
-// and PgBouncer (installing PgBouncer first when it is missing and we are
-// root) in front of it, and then runs, interleaved over the targets in every
-// round, pgbench select-only with -M simple and -M extended and a bulk
-// COPY ... TO STDOUT read by psql into /dev/null. Everything it started is
+// the role bench and loads `pgbench -i -s 10` as that role, sets up
+// rolegate's control role (sql/setup.sql) and PgBouncer's auth_user, starts
+// rolegate (also a second time with GOMAXPROCS=1) and PgBouncer (installing
+// it first when it is missing and we are root) in front of it, times
+// sequential logins through each, and then runs, interleaved over the
+// targets in every round, pgbench select-only with -M simple and -M
+// extended, a bulk COPY ... TO STDOUT read by psql into /dev/null, and
+// pgbench -C (a new SCRAM login per transaction). Everything it started is
 // stopped and removed on exit, also on Ctrl-C.
 package main
 
@@ -70,6 +73,15 @@ type options struct {
 	noPgBouncer bool
 	quietWait   time.Duration
 	repeats     int
+	// connectClients is pgbench -c for the connect-rate row.
+	connectClients int
+	// logins is how many logins the login-latency test times per target.
+	logins int
+	// gomaxprocs1 adds the target rolegate-gmp1: rolegate with GOMAXPROCS=1.
+	gomaxprocs1 bool
+	// setupSQL is the control role's set-up script; empty looks for
+	// sql/setup.sql in the repository.
+	setupSQL string
 }
 
 func main() {
@@ -85,6 +97,10 @@ func main() {
 	flag.BoolVar(&o.noPgBouncer, "no-pgbouncer", false, "leave PgBouncer out")
 	flag.DurationVar(&o.quietWait, "quiet-wait", 2*time.Minute, "before each run, wait up to this long for other work on the machine to stop (0: do not wait)")
 	flag.IntVar(&o.repeats, "repeats", 2, "run a test again, up to this many times, when other work used the CPU during it")
+	flag.IntVar(&o.connectClients, "connect-clients", 8, "pgbench -c for the connect-rate row (pgbench -C)")
+	flag.IntVar(&o.logins, "logins", 500, "sequential logins timed per target for the login latency (0 skips it)")
+	flag.StringVar(&o.setupSQL, "setup-sql", "", "rolegate's control-role script; empty: sql/setup.sql of the repository, and without one the superuser")
+	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments: %v\n", flag.Args())
@@ -109,6 +125,10 @@ func (o options) validate() error {
 		return errors.New("-copy-mb must be at least 1")
 	case o.clients < 1 || o.jobs < 1 || o.clients%o.jobs != 0:
 		return fmt.Errorf("-clients %d -jobs %d: pgbench needs clients to be a multiple of jobs", o.clients, o.jobs)
+	case o.connectClients < 1 || o.connectClients%o.jobs != 0:
+		return fmt.Errorf("-connect-clients %d -jobs %d: pgbench needs clients to be a multiple of jobs", o.connectClients, o.jobs)
+	case o.logins < 0:
+		return errors.New("-logins must be 0 or more")
 	case o.scale < 1:
 		return errors.New("-scale must be at least 1")
 	case o.repeats < 0:
@@ -196,10 +216,15 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 
 	password := randomHex(12)
 	env := clientEnv(password)
-	verifier, serverVersion, err := setUpRole(ctx, cluster, password)
+	serverVersion, err := setUpRole(ctx, cluster, password)
 	if err != nil {
 		return err
 	}
+	ctl, err := setUpControl(ctx, cluster, o.setupSQL)
+	if err != nil {
+		return err
+	}
+	logf("rolegate control: %s", ctl.describe)
 	logf("pgbench -i -s %d as %s", o.scale, benchRole)
 	if _, _, err := runTool(ctx, env, "pgbench", "-i", "-q", "-s", strconv.Itoa(o.scale),
 		"-h", cluster.Host, "-p", strconv.Itoa(cluster.Port), "-U", benchRole, benchRole); err != nil {
@@ -209,16 +234,28 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	targets := []*target{{name: "direct", host: cluster.Host, port: cluster.Port}}
 	var daemons []*daemon
 
-	rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr())
-	if err != nil {
-		return err
+	instances := []rolegateInstance{{name: "rolegate"}}
+	if o.gomaxprocs1 {
+		instances = append(instances, rolegateInstance{name: gmp1Target, gomaxprocs: 1})
 	}
-	defer rg.stop(syscall.SIGINT) // SIGINT: close at once; nothing is left to drain
-	targets = append(targets, rg.target)
-	daemons = append(daemons, rg)
+	for _, inst := range instances {
+		rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr(), ctl, inst)
+		if err != nil {
+			return err
+		}
+		defer rg.stop(syscall.SIGINT) // SIGINT: close at once; nothing is left to drain
+		rg.extra = inst.name == gmp1Target
+		targets = append(targets, rg.target)
+		daemons = append(daemons, rg)
+	}
 
+	var pbAuth pgbouncerAuth
 	if bouncerBin != "" {
-		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, verifier)
+		if pbAuth, err = setUpPgBouncerAuth(ctx, cluster); err != nil {
+			return err
+		}
+		logf("PgBouncer auth: %s", pbAuth.describe)
+		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth)
 		if err != nil {
 			return err
 		}
@@ -229,6 +266,8 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 
 	m := machineInfo(ctx, rolegateBin, bouncerBin, serverVersion)
 	m.pgbouncerNote = bouncerNote
+	m.control = ctl.describe
+	m.pgbouncerAuth = pbAuth.describe
 	r := &report{opts: o, machine: m, targets: targets, copy: newCopySpec(o.copyMB), started: began}
 
 	// Other work on the machine skews every number; look before starting.
@@ -249,6 +288,9 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 
 	if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
+		return err
+	}
+	if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
 		return err
 	}
 	if err := measure(ctx, o, env, targets, meter, r); err != nil {
@@ -273,12 +315,10 @@ func rolegateBinary(ctx context.Context, path, dir string) (string, error) {
 		}
 		return abs, nil
 	}
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	gomod := strings.TrimSpace(string(out))
-	if err != nil || gomod == "" || gomod == os.DevNull {
-		return "", fmt.Errorf("finding the module to build rolegate from (go env GOMOD: %q, %v); run from the repository or pass -rolegate", gomod, err)
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", fmt.Errorf("finding the module to build rolegate from (%v); run from the repository or pass -rolegate", err)
 	}
-	root := filepath.Dir(gomod)
 	// The version stamp says in the report what was measured, as `make
 	// build` does.
 	version := "dev"
@@ -297,12 +337,23 @@ func rolegateBinary(ctx context.Context, path, dir string) (string, error) {
 	return bin, nil
 }
 
-// setUpRole creates the role and database bench and returns the role's SCRAM
-// verifier (for PgBouncer's auth_file) and the server version.
-func setUpRole(ctx context.Context, c *pgtest.Cluster, password string) (verifier, version string, err error) {
+// moduleRoot is the directory of the go.mod of the module we run in: the
+// repository.
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	gomod := strings.TrimSpace(string(out))
+	if err != nil || gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("go env GOMOD: %q, %v", gomod, err)
+	}
+	return filepath.Dir(gomod), nil
+}
+
+// setUpRole creates the role and database bench and returns the server
+// version.
+func setUpRole(ctx context.Context, c *pgtest.Cluster, password string) (version string, err error) {
 	conn, err := pgx.Connect(ctx, c.SuperDSN())
 	if err != nil {
-		return "", "", fmt.Errorf("connect as superuser: %w", err)
+		return "", fmt.Errorf("connect as superuser: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	// CREATE DATABASE cannot run inside the implicit transaction of a
@@ -312,19 +363,95 @@ func setUpRole(ctx context.Context, c *pgtest.Cluster, password string) (verifie
 		fmt.Sprintf("create database %s owner %s", benchRole, benchRole),
 	} {
 		if _, err := conn.Exec(ctx, sql); err != nil {
-			return "", "", fmt.Errorf("setting up role %s: %w", benchRole, err)
+			return "", fmt.Errorf("setting up role %s: %w", benchRole, err)
 		}
 	}
+	var verifier string
 	if err := conn.QueryRow(ctx, "select rolpassword from pg_authid where rolname = $1", benchRole).Scan(&verifier); err != nil {
-		return "", "", fmt.Errorf("reading the SCRAM verifier of %s: %w", benchRole, err)
+		return "", fmt.Errorf("reading the SCRAM verifier of %s: %w", benchRole, err)
 	}
 	if !strings.HasPrefix(verifier, "SCRAM-SHA-256$") {
-		return "", "", fmt.Errorf("role %s has no SCRAM verifier (password_encryption is not scram-sha-256?)", benchRole)
+		return "", fmt.Errorf("role %s has no SCRAM verifier (password_encryption is not scram-sha-256?)", benchRole)
 	}
 	if err := conn.QueryRow(ctx, "show server_version").Scan(&version); err != nil {
-		return "", "", fmt.Errorf("reading the server version: %w", err)
+		return "", fmt.Errorf("reading the server version: %w", err)
 	}
-	return verifier, version, nil
+	return version, nil
+}
+
+// controlRole is the least-privilege control role sql/setup.sql creates.
+const controlRole = "rolegate"
+
+// setUpControl prepares rolegate's control connection: with setupSQL (or,
+// when it is empty, sql/setup.sql in the repository), the least-privilege
+// role rolegate (which the script creates; we give it a random password)
+// and its auth query; without one, the superuser and rolegate's default
+// auth query on pg_authid.
+func setUpControl(ctx context.Context, c *pgtest.Cluster, setupSQL string) (controlSetup, error) {
+	if setupSQL != "" {
+		if _, err := os.Stat(setupSQL); err != nil {
+			return controlSetup{}, fmt.Errorf("-setup-sql: %w", err)
+		}
+	} else if root, err := moduleRoot(ctx); err == nil {
+		if _, err := os.Stat(filepath.Join(root, "sql", "setup.sql")); err == nil {
+			setupSQL = filepath.Join(root, "sql", "setup.sql")
+		}
+	}
+	if setupSQL == "" {
+		return controlSetup{
+			dsn:       controlDSN(c, c.SuperUser),
+			password:  c.SuperPassword,
+			authQuery: "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1",
+			describe: fmt.Sprintf("superuser %s (no sql/setup.sql found), auth_query on pg_authid, cache_ttl %s",
+				c.SuperUser, rolegateCacheTTL),
+		}, nil
+	}
+	logf("psql -f %s as %s", setupSQL, c.SuperUser)
+	superEnv := clientEnv(c.SuperPassword)
+	if _, _, err := runTool(ctx, superEnv, "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+		"-h", c.Host, "-p", strconv.Itoa(c.Port), "-U", c.SuperUser, "-d", "postgres", "-f", setupSQL); err != nil {
+		return controlSetup{}, fmt.Errorf("running sql/setup.sql: %w", err)
+	}
+	password := randomHex(12)
+	if err := c.Exec(ctx, fmt.Sprintf("alter role %s password '%s'", controlRole, password)); err != nil {
+		return controlSetup{}, fmt.Errorf("setting the password of the control role: %w", err)
+	}
+	return controlSetup{
+		dsn:       controlDSN(c, controlRole),
+		password:  password,
+		authQuery: "SELECT rolegate.get_secret($1)",
+		describe: fmt.Sprintf("role %s from sql/setup.sql (not a superuser), auth_query SELECT rolegate.get_secret($1), cache_ttl %s",
+			controlRole, rolegateCacheTTL),
+	}, nil
+}
+
+// controlDSN names role on database postgres, without a password.
+func controlDSN(c *pgtest.Cluster, role string) string {
+	return fmt.Sprintf("postgres://%s@%s/postgres?sslmode=disable", role, c.Addr())
+}
+
+// pgbouncerAuthUser is PgBouncer's auth_user. Its auth_query reads
+// pg_shadow, which only a superuser may.
+const pgbouncerAuthUser = "pgbouncer_auth"
+
+// setUpPgBouncerAuth creates PgBouncer's auth_user. PgBouncer 1.18 logs in
+// to the server as auth_user itself, without a client whose SCRAM keys it
+// could pass on, so a SCRAM verifier in the auth_file cannot log it in
+// ("cannot do SCRAM authentication: password is SCRAM secret but client
+// authentication did not provide SCRAM keys"): its auth_file entry is its
+// plain-text password, in a file only PgBouncer's user can read.
+func setUpPgBouncerAuth(ctx context.Context, c *pgtest.Cluster) (pgbouncerAuth, error) {
+	password := randomHex(12)
+	if err := c.Exec(ctx, fmt.Sprintf("create role %s login superuser password '%s'", pgbouncerAuthUser, password)); err != nil {
+		return pgbouncerAuth{}, fmt.Errorf("creating PgBouncer's auth_user: %w", err)
+	}
+	return pgbouncerAuth{
+		user:       pgbouncerAuthUser,
+		fileSecret: password,
+		describe: fmt.Sprintf("auth_type scram-sha-256, auth_user %s (superuser, for pg_shadow) with auth_query %q; "+
+			"the auth_file holds only %s's plain-text password (PgBouncer 1.18 cannot log auth_user in to a SCRAM server with a verifier)",
+			pgbouncerAuthUser, pgbouncerAuthQuery, pgbouncerAuthUser),
+	}, nil
 }
 
 // clientEnv is the environment for pgbench and psql: ours without PG*
@@ -412,28 +539,52 @@ func runCopy(ctx context.Context, env []string, t *target, spec copySpec, out io
 	return took, cpuTime(cmd), nil
 }
 
-// tpsLine is pgbench's result line (PostgreSQL 14 and later).
-var tpsLine = regexp.MustCompile(`(?m)^tps = ([0-9.]+) \(without initial connection time\)`)
+// tpsLine is pgbench's result line (PostgreSQL 14 and later): "without
+// initial connection time" for persistent sessions, "including reconnection
+// times" with -C.
+var tpsLine = regexp.MustCompile(`(?m)^tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)`)
 
-// runPgbench runs pgbench select-only against t and returns its TPS and
-// pgbench's CPU time.
-func runPgbench(ctx context.Context, o options, env []string, t *target, mode string, d time.Duration) (tps float64, cpu time.Duration, err error) {
-	out, cpu, err := runTool(ctx, env, "pgbench", "-n", "-S",
-		"-c", strconv.Itoa(o.clients), "-j", strconv.Itoa(o.jobs),
-		"-T", strconv.Itoa(int(d/time.Second)), "-M", mode,
+// pgbenchArgs are pgbench's arguments for row k (simple, extended or
+// connect) against t for d.
+func pgbenchArgs(o options, t *target, k testKind, d time.Duration) []string {
+	args := []string{"-n", "-S"}
+	clients := o.clients
+	if k == connect {
+		// A new connection, and so a new SCRAM login, per transaction.
+		args = append(args, "-C")
+		clients = o.connectClients
+	}
+	return append(args,
+		"-c", strconv.Itoa(clients), "-j", strconv.Itoa(o.jobs),
+		"-T", strconv.Itoa(int(d/time.Second)), "-M", k.mode(),
 		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", benchRole, benchRole)
+}
+
+// runPgbench runs pgbench select-only for row k against t and returns its
+// TPS and pgbench's CPU time.
+func runPgbench(ctx context.Context, o options, env []string, t *target, k testKind, d time.Duration) (tps float64, cpu time.Duration, err error) {
+	out, cpu, err := runTool(ctx, env, "pgbench", pgbenchArgs(o, t, k, d)...)
 	if err != nil {
-		return 0, 0, fmt.Errorf("pgbench -M %s via %s: %w", mode, t.name, err)
+		return 0, 0, fmt.Errorf("pgbench %s via %s: %w", k.label(), t.name, err)
 	}
 	m := tpsLine.FindStringSubmatch(out)
 	if m == nil {
-		return 0, 0, fmt.Errorf("pgbench -M %s via %s: no tps line in its output:\n%s", mode, t.name, tail(out, 15))
+		return 0, 0, fmt.Errorf("pgbench %s via %s: no tps line in its output:\n%s", k.label(), t.name, tail(out, 15))
 	}
 	tps, err = strconv.ParseFloat(m[1], 64)
 	if err != nil {
-		return 0, 0, fmt.Errorf("pgbench -M %s via %s: tps %q: %w", mode, t.name, m[1], err)
+		return 0, 0, fmt.Errorf("pgbench %s via %s: tps %q: %w", k.label(), t.name, m[1], err)
 	}
 	return tps, cpu, nil
+}
+
+// logTail is the end of t's log, for an error message; empty for the
+// direct target.
+func logTail(t *target) string {
+	if t.logFile == "" {
+		return ""
+	}
+	return fmt.Sprintf("\n%s's log ends:\n%s", t.name, tail(readFile(t.logFile), 10))
 }
 
 // countingWriter counts and discards what is written to it.
@@ -445,20 +596,24 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 }
 
 // warmUp runs each target once, unrecorded: a short pgbench (caches, the
-// proxies' first sessions) and one COPY whose bytes are counted, which proves
-// that every target delivers the whole output before anything is timed.
+// proxies' first sessions and the verifier cache) and, for the targets in
+// the COPY row, one COPY whose bytes are counted, which proves that every
+// target delivers the whole output before anything is timed.
 func warmUp(ctx context.Context, o options, env []string, targets []*target, spec copySpec) error {
 	for _, t := range targets {
 		if o.warmup > 0 {
 			logf("warm-up via %s: pgbench %v", t.name, o.warmup)
-			if _, _, err := runPgbench(ctx, o, env, t, "simple", o.warmup); err != nil {
-				return fmt.Errorf("warm-up: %w", err)
+			if _, _, err := runPgbench(ctx, o, env, t, simple, o.warmup); err != nil {
+				return fmt.Errorf("warm-up: %w%s", err, logTail(t))
 			}
+		}
+		if !copyOut.includes(t) {
+			continue
 		}
 		logf("warm-up via %s: COPY of %d bytes, counted", t.name, spec.bytes)
 		var w countingWriter
 		if _, _, err := runCopy(ctx, env, t, spec, &w); err != nil {
-			return fmt.Errorf("warm-up: %w", err)
+			return fmt.Errorf("warm-up: %w%s", err, logTail(t))
 		}
 		if w.n != spec.bytes {
 			return fmt.Errorf("warm-up: COPY via %s delivered %d bytes, want %d", t.name, w.n, spec.bytes)
@@ -489,6 +644,9 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 	for round := 1; round <= o.rounds; round++ {
 		for _, k := range tests {
 			for _, t := range targets {
+				if !k.includes(t) {
+					continue
+				}
 				var s sample
 				for attempt := 0; ; attempt++ {
 					if err := waitQuiet(ctx, o.quietWait, meter, idlePids); err != nil {
@@ -499,7 +657,7 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 						return fmt.Errorf("round %d: %w", round, err)
 					}
 					s.repeats = attempt
-					logf("round %d/%d  %-22s %-9s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
+					logf("round %d/%d  %-23s %-13s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
 					if !s.skewed() || attempt >= o.repeats {
 						break
 					}
@@ -522,8 +680,8 @@ func runOnce(ctx context.Context, o options, env []string, t *target, k testKind
 	var s sample
 	var client time.Duration
 	switch k {
-	case simple, extended:
-		tps, cpu, err := runPgbench(ctx, o, env, t, k.mode(), o.duration)
+	case simple, extended, connect:
+		tps, cpu, err := runPgbench(ctx, o, env, t, k, o.duration)
 		if err != nil {
 			return s, err
 		}

@@ -29,7 +29,15 @@ type target struct {
 	// pid is the proxy's process, whose CPU time each run records; 0 for
 	// the direct connection.
 	pid int
+	// logFile is the proxy's log, quoted when a warm-up through it fails.
+	logFile string
+	// extra marks a target that runs only the select-only and
+	// connect-rate rows (rolegate-gmp1).
+	extra bool
 }
+
+// gmp1Target is the name of the rolegate started with GOMAXPROCS=1.
+const gmp1Target = "rolegate-gmp1"
 
 // daemon is a proxy process the benchmark started.
 type daemon struct {
@@ -55,6 +63,7 @@ func startDaemon(ctx context.Context, t *target, cmd *exec.Cmd, logFile string) 
 	}
 	d := &daemon{target: t, cmd: cmd, exited: make(chan struct{}), logFile: logFile}
 	t.pid = cmd.Process.Pid
+	t.logFile = logFile
 	go func() {
 		_ = cmd.Wait() // the result is in cmd.ProcessState
 		close(d.exited)
@@ -121,39 +130,97 @@ func readFile(path string) string {
 	return string(data)
 }
 
-// startRolegate runs rolegate in front of server with TLS off on both sides
-// and log level warn.
-func startRolegate(ctx context.Context, bin, work, server string) (*daemon, error) {
+// controlSetup is how rolegate reaches the server for the auth query: the
+// control role, its password and the query.
+type controlSetup struct {
+	// dsn names the control role and database, without the password,
+	// which goes in ROLEGATE_CONTROL_PASSWORD.
+	dsn       string
+	password  string
+	authQuery string
+	// describe says in the report what was set up.
+	describe string
+}
+
+// rolegateInstance is one rolegate process to start: the plain one, or the
+// same binary with GOMAXPROCS=1.
+type rolegateInstance struct {
+	name       string
+	gomaxprocs int // 0: the Go runtime's default (one P per CPU)
+}
+
+// rolegateCacheTTL is [auth] cache_ttl, written out although it is the
+// default, so the config file says what was measured.
+const rolegateCacheTTL = "60s"
+
+// startRolegate runs rolegate in proxy mode in front of server: it checks
+// clients' SCRAM proofs itself with the verifier from the auth query on its
+// control connection, and logs in to the server with the recovered
+// ClientKey. TLS is off on both sides and the log level is warn.
+func startRolegate(ctx context.Context, bin, work, server string, ctl controlSetup, inst rolegateInstance) (*daemon, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	t := &target{name: "rolegate", host: "127.0.0.1", port: port}
+	t := &target{name: inst.name, host: "127.0.0.1", port: port}
 	config := fmt.Sprintf(`# written by the rolegate benchmark
-listen = "%s"
+listen = %q
 
 [server]
-address = "%s"
+address = %q
 sslmode = "disable"
+
+[control]
+dsn = %q   # password: ROLEGATE_CONTROL_PASSWORD
+
+[auth]
+mode = "proxy"
+method = "scram-sha-256"
+auth_query = %q
+cache_ttl = %q
 
 [log]
 level = "warn"
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), server)
-	configFile := filepath.Join(work, "rolegate.toml")
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL)
+	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
-		return nil, fmt.Errorf("rolegate config: %w", err)
+		return nil, fmt.Errorf("%s config: %w", inst.name, err)
 	}
-	logFile := filepath.Join(work, "rolegate.log")
+	logFile := filepath.Join(work, inst.name+".log")
 	log, err := os.Create(logFile)
 	if err != nil {
-		return nil, fmt.Errorf("rolegate log: %w", err)
+		return nil, fmt.Errorf("%s log: %w", inst.name, err)
 	}
 	defer log.Close() // the child has its own descriptor
 	cmd := exec.Command(bin, "-config", configFile)
+	cmd.Env = rolegateEnv(ctl.password, inst.gomaxprocs)
 	cmd.Stdout = log
 	cmd.Stderr = log
-	logf("starting rolegate on %s", net.JoinHostPort(t.host, strconv.Itoa(port)))
+	how := ""
+	if inst.gomaxprocs > 0 {
+		how = fmt.Sprintf(" with GOMAXPROCS=%d", inst.gomaxprocs)
+	}
+	logf("starting %s on %s%s", inst.name, net.JoinHostPort(t.host, strconv.Itoa(port)), how)
 	return startDaemon(ctx, t, cmd, logFile)
+}
+
+// rolegateEnv is rolegate's environment: ours without PG* variables (pgx
+// would read them for the control connection) and without Go runtime
+// tuning, plus the control password and, when set, GOMAXPROCS.
+func rolegateEnv(password string, gomaxprocs int) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, "PG") || name == "GOMAXPROCS" || name == "GOGC" || name == "GOMEMLIMIT" || name == "GODEBUG" {
+			continue
+		}
+		env = append(env, kv)
+	}
+	env = append(env, "ROLEGATE_CONTROL_PASSWORD="+password)
+	if gomaxprocs > 0 {
+		env = append(env, "GOMAXPROCS="+strconv.Itoa(gomaxprocs))
+	}
+	return env
 }
 
 // ensurePgBouncer returns the pgbouncer binary. When it is missing it is
@@ -232,10 +299,25 @@ func pgbouncerCredential() (*syscall.Credential, error) {
 	return nil, errors.New("running as root, PgBouncer refuses root, and there is neither a postgres nor a nobody user to run it as")
 }
 
-// startPgBouncer runs PgBouncer in session mode in front of the cluster. Its
-// auth_file holds bench's SCRAM verifier, with which PgBouncer checks the
-// client and then logs in to the server with the client's SCRAM keys.
-func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, verifier string) (*daemon, error) {
+// pgbouncerAuth is how PgBouncer finds bench's verifier: with auth_query, run
+// as auth_user, whose own entry is in the auth_file.
+type pgbouncerAuth struct {
+	user string
+	// fileSecret is auth_user's entry in the auth_file.
+	fileSecret string
+	// describe says in the report what was set up.
+	describe string
+}
+
+// pgbouncerAuthQuery is PgBouncer's documented auth_query; pg_shadow needs a
+// superuser auth_user.
+const pgbouncerAuthQuery = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+
+// startPgBouncer runs PgBouncer in session mode in front of the cluster.
+// With auth_type scram-sha-256 and auth_query it fetches bench's SCRAM
+// verifier from pg_shadow as pa.user, checks the client with it, and then
+// logs in to the server with the client's SCRAM keys.
+func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth) (*daemon, error) {
 	cred, err := pgbouncerCredential()
 	if err != nil {
 		return nil, err
@@ -261,6 +343,8 @@ listen_port = %[5]d
 unix_socket_dir = %[6]s
 auth_type = scram-sha-256
 auth_file = %[7]s
+auth_user = %[10]s
+auth_query = %[11]s
 pool_mode = session
 max_client_conn = 200
 default_pool_size = 40
@@ -271,11 +355,11 @@ logfile = %[8]s
 pidfile = %[9]s
 log_connections = 0
 log_disconnections = 0
-`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"))
+`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery)
 	iniFile := filepath.Join(dir, "pgbouncer.ini")
 	files := map[string]string{
 		iniFile:  ini,
-		authFile: fmt.Sprintf("%q %q\n", benchRole, verifier),
+		authFile: fmt.Sprintf("%q %q\n", pa.user, pa.fileSecret),
 	}
 	for path, content := range files {
 		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
@@ -320,6 +404,10 @@ type machine struct {
 	pgbouncerNote string
 	goVersion     string
 	rolegate      string
+	// control and pgbouncerAuth say how rolegate and PgBouncer find the
+	// verifiers.
+	control       string
+	pgbouncerAuth string
 }
 
 func machineInfo(ctx context.Context, rolegateBin, bouncerBin, serverVersion string) machine {
