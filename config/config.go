@@ -11,11 +11,14 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
+
+	"github.com/rolegate/rolegate/limiter"
 )
 
 // Config is the whole of proxy.toml. The zero value is not useful; use Default or Load.
@@ -32,6 +35,13 @@ type Config struct {
 	Control Control `toml:"control"`
 	Auth    Auth    `toml:"auth"`
 	Log     Log     `toml:"log"`
+
+	// Limits holds the defaults of the connection limits; Roles and Databases
+	// the limits of single roles and databases, by name. The maps are nil when
+	// the file sets none; use RoleRule and DatabaseRule to read them.
+	Limits    Limits               `toml:"limits"`
+	Roles     map[string]LimitRule `toml:"roles"`
+	Databases map[string]LimitRule `toml:"databases"`
 }
 
 // TLS is the client-facing TLS configuration. Both files empty means no TLS:
@@ -84,6 +94,86 @@ type Auth struct {
 type Log struct {
 	Level  string `toml:"level"`  // debug | info | warn | error
 	Format string `toml:"format"` // text | json
+}
+
+// Limits is the [limits] table: the defaults of every role's and database's
+// limit, and where limits come from.
+type Limits struct {
+	// Policy applies to roles and databases that do not set their own: one
+	// of limiter.ParsePolicy's spellings.
+	Policy string `toml:"policy"`
+	// Fallback is what an evicting policy does when it finds no victim:
+	// "reject" or "wait".
+	Fallback string `toml:"fallback"`
+	// ServerLimits honours the server's rolconnlimit and datconnlimit too;
+	// where both set a limit, the smaller wins.
+	ServerLimits  bool     `toml:"server_limits"`
+	WaitTimeout   Duration `toml:"wait_timeout"`
+	MinSessionAge Duration `toml:"min_session_age"`
+	// LimitsCacheTTL is how long the server's answers (rolconnlimit,
+	// datconnlimit, rolsuper) are cached; 0 asks at every login.
+	LimitsCacheTTL Duration `toml:"limits_cache_ttl"`
+}
+
+// LimitRule is one [roles.NAME] or [databases.NAME] table. A key left out is
+// nil (or "" for the strings) and takes its value from [limits]; MaxSessions
+// left out means no limit from proxy.toml.
+type LimitRule struct {
+	MaxSessions   *int      `toml:"max_sessions"`
+	Policy        string    `toml:"policy"`
+	Fallback      string    `toml:"fallback"`
+	WaitTimeout   *Duration `toml:"wait_timeout"`
+	MinSessionAge *Duration `toml:"min_session_age"`
+}
+
+// RoleRule is role's rule from proxy.toml alone, with everything the role's
+// table leaves out taken from [limits]; MaxSessions is -1 when the file sets
+// no limit for the role. The server's rolconnlimit is the caller's to combine
+// (limiter.Effective). Role names match exactly, as PostgreSQL's do.
+func (c *Config) RoleRule(role string) limiter.Rule { return c.Limits.resolve(c.Roles[role]) }
+
+// DatabaseRule is RoleRule for a database.
+func (c *Config) DatabaseRule(db string) limiter.Rule { return c.Limits.resolve(c.Databases[db]) }
+
+// LimitsConfigured reports whether any login may meet a limit: proxy.toml
+// gives a role or a database max_sessions, or server_limits is on and there
+// is a control connection to read the server's own limits through (without
+// one, server_limits has nothing to read and is moot).
+func (c *Config) LimitsConfigured() bool {
+	for _, m := range []map[string]LimitRule{c.Roles, c.Databases} {
+		for _, r := range m {
+			if r.MaxSessions != nil {
+				return true
+			}
+		}
+	}
+	return c.Limits.ServerLimits && c.Control.DSN != ""
+}
+
+func (l Limits) resolve(r LimitRule) limiter.Rule {
+	rule := limiter.Rule{
+		MaxSessions:   -1,
+		Policy:        limiter.Policy(l.Policy),
+		Fallback:      limiter.Policy(l.Fallback),
+		WaitTimeout:   l.WaitTimeout.Value(),
+		MinSessionAge: l.MinSessionAge.Value(),
+	}
+	if r.MaxSessions != nil {
+		rule.MaxSessions = *r.MaxSessions
+	}
+	if r.Policy != "" {
+		rule.Policy = limiter.Policy(r.Policy)
+	}
+	if r.Fallback != "" {
+		rule.Fallback = limiter.Policy(r.Fallback)
+	}
+	if r.WaitTimeout != nil {
+		rule.WaitTimeout = r.WaitTimeout.Value()
+	}
+	if r.MinSessionAge != nil {
+		rule.MinSessionAge = r.MinSessionAge.Value()
+	}
+	return rule
 }
 
 // SSLMode is the libpq-style TLS mode for the connection to the server.
@@ -159,6 +249,14 @@ func Default() *Config {
 			CacheTTL:  "60s",
 		},
 		Log: Log{Level: "info", Format: "text"},
+		Limits: Limits{
+			Policy:         string(limiter.PolicyReject),
+			Fallback:       string(limiter.PolicyReject),
+			ServerLimits:   true,
+			WaitTimeout:    "10s",
+			MinSessionAge:  "0s",
+			LimitsCacheTTL: "60s",
+		},
 	}
 }
 
@@ -220,7 +318,7 @@ func tomlError(name string, err error) error {
 		for i := range strict.Errors {
 			de := &strict.Errors[i]
 			line, _ := de.Position()
-			errs = append(errs, &Error{File: name, Line: line, Key: strings.Join(de.Key(), "."), Msg: "unknown key"})
+			errs = append(errs, &Error{File: name, Line: line, Key: formatKey(de.Key()), Msg: "unknown key"})
 		}
 		return errors.Join(errs...)
 	}
@@ -228,7 +326,7 @@ func tomlError(name string, err error) error {
 	if errors.As(err, &de) {
 		line, _ := de.Position()
 		msg := strings.TrimPrefix(de.Error(), "toml: ")
-		return &Error{File: name, Line: line, Key: strings.Join(de.Key(), "."), Msg: msg}
+		return &Error{File: name, Line: line, Key: formatKey(de.Key()), Msg: msg}
 	}
 	return &Error{File: name, Msg: err.Error()}
 }
@@ -253,6 +351,9 @@ func (c *Config) validate() error {
 		{"shutdown_timeout", c.ShutdownTimeout, false},
 		{"server.connect_timeout", c.Server.ConnectTimeout, true},
 		{"auth.cache_ttl", c.Auth.CacheTTL, false},
+		{"limits.wait_timeout", c.Limits.WaitTimeout, false},
+		{"limits.min_session_age", c.Limits.MinSessionAge, false},
+		{"limits.limits_cache_ttl", c.Limits.LimitsCacheTTL, false},
 	} {
 		if err := d.v.check(d.positive); err != nil {
 			return &Error{Key: d.key, Msg: err.Error()}
@@ -308,7 +409,127 @@ func (c *Config) validate() error {
 	default:
 		return bad("log.format", "invalid format %q (want text or json)", c.Log.Format)
 	}
+	return c.validateLimits()
+}
+
+// validateLimits checks [limits], [roles.NAME] and [databases.NAME]. Names are
+// checked in sorted order, so that of several mistakes the same one is
+// reported every time.
+func (c *Config) validateLimits() error {
+	if _, err := limiter.ParsePolicy(c.Limits.Policy); err != nil {
+		return &Error{Key: "limits.policy", Msg: err.Error()}
+	}
+	if err := checkFallback(c.Limits.Fallback); err != nil {
+		return &Error{Key: "limits.fallback", Msg: err.Error()}
+	}
+	for _, t := range []struct {
+		table, what string
+		rules       map[string]LimitRule
+	}{
+		{"roles", "role", c.Roles},
+		{"databases", "database", c.Databases},
+	} {
+		names := make([]string, 0, len(t.rules))
+		for name := range t.rules {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			if err := t.rules[name].validate(t.table, t.what, name); err != nil {
+				return err
+			}
+		}
+	}
+	// LockRole keeps one control connection for the admission locks while
+	// any is held; the census and evictions need another.
+	if c.Control.DSN != "" && c.LimitsConfigured() && c.Control.MaxConns < 2 {
+		return &Error{Key: "control.max_conns", Msg: "must be at least 2 when limits are enforced " +
+			"(one connection holds the admission locks; set limits.server_limits = false and leave out max_sessions to turn limits off)"}
+	}
 	return nil
+}
+
+func (r LimitRule) validate(table, what, name string) error {
+	key := func(k ...string) string { return formatKey(append([]string{table, name}, k...)) }
+	if name == "" {
+		return &Error{Key: key(), Msg: what + " name must not be empty"}
+	}
+	if r.MaxSessions != nil && *r.MaxSessions < 0 {
+		return &Error{Key: key("max_sessions"), Msg: fmt.Sprintf("%d is negative (leave max_sessions out for no limit)", *r.MaxSessions)}
+	}
+	// "" is the same as leaving the key out: [limits] decides.
+	if r.Policy != "" {
+		if _, err := limiter.ParsePolicy(r.Policy); err != nil {
+			return &Error{Key: key("policy"), Msg: err.Error()}
+		}
+	}
+	if r.Fallback != "" {
+		if err := checkFallback(r.Fallback); err != nil {
+			return &Error{Key: key("fallback"), Msg: err.Error()}
+		}
+	}
+	for _, d := range []struct {
+		key string
+		v   *Duration
+	}{{"wait_timeout", r.WaitTimeout}, {"min_session_age", r.MinSessionAge}} {
+		if d.v == nil {
+			continue
+		}
+		if err := d.v.check(false); err != nil {
+			return &Error{Key: key(d.key), Msg: err.Error()}
+		}
+	}
+	return nil
+}
+
+func checkFallback(s string) error {
+	switch limiter.Policy(s) {
+	case limiter.PolicyReject, limiter.PolicyWait:
+		return nil
+	}
+	return fmt.Errorf("invalid fallback %q (want reject or wait)", s)
+}
+
+// formatKey writes a key's parts the way TOML does, dotted, quoting the parts
+// that are not bare keys: roles."my.user".policy. Error keys and keyLine use
+// it, so a name with a dot in it is one part, not two.
+func formatKey(parts []string) string {
+	var b strings.Builder
+	for i, p := range parts {
+		if i > 0 {
+			b.WriteByte('.')
+		}
+		if isBareKey(p) {
+			b.WriteString(p)
+			continue
+		}
+		b.WriteByte('"')
+		for _, r := range p {
+			switch {
+			case r == '"' || r == '\\':
+				b.WriteByte('\\')
+				b.WriteRune(r)
+			case r < 0x20 || r == 0x7f:
+				fmt.Fprintf(&b, "\\u%04X", r)
+			default:
+				b.WriteRune(r)
+			}
+		}
+		b.WriteByte('"')
+	}
+	return b.String()
+}
+
+func isBareKey(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // keyLine finds the line of a dotted key in a TOML document, 0 when it is absent
@@ -323,7 +544,7 @@ func keyLine(data []byte, key string) int {
 		switch e.Kind {
 		case unstable.Table, unstable.ArrayTable:
 			table = keyParts(e)
-			if strings.Join(table, ".") == key {
+			if formatKey(table) == key {
 				return firstKeyLine(&p, e)
 			}
 		case unstable.KeyValue:
@@ -339,7 +560,7 @@ func keyLine(data []byte, key string) int {
 // keyValueLine finds key in the key/value node n named full, looking into inline
 // tables (server = { sslmode = "..." }).
 func keyValueLine(p *unstable.Parser, n *unstable.Node, full []string, key string) int {
-	name := strings.Join(full, ".")
+	name := formatKey(full)
 	if name == key {
 		return firstKeyLine(p, n)
 	}

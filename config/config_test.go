@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rolegate/rolegate/limiter"
 )
 
 // resolvedDefaults is what Parse makes of a file that sets nothing: the
@@ -21,7 +23,7 @@ func resolvedDefaults() *Config {
 
 func TestDefaults(t *testing.T) {
 	t.Parallel()
-	for _, doc := range []string{"", "# only a comment\n", "[tls]\n[server]\n[control]\n[auth]\n[log]\n"} {
+	for _, doc := range []string{"", "# only a comment\n", "[tls]\n[server]\n[control]\n[auth]\n[log]\n[limits]\n"} {
 		cfg, err := Parse("empty.toml", []byte(doc))
 		if err != nil {
 			t.Fatalf("Parse(%q): %v", doc, err)
@@ -40,6 +42,8 @@ func TestDefaults(t *testing.T) {
 		// Mode "" until Parse resolves it from the verifier sources.
 		Auth: Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
 		Log:  Log{Level: "info", Format: "text"},
+		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
+			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -109,6 +113,28 @@ cache_ttl = "5m"
 [log]
 level = "debug"
 format = "json"
+
+[limits]
+policy = "evict-idle"
+fallback = "wait"
+server_limits = false
+wait_timeout = "3s"
+min_session_age = "2s"
+limits_cache_ttl = "0s"
+
+[roles.some_user]
+max_sessions = 1
+policy = "newest-wins"
+fallback = "reject"
+wait_timeout = "5s"
+min_session_age = "10s"
+
+[databases.app]
+max_sessions = 50
+policy = "wait"
+fallback = "wait"
+wait_timeout = "1m"
+min_session_age = "1s"
 `
 	cfg, err := Parse("full.toml", []byte(doc))
 	if err != nil {
@@ -126,6 +152,12 @@ format = "json"
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
 		Log: Log{Level: "debug", Format: "json"},
+		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
+			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
+		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
+			WaitTimeout: ptr(Duration("5s")), MinSessionAge: ptr(Duration("10s"))}},
+		Databases: map[string]LimitRule{"app": {MaxSessions: ptr(50), Policy: "wait", Fallback: "wait",
+			WaitTimeout: ptr(Duration("1m")), MinSessionAge: ptr(Duration("1s"))}},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("got  %+v\nwant %+v", cfg, want)
@@ -226,6 +258,61 @@ func TestErrors(t *testing.T) {
 		{"verify-ca without sslrootcert", "[server]\nsslmode = \"verify-ca\"\nsslrootcert = \"\"\n", "server.sslrootcert", 3, `required with sslmode "verify-ca"`},
 		{"a bad value in a dotted key", "log.format = \"yaml\"\n", "log.format", 1, `invalid format "yaml"`},
 		{"a bad value in an inline table", "\nserver = { address = \"h:1\", sslmode = \"bad\" }\n", "server.sslmode", 2, `invalid sslmode "bad"`},
+
+		// [limits]
+		{"bad limits policy", "[limits]\npolicy = \"oldest-wins\"\n", "limits.policy", 2, `unknown policy "oldest-wins"`},
+		{"limits policy of the wrong case", "[limits]\n\npolicy = \"Reject\"\n", "limits.policy", 3, `unknown policy "Reject"`},
+		{"empty limits policy", "[limits]\npolicy = \"\"\n", "limits.policy", 2, `unknown policy ""`},
+		{"evicting limits fallback", "[limits]\nfallback = \"newest-wins\"\n", "limits.fallback", 2,
+			`invalid fallback "newest-wins" (want reject or wait)`},
+		{"empty limits fallback", "[limits]\nfallback = \"\"\n", "limits.fallback", 2, `invalid fallback ""`},
+		{"server_limits as a string", "[limits]\nserver_limits = \"on\"\n", "limits.server_limits", 2, "cannot decode TOML string"},
+		{"bad wait_timeout", "[limits]\nwait_timeout = \"10\"\n", "limits.wait_timeout", 2, `invalid duration "10"`},
+		{"negative min_session_age", "[limits]\nmin_session_age = \"-1s\"\n", "limits.min_session_age", 2, "must not be negative"},
+		{"bad limits_cache_ttl", "[limits]\nlimits_cache_ttl = 60\n", "limits.limits_cache_ttl", 2, "cannot decode TOML integer"},
+		{"negative limits_cache_ttl", "[limits]\nlimits_cache_ttl = \"-1m\"\n", "limits.limits_cache_ttl", 2, "must not be negative"},
+		{"unknown key in limits", "[limits]\nmax_sessions = 3\n", "limits.max_sessions", 2, "unknown key"},
+		{"limits with one control connection", "[control]\ndsn = \"postgres://rolegate@db/postgres\"\nmax_conns = 1\n",
+			"control.max_conns", 3, "must be at least 2 when limits are enforced"},
+		{"a role limit with one control connection",
+			"[control]\ndsn = \"postgres://rolegate@db/postgres\"\nmax_conns = 1\n[limits]\nserver_limits = false\n[roles.r]\nmax_sessions = 1\n",
+			"control.max_conns", 3, "must be at least 2"},
+
+		// [roles.NAME] and [databases.NAME]
+		{"negative max_sessions", "[roles.some_user]\nmax_sessions = -1\n", "roles.some_user.max_sessions", 2,
+			"-1 is negative (leave max_sessions out for no limit)"},
+		{"max_sessions as a string", "[roles.some_user]\nmax_sessions = \"1\"\n", "roles.some_user.max_sessions", 2, "cannot decode TOML string"},
+		{"max_sessions as a float", "[databases.app]\nmax_sessions = 1.5\n", "databases.app.max_sessions", 2, "cannot decode TOML float"},
+		{"bad role policy", "[roles.some_user]\nmax_sessions = 1\npolicy = \"newest_wins\"\n", "roles.some_user.policy", 3,
+			`unknown policy "newest_wins"`},
+		{"bad role fallback", "[roles.some_user]\nfallback = \"evict-idle\"\n", "roles.some_user.fallback", 2, `invalid fallback "evict-idle"`},
+		{"bad role wait_timeout", "[roles.some_user]\nwait_timeout = \"5\"\n", "roles.some_user.wait_timeout", 2, `invalid duration "5"`},
+		{"negative role min_session_age", "[roles.some_user]\n\nmin_session_age = \"-10s\"\n", "roles.some_user.min_session_age", 3,
+			"must not be negative"},
+		{"unknown key in a role", "[roles.some_user]\nmax_session = 1\n", "roles.some_user.max_session", 2, "unknown key"},
+		{"a role that is not a table", "roles.some_user = 1\n", "roles.some_user", 1, "cannot decode TOML integer"},
+		{"bad database policy", "[databases.app]\nmax_sessions = 5\npolicy = \"kill\"\n", "databases.app.policy", 3, `unknown policy "kill"`},
+		{"negative database max_sessions", "\n[databases.app]\nmax_sessions = -5\n", "databases.app.max_sessions", 3, "is negative"},
+		{"unknown key in a database", "[databases.app]\nroles = 1\n", "databases.app.roles", 2, "unknown key"},
+		{"an empty role name", "[roles.\"\"]\nmax_sessions = 1\n", `roles.""`, 1, "role name must not be empty"},
+		{"an empty database name", "[databases]\n\"\" = { max_sessions = 1 }\n", `databases.""`, 2, "database name must not be empty"},
+		// Of several bad tables, the first by name is reported.
+		{"two bad roles", "[roles.b]\npolicy = \"x\"\n[roles.a]\npolicy = \"y\"\n", "roles.a.policy", 4, `unknown policy "y"`},
+
+		// Names with dots and other characters are quoted keys; errors
+		// quote them the same way and find their line.
+		{"quoted role name", "[roles.\"my.user\"]\nmax_sessions = 1\npolicy = \"x\"\n", `roles."my.user".policy`, 3, `unknown policy "x"`},
+		{"literal-quoted role name", "[roles.'my.user']\n\nmax_sessions = -2\n", `roles."my.user".max_sessions`, 3, "is negative"},
+		{"quoted name in a dotted key", "[roles]\nplain.max_sessions = 1\n\"my.user\".fallback = \"x\"\n",
+			`roles."my.user".fallback`, 3, `invalid fallback "x"`},
+		{"quoted name in an inline table", "\ndatabases = { \"my db\" = { max_sessions = 1, wait_timeout = \"x\" } }\n",
+			`databases."my db".wait_timeout`, 2, `invalid duration "x"`},
+		{"quoted name at the top level", "roles.\"a.b\".policy = \"y\"\n", `roles."a.b".policy`, 1, `unknown policy "y"`},
+		{"a name with a quote and a backslash", "[roles.'we\"ird\\name']\npolicy = \"y\"\n", `roles."we\"ird\\name".policy`, 2, `unknown policy "y"`},
+		{"a quoted name that looks like another table", "[roles.a]\npolicy = \"reject\"\n[roles.\"a.policy\"]\npolicy = \"z\"\n",
+			`roles."a.policy".policy`, 4, `unknown policy "z"`},
+		{"unknown key in a quoted role", "[roles.\"my.user\"]\nmax_sessions = 1\nmaxsessions = 2\n", `roles."my.user".maxsessions`, 3, "unknown key"},
+		{"wrong type in a quoted role", "[roles.\"my.user\"]\nmax_sessions = true\n", `roles."my.user".max_sessions`, 2, "cannot decode TOML boolean"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -351,5 +438,273 @@ func TestErrorsKeepDSNPasswordOut(t *testing.T) {
 	_, err := Parse("f.toml", []byte(doc))
 	if err == nil || strings.Contains(err.Error(), "hunter2") {
 		t.Errorf("error %v: want one without the password", err)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// The [roles.NAME] and [databases.NAME] examples in proxy.toml are commented
+// out (the file must parse to the defaults); uncommented, they are valid and
+// use every key of a rule.
+func TestRepositoryProxyTOMLExamples(t *testing.T) {
+	t.Parallel()
+	data, err := os.ReadFile(filepath.Join("..", "proxy.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var example strings.Builder
+	in := false
+	for line := range strings.Lines(string(data)) {
+		switch {
+		case strings.HasPrefix(line, "# [roles.") || strings.HasPrefix(line, "# [databases."):
+			in = true
+		case !strings.HasPrefix(line, "# ") || strings.HasPrefix(line, "#  "):
+			in = false
+		}
+		if in {
+			example.WriteString(strings.TrimPrefix(line, "# "))
+		}
+	}
+	cfg, err := Parse("examples", []byte(example.String()))
+	if err != nil {
+		t.Fatalf("the examples in proxy.toml:\n%s\n%v", example.String(), err)
+	}
+	if len(cfg.Roles) != 1 || len(cfg.Databases) != 1 {
+		t.Fatalf("examples: roles %v, databases %v; want one of each", cfg.Roles, cfg.Databases)
+	}
+	for _, r := range cfg.Roles {
+		if r.MaxSessions == nil || r.Policy == "" || r.Fallback == "" || r.WaitTimeout == nil || r.MinSessionAge == nil {
+			t.Errorf("the role example does not show every key: %+v", r)
+		}
+	}
+	// Every key of [limits] and of a rule is documented.
+	for _, typ := range []reflect.Type{reflect.TypeFor[Limits](), reflect.TypeFor[LimitRule]()} {
+		for f := range typ.Fields() {
+			if key := f.Tag.Get("toml"); !strings.Contains(string(data), "\n"+key+" = ") && !strings.Contains(string(data), "\n# "+key+" = ") {
+				t.Errorf("proxy.toml does not document %s.%s", typ.Name(), key)
+			}
+		}
+	}
+}
+
+func TestRoleAndDatabaseRules(t *testing.T) {
+	t.Parallel()
+	doc := `
+[limits]
+policy = "wait"
+fallback = "wait"
+wait_timeout = "7s"
+min_session_age = "3s"
+
+[roles.full]
+max_sessions = 1
+policy = "newest-wins"
+fallback = "reject"
+wait_timeout = "5s"
+min_session_age = "10s"
+
+[roles.only_limit]
+max_sessions = 2
+
+[roles.zero]
+max_sessions = 0
+
+[roles."my.user"]
+max_sessions = 3
+policy = "evict-idle"
+wait_timeout = "0s"
+
+[roles.empty_policy]
+policy = ""
+
+[roles.no_limit]
+policy = "newest-wins"
+
+[databases.app]
+max_sessions = 50
+
+[databases."App"]
+policy = "reject"
+min_session_age = "1m"
+`
+	cfg, err := Parse("rules.toml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defaults := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyWait,
+		WaitTimeout: 7 * time.Second, MinSessionAge: 3 * time.Second}
+	with := func(f func(*limiter.Rule)) limiter.Rule { r := defaults; f(&r); return r }
+	for _, tt := range []struct {
+		name string
+		got  limiter.Rule
+		want limiter.Rule
+	}{
+		{"role with every key", cfg.RoleRule("full"), limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins,
+			Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Second, MinSessionAge: 10 * time.Second}},
+		{"role with only a limit", cfg.RoleRule("only_limit"), with(func(r *limiter.Rule) { r.MaxSessions = 2 })},
+		{"role with limit 0", cfg.RoleRule("zero"), with(func(r *limiter.Rule) { r.MaxSessions = 0 })},
+		{"quoted role", cfg.RoleRule("my.user"), with(func(r *limiter.Rule) {
+			r.MaxSessions, r.Policy, r.WaitTimeout = 3, limiter.PolicyEvictIdle, 0
+		})},
+		{"empty policy is left out", cfg.RoleRule("empty_policy"), defaults},
+		{"policy without a limit", cfg.RoleRule("no_limit"), with(func(r *limiter.Rule) { r.Policy = limiter.PolicyNewestWins })},
+		{"unknown role", cfg.RoleRule("nobody"), defaults},
+		{"empty role", cfg.RoleRule(""), defaults},
+		// Names match exactly: "my" is not "my.user", and case counts.
+		{"a prefix of a quoted name", cfg.RoleRule("my"), defaults},
+		{"role names are case-sensitive", cfg.RoleRule("FULL"), defaults},
+		// Roles and databases are separate name spaces.
+		{"a role's name as a database", cfg.DatabaseRule("full"), defaults},
+		{"database with a limit", cfg.DatabaseRule("app"), with(func(r *limiter.Rule) { r.MaxSessions = 50 })},
+		{"database names are case-sensitive", cfg.DatabaseRule("App"), with(func(r *limiter.Rule) {
+			r.Policy, r.MinSessionAge = limiter.PolicyReject, time.Minute
+		})},
+		{"unknown database", cfg.DatabaseRule("other"), defaults},
+	} {
+		if tt.got != tt.want {
+			t.Errorf("%s: %+v, want %+v", tt.name, tt.got, tt.want)
+		}
+		if err := tt.got.Validate(); err != nil {
+			t.Errorf("%s: the resolved rule does not validate: %v", tt.name, err)
+		}
+	}
+
+	// Without any configuration: no limit, PostgreSQL's own behaviour.
+	d, err := Parse("empty.toml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject, WaitTimeout: 10 * time.Second}
+	if got := d.RoleRule("some_user"); got != want || got.Limited() {
+		t.Errorf("default RoleRule = %+v, want %+v", got, want)
+	}
+	if got := d.DatabaseRule("app"); got != want {
+		t.Errorf("default DatabaseRule = %+v, want %+v", got, want)
+	}
+}
+
+// Every accepted value of the limit keys.
+func TestLimitsAcceptedValues(t *testing.T) {
+	t.Parallel()
+	for _, p := range []limiter.Policy{limiter.PolicyReject, limiter.PolicyWait, limiter.PolicyNewestWins, limiter.PolicyEvictIdle} {
+		doc := "[limits]\npolicy = \"" + string(p) + "\"\n[roles.r]\npolicy = \"" + string(p) + "\"\n[databases.d]\npolicy = \"" + string(p) + "\"\n"
+		cfg, err := Parse("f.toml", []byte(doc))
+		if err != nil {
+			t.Errorf("policy %s: %v", p, err)
+			continue
+		}
+		if cfg.Limits.Policy != string(p) || cfg.RoleRule("r").Policy != p || cfg.DatabaseRule("d").Policy != p {
+			t.Errorf("policy %s: %+v", p, cfg.Limits)
+		}
+	}
+	for _, f := range []limiter.Policy{limiter.PolicyReject, limiter.PolicyWait} {
+		doc := "[limits]\nfallback = \"" + string(f) + "\"\n[roles.r]\nfallback = \"" + string(f) + "\"\n"
+		if cfg, err := Parse("f.toml", []byte(doc)); err != nil || cfg.RoleRule("r").Fallback != f {
+			t.Errorf("fallback %s: %v", f, err)
+		}
+	}
+	for _, doc := range []string{
+		"[limits]\nwait_timeout = \"0s\"\nmin_session_age = \"1h\"\nlimits_cache_ttl = \"0s\"\n",
+		"[roles.r]\nmax_sessions = 0\n",              // only superusers
+		"[roles.r]\nmax_sessions = 2147483647\n",     // as large as PostgreSQL's own
+		"[roles.r]\n[databases.d]\n",                 // empty tables: no limit
+		"[roles]\n[databases]\n",                     // no tables at all
+		"roles = {}\n",                               // the same, inline
+		"roles.r.max_sessions = 1\n",                 // a dotted key
+		"[roles]\nr = { max_sessions = 1 }\n",        // an inline table
+		"[roles.\"Mixed Case\"]\nmax_sessions = 1\n", // a quoted name
+		"[roles.\"ünïcødé\"]\nmax_sessions = 1\n",
+		// The control connection is only sized when limits are enforced.
+		"[control]\ndsn = \"postgres://rolegate@db/postgres\"\nmax_conns = 1\n[limits]\nserver_limits = false\n",
+		"[control]\nmax_conns = 1\n[roles.r]\nmax_sessions = 1\n",
+	} {
+		if _, err := Parse("f.toml", []byte(doc)); err != nil {
+			t.Errorf("Parse(%q): %v", doc, err)
+		}
+	}
+}
+
+func TestLimitsConfigured(t *testing.T) {
+	t.Parallel()
+	const dsn = "[control]\ndsn = \"postgres://rolegate@db/postgres\"\n"
+	for _, tt := range []struct {
+		name, doc string
+		want      bool
+	}{
+		{"nothing set, no control connection", "", false},
+		{"server limits need a control connection", "[limits]\nserver_limits = true\n", false},
+		{"server limits with a control connection", dsn, true},
+		{"server limits off", dsn + "[limits]\nserver_limits = false\n", false},
+		{"a role limit", "[limits]\nserver_limits = false\n[roles.r]\nmax_sessions = 1\n", true},
+		{"a role limit of 0", "[roles.r]\nmax_sessions = 0\n", true},
+		{"a database limit", "[databases.d]\nmax_sessions = 5\n", true},
+		{"a role policy without a limit", dsn + "[limits]\nserver_limits = false\n[roles.r]\npolicy = \"newest-wins\"\n", false},
+		{"empty tables", dsn + "[limits]\nserver_limits = false\n[roles.r]\n[databases.d]\n", false},
+	} {
+		cfg, err := Parse("f.toml", []byte(tt.doc))
+		if err != nil {
+			t.Errorf("%s: %v", tt.name, err)
+			continue
+		}
+		if got := cfg.LimitsConfigured(); got != tt.want {
+			t.Errorf("%s: LimitsConfigured() = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestFormatKey(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		parts []string
+		want  string
+	}{
+		{[]string{"listen"}, "listen"},
+		{[]string{"roles", "some_user", "max_sessions"}, "roles.some_user.max_sessions"},
+		{[]string{"roles", "my-user2"}, "roles.my-user2"},
+		{[]string{"roles", "my.user", "policy"}, `roles."my.user".policy`},
+		{[]string{"roles", ""}, `roles.""`},
+		{[]string{"roles", "a b"}, `roles."a b"`},
+		{[]string{"roles", `q"b\`}, `roles."q\"b\\"`},
+		{[]string{"roles", "tab\there"}, `roles."tab\u0009here"`},
+		{[]string{"roles", "ünï"}, `roles."ünï"`},
+	} {
+		if got := formatKey(tt.parts); got != tt.want {
+			t.Errorf("formatKey(%q) = %s, want %s", tt.parts, got, tt.want)
+		}
+	}
+}
+
+// keyLine finds quoted keys however the document spells them.
+func TestKeyLineQuoted(t *testing.T) {
+	t.Parallel()
+	doc := `[roles]
+plain = { max_sessions = 1 }
+"dotted.name".policy = "wait"
+
+[roles."my.user"]
+max_sessions = 1
+
+[roles.'single.quoted']
+fallback = "wait"
+
+[databases."a b"]
+max_sessions = 2
+`
+	for key, want := range map[string]int{
+		"roles":                          1,
+		"roles.plain":                    2,
+		"roles.plain.max_sessions":       2,
+		`roles."dotted.name".policy`:     3,
+		`roles."my.user"`:                5,
+		`roles."my.user".max_sessions`:   6,
+		"roles.my.user.max_sessions":     0, // three parts, not the quoted name
+		`roles."single.quoted".fallback`: 9,
+		`databases."a b".max_sessions`:   12,
+		"databases.a b.max_sessions":     0,
+		`roles."my.user".policy`:         0, // not in the document
+	} {
+		if got := keyLine([]byte(doc), key); got != want {
+			t.Errorf("keyLine(%s) = %d, want %d", key, got, want)
+		}
 	}
 }

@@ -100,7 +100,7 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *
 	waiting := false
 	defer func() { a.login.Ticket.Leave() }()
 	for {
-		if a.unlock, err = lim.Limiter.Lock(ctx, sess.user); err != nil {
+		if a.unlock, err = a.lock(ctx); err != nil {
 			return nil, err
 		}
 		d, err := a.decide(ctx)
@@ -130,6 +130,47 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *
 			return nil, err
 		}
 	}
+}
+
+// serverLocker serializes admissions across rolegate instances with the
+// server's advisory locks (upstream.Control implements it).
+type serverLocker interface {
+	LockRole(ctx context.Context, role string) (unlock func(), err error)
+	LockDatabase(ctx context.Context, database string) (unlock func(), err error)
+}
+
+// lock takes the role's admission lock and, when the database has a limit,
+// the database's (always in that order: logins of other roles count against
+// the same database limit): first inside this instance, then on the server,
+// so that several instances admit one role's logins one at a time.
+func (a *admission) lock(ctx context.Context) (unlock func(), err error) {
+	steps := []func(context.Context, string) (func(), error){a.lim.Limiter.Lock}
+	keys := []string{a.sess.user}
+	remote, shared := a.lim.Server.(serverLocker)
+	if shared {
+		steps, keys = append(steps, remote.LockRole), append(keys, a.sess.user)
+	}
+	if a.db.Limited() {
+		steps, keys = append(steps, a.lim.Limiter.LockDatabase), append(keys, a.sess.database)
+		if shared {
+			steps, keys = append(steps, remote.LockDatabase), append(keys, a.sess.database)
+		}
+	}
+	var held []func()
+	release := func() {
+		for i := len(held) - 1; i >= 0; i-- {
+			held[i]()
+		}
+	}
+	for i, step := range steps {
+		u, err := step(ctx, keys[i])
+		if err != nil {
+			release()
+			return nil, err
+		}
+		held = append(held, u)
+	}
+	return release, nil
 }
 
 // rules resolves the effective rules of the login's role and database.
@@ -194,6 +235,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
 		held.evictMsg.Store(&why)
 		if ok, err := a.lim.Server.Terminate(ctx, v.PID, 0); err != nil || !ok {
+			held.evictMsg.Store(nil) // not evicted: the session goes on as before
 			a.log.Warn("eviction failed", append(attrs, "err", err)...)
 			return false
 		}

@@ -274,7 +274,10 @@ func (e *loginError) Error() string {
 func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 	var refused *loginError
 	var failed *authFailure
+	var tooMany *tooManyError
 	switch {
+	case errors.As(err, &tooMany):
+		// Admission logged the rejection, once, with its reason.
 	case errors.As(err, &failed):
 		log.Info("login failed", "sqlstate", failed.code, "reason", failed.class, "detail", failed.msg)
 	case errors.As(err, &refused):
@@ -324,6 +327,11 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		done, err := s.admit(ctx, sess, client, cr, log)
 		if err != nil {
 			return nil, err
+		}
+		if time.Until(deadline) < s.cfg.StartupTimeout/2 {
+			// Time spent waiting for a slot does not count against the login.
+			deadline = time.Now().Add(s.cfg.StartupTimeout / 2)
+			_ = client.SetDeadline(deadline)
 		}
 		lg, err := s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil)
 		done()

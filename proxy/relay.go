@@ -59,7 +59,17 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 	go func() {
 		defer close(done)
 		defer recoverInto(cancel, s.log)
-		cancel(pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, nil, errClientClosed, "client", "server"))
+		err := pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, nil, errClientClosed, "client", "server")
+		if sess.evictMsg.Load() != nil {
+			// An evicted client hangs up on its FATAL; closing the server
+			// socket now would hide the server's own close, the moment the
+			// slot is free, from the eviction waiting for it.
+			select {
+			case <-sess.serverGone:
+			case <-time.After(victimGoneTimeout):
+			}
+		}
+		cancel(err)
 	}()
 	func() {
 		defer recoverInto(cancel, s.log)
@@ -67,6 +77,13 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 		err := pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
 		if errors.Is(err, errServerClosed) && terminated.Load() {
 			err = errClientClosed
+		}
+		if errors.Is(err, errEvicted) {
+			// The server sends its FATAL before the backend exits and closes
+			// the socket once it has left: wait for that, so that serverGone
+			// means the slot is free.
+			_ = server.SetReadDeadline(time.Now().Add(victimGoneTimeout))
+			_, _ = io.Copy(io.Discard, server)
 		}
 		cancel(err)
 	}()

@@ -22,6 +22,7 @@ const PasswordEnv = "ROLEGATE_CONTROL_PASSWORD"
 type Control struct {
 	pool      *pgxpool.Pool
 	authQuery string
+	census    census // Census, ServerLimits and LockRole's state (census.go)
 }
 
 // NewControl builds the pool; it connects lazily, so a server that is down at
@@ -55,8 +56,12 @@ func NewControl(ctx context.Context, cfg config.Control, authQuery string) (*Con
 	return &Control{pool: pool, authQuery: authQuery}, nil
 }
 
-// Close closes the pool; it is safe to call twice.
-func (c *Control) Close() { c.pool.Close() }
+// Close closes the pool; it is safe to call twice. Admission locks still held
+// are released (census.go).
+func (c *Control) Close() {
+	c.closeLocks()
+	c.pool.Close()
+}
 
 // Ping checks that the server answers on the control connection.
 func (c *Control) Ping(ctx context.Context) error { return c.pool.Ping(ctx) }

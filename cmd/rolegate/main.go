@@ -22,9 +22,11 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"syscall"
+	"time"
 
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
 	"github.com/rolegate/rolegate/upstream"
 )
@@ -71,7 +73,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	log := newLogger(cfg.Log, stderr)
-	if err := serve(cfg, parts, log); err != nil {
+	if err := serve(*cfgPath, cfg, parts, log); err != nil {
 		log.Error("rolegate stopped", "err", err)
 		return 1
 	}
@@ -84,6 +86,7 @@ type parts struct {
 	tls     *tls.Config
 	control *upstream.Control // nil without [control] dsn
 	auth    *proxy.ClientAuth // nil in passthrough mode
+	limits  *proxy.Limits     // nil without limits (or without proxy mode)
 }
 
 func (p *parts) close() {
@@ -133,10 +136,23 @@ func components(cfg *config.Config) (*parts, error) {
 		Method:              cfg.Auth.Method,
 		CleartextWithoutTLS: cfg.Auth.CleartextWithoutTLS,
 	}
+	if cfg.LimitsConfigured() {
+		if p.control == nil {
+			p.close()
+			return nil, errors.New("limits need [control] dsn: rolegate counts sessions in pg_stat_activity")
+		}
+		p.limits = &proxy.Limits{
+			Limiter:      limiter.New(time.Now),
+			Server:       p.control,
+			ServerLimits: cfg.Limits.ServerLimits,
+			LimitsTTL:    cfg.Limits.LimitsCacheTTL.Value(),
+		}
+		p.limits.SetRules(cfg)
+	}
 	return p, nil
 }
 
-func serve(cfg *config.Config, p *parts, log *slog.Logger) error {
+func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error {
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
@@ -145,12 +161,17 @@ func serve(cfg *config.Config, p *parts, log *slog.Logger) error {
 		Upstream:       p.dialer,
 		TLS:            p.tls,
 		Auth:           p.auth,
+		Limits:         p.limits,
 		StartupTimeout: cfg.StartupTimeout.Value(),
 		Logger:         log,
 	})
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
 
+	if cfg.Auth.Mode == config.AuthPassthrough && len(cfg.Roles)+len(cfg.Databases) > 0 {
+		log.Warn("limits are enforced only in proxy authentication mode ([auth] mode = \"proxy\"); " +
+			"in passthrough mode rolegate cannot know who a client is before the server does")
+	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -168,7 +189,7 @@ func serve(cfg *config.Config, p *parts, log *slog.Logger) error {
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
-				log.Info("SIGHUP received; this version has nothing to reload")
+				reload(cfgPath, p, log)
 			case syscall.SIGINT:
 				log.Info("SIGINT received; closing all sessions now")
 				srv.Close()
@@ -197,6 +218,25 @@ func serve(cfg *config.Config, p *parts, log *slog.Logger) error {
 			}
 		}
 	}
+}
+
+// reload re-reads the configuration for new logins: limits and policies. A
+// bad file keeps the old configuration; no session is touched either way.
+func reload(path string, p *parts, log *slog.Logger) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		log.Error("reload failed; keeping the previous configuration", "err", err)
+		return
+	}
+	if p.limits == nil {
+		log.Info("reloaded; no limits are enforced (limits, and the settings other than limits, take effect on restart)")
+		return
+	}
+	if p.control != nil {
+		p.control.ForgetLimits()
+	}
+	p.limits.SetRules(cfg)
+	log.Info("reloaded limits and policies for new logins", "server_limits_cache", "cleared")
 }
 
 func waitServe(served <-chan error) error {

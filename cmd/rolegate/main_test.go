@@ -332,7 +332,7 @@ func TestBinary(t *testing.T) {
 		}
 		p.signal(t, syscall.SIGHUP)
 		waitFor(t, 10*time.Second, "the SIGHUP log line", func() bool {
-			return strings.Contains(p.stderr.String(), "SIGHUP received")
+			return strings.Contains(p.stderr.String(), "reloaded")
 		})
 		if p.done() || refusing(p.addr) {
 			t.Fatal("rolegate stopped serving on SIGHUP")

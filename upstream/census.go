@@ -1,0 +1,455 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/rolegate/rolegate/limiter"
+)
+
+// What the control connection tells admission: who holds slots
+// (pg_stat_activity), what the server's own limits are (pg_roles,
+// pg_database), and how to make room (pg_terminate_backend). LockRole
+// serializes one role's admissions across rolegate instances with advisory
+// locks held on the server.
+//
+// The control role needs pg_read_all_stats to see the state and start time of
+// other roles' sessions, and pg_signal_backend to terminate them
+// (sql/setup.sql grants both).
+
+const (
+	// limitsCacheSize bounds the roles and databases whose server limits are
+	// cached (together).
+	limitsCacheSize = 1000
+
+	// Advisory lock keys are pg_advisory_lock(class, hashtext(name)), with a
+	// class of rolegate's own, so that they cannot be confused with an
+	// application's single-bigint locks or with each other. An operator
+	// finds them in pg_locks: locktype 'advisory', classid = class, objid =
+	// hashtext(name), objsubid = 2.
+	lockClassRole     int32 = 0x726f6c65 // "role"
+	lockClassDatabase int32 = 0x64617461 // "data"
+
+	// lockQueryTimeout bounds one query on the lock session. The queries
+	// never wait for a lock on the server, so only a server or network in
+	// trouble takes this long; the session is then dropped.
+	lockQueryTimeout = 5 * time.Second
+	// A lock held by another rolegate instance is polled for, starting
+	// after lockPollMin and backing off to lockPollMax.
+	lockPollMin = 2 * time.Millisecond
+	lockPollMax = 50 * time.Millisecond
+)
+
+// census is the state Census, ServerLimits and the locks keep between calls,
+// a field of Control. Its zero value is ready: init fills it on first use.
+type census struct {
+	once    sync.Once
+	appName string // the control pool's application_name
+	now     func() time.Time
+	limits  *lru.Cache[limitKey, limitEntry]
+
+	keysMu sync.Mutex
+	keys   map[limitKey]*keyToken // in-process lock tokens, by class and name
+
+	// session guards the fields below: a token in the channel while held.
+	session chan struct{}
+	conn    *pgxpool.Conn // the lock session while it holds any lock, else nil
+	held    int           // locks conn holds
+	gen     uint64        // bumped for every new session, so stale unlocks do nothing
+	closed  bool          // Close was called: no new session
+}
+
+func (c *Control) state() *census {
+	s := &c.census
+	s.once.Do(func() {
+		s.appName = c.pool.Config().ConnConfig.RuntimeParams["application_name"]
+		if s.now == nil {
+			s.now = time.Now
+		}
+		var err error
+		if s.limits, err = lru.New[limitKey, limitEntry](limitsCacheSize); err != nil {
+			panic(err) // only for a size under 1
+		}
+		s.keys = make(map[limitKey]*keyToken)
+		s.session = make(chan struct{}, 1)
+	})
+	return s
+}
+
+const censusQuery = `SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
+	a.backend_start, coalesce(a.state, ''), a.state_change,
+	coalesce(r.rolsuper, false),
+	coalesce(a.application_name = $3 AND a.usename = session_user, false)
+FROM pg_catalog.pg_stat_activity a
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
+WHERE a.backend_type = 'client backend'
+	AND a.usename IS NOT NULL
+	AND (a.usename = $1 OR a.datname = $2)
+	AND a.pid <> pg_catalog.pg_backend_pid()
+ORDER BY a.backend_start, a.pid`
+
+// Census returns the client backends that hold slots of role or database:
+// the pg_stat_activity rows with backend_type 'client backend' whose usename
+// is role or whose datname is database, except the connection that runs the
+// query. Superuser is the login role's rolsuper; Protected marks rolegate's own
+// control connections (the control pool's application_name, "rolegate" by
+// default, and the control role). Backends still authenticating (no usename
+// yet) and walsenders are left out, as the server leaves them out of its own
+// counts. ViaRolegate is the caller's to set.
+//
+// Without pg_read_all_stats the control role sees no state or backend_start
+// of other roles' sessions: State is then "" and the times are zero.
+func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.Holder, error) {
+	s := c.state()
+	rows, err := c.pool.Query(ctx, censusQuery, role, database, s.appName)
+	if err != nil {
+		return nil, fmt.Errorf("census: %w", err)
+	}
+	defer rows.Close()
+	var holders []limiter.Holder
+	for rows.Next() {
+		var (
+			h           limiter.Holder
+			pid         int32
+			start, chg  *time.Time
+			super, prot bool
+		)
+		if err := rows.Scan(&pid, &h.Role, &h.Database, &start, &h.State, &chg, &super, &prot); err != nil {
+			return nil, fmt.Errorf("census: %w", err)
+		}
+		h.PID, h.Superuser, h.Protected = uint32(pid), super, prot
+		if start != nil {
+			h.BackendStart = *start
+		}
+		if chg != nil {
+			h.StateChange = *chg
+		}
+		holders = append(holders, h)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("census: %w", err)
+	}
+	return holders, nil
+}
+
+// limitKey names a cached limit (and an in-process lock): a role or a
+// database, by class.
+type limitKey struct {
+	class int32
+	name  string
+}
+
+type limitEntry struct {
+	limit   int  // rolconnlimit or datconnlimit; -1 for none
+	super   bool // rolsuper, for roles
+	fetched time.Time
+}
+
+const limitsQuery = `SELECT
+	coalesce((SELECT rolconnlimit FROM pg_catalog.pg_roles WHERE rolname = $1), -1),
+	coalesce((SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1), false),
+	coalesce((SELECT datconnlimit FROM pg_catalog.pg_database WHERE datname = $2), -1)`
+
+// ServerLimits returns role's rolconnlimit and rolsuper and database's
+// datconnlimit; -1 means no limit (also for an unknown role or database,
+// which is not a superuser either). Answers are cached for ttl in an LRU of
+// 1000 roles and databases; ttl <= 0 asks the server every time. The ttl of
+// each call decides, so a reload that shortens it applies at once.
+func (c *Control) ServerLimits(ctx context.Context, role, database string, ttl time.Duration) (roleLimit int, superuser bool, dbLimit int, err error) {
+	s := c.state()
+	rk, dk := limitKey{lockClassRole, role}, limitKey{lockClassDatabase, database}
+	if ttl > 0 {
+		now := s.now()
+		r, rok := s.limits.Get(rk)
+		d, dok := s.limits.Get(dk)
+		if rok && dok && now.Sub(r.fetched) < ttl && now.Sub(d.fetched) < ttl {
+			return r.limit, r.super, d.limit, nil
+		}
+	}
+	var rl, dl int32
+	if err := c.pool.QueryRow(ctx, limitsQuery, role, database).Scan(&rl, &superuser, &dl); err != nil {
+		return 0, false, 0, fmt.Errorf("server limits: %w", err)
+	}
+	// Anything negative is no limit: PostgreSQL 16 and later (and the latest
+	// minor releases before) mark a database left invalid by an interrupted
+	// DROP DATABASE with datconnlimit -2; the server refuses it anyway.
+	roleLimit, dbLimit = max(int(rl), -1), max(int(dl), -1)
+	if ttl > 0 {
+		now := s.now()
+		s.limits.Add(rk, limitEntry{limit: roleLimit, super: superuser, fetched: now})
+		s.limits.Add(dk, limitEntry{limit: dbLimit, fetched: now})
+	}
+	return roleLimit, superuser, dbLimit, nil
+}
+
+// ForgetLimits empties the ServerLimits cache (on reload, or when an
+// operator changed a limit and says so).
+func (c *Control) ForgetLimits() { c.state().limits.Purge() }
+
+// Terminate runs pg_terminate_backend on pid. With timeout 0 (or less) it
+// signals the backend and returns at once; ok then only says the signal was
+// sent. With a timeout (rounded up to whole milliseconds) the server waits
+// until the process has gone, and ok says it has: false (with a server
+// WARNING) means it was still there when the timeout passed. An unknown pid is
+// ok=false, not an error; so is 0, which Census never returns. A backend the
+// control role may not signal (a superuser's, unless the control role is one)
+// is an error.
+func (c *Control) Terminate(ctx context.Context, pid uint32, timeout time.Duration) (ok bool, err error) {
+	if pid == 0 || pid > math.MaxInt32 {
+		return false, nil
+	}
+	if timeout <= 0 {
+		// The one-argument form also works on servers before 14.
+		err = c.pool.QueryRow(ctx, "SELECT pg_catalog.pg_terminate_backend($1::int4)", int32(pid)).Scan(&ok)
+	} else {
+		ms := int64((timeout + time.Millisecond - 1) / time.Millisecond)
+		err = c.pool.QueryRow(ctx, "SELECT pg_catalog.pg_terminate_backend($1::int4, $2::int8)", int32(pid), ms).Scan(&ok)
+	}
+	if err != nil {
+		return false, fmt.Errorf("terminate backend %d: %w", pid, err)
+	}
+	return ok, nil
+}
+
+// LockRole serializes admissions of role across every rolegate instance that
+// fronts the server (and, through its in-process part, within this one): it
+// returns once this caller holds the role's advisory lock on the server,
+// pg_try_advisory_lock(1919904869, hashtext(role)) (0x726f6c65, "role"),
+// and unlock releases it.
+// unlock is safe to call more than once; on an error LockRole returns a no-op
+// unlock, so a deferred unlock is harmless either way.
+//
+// All locks this instance holds live on one session, a connection taken from
+// the control pool while any lock is held and returned when none is: however
+// many roles are being admitted at once, locking costs one connection (so
+// max_conns must be at least 2: the census and the evictions need another),
+// and a holder never waits for a pool connection that another holder keeps.
+// The session never waits on the server: a lock held elsewhere is polled for
+// (every 2 ms, backing off to 50 ms), with ctx checked between polls, so a
+// cancelled ctx never leaves a lock wait behind on the server. ctx ending
+// while waiting returns its cause (wrapped) and leaves nothing held.
+//
+// If the lock session fails (the server restarts, the network drops) it is
+// closed, and the server releases every lock it held: holders then run
+// unserialized until their unlock, which does nothing. Within this instance
+// the in-process part (and limiter.Lock) still serializes them. Close closes
+// the lock session too, without waiting for holders to unlock.
+func (c *Control) LockRole(ctx context.Context, role string) (unlock func(), err error) {
+	return c.lock(ctx, lockClassRole, role)
+}
+
+// LockDatabase does for a database what LockRole does for a role, for
+// callers that make database limits exact across instances too. Take it
+// after LockRole, never before (one order, so no two logins wait on each
+// other).
+func (c *Control) LockDatabase(ctx context.Context, database string) (unlock func(), err error) {
+	return c.lock(ctx, lockClassDatabase, database)
+}
+
+func (c *Control) lock(ctx context.Context, class int32, name string) (func(), error) {
+	s := c.state()
+	noop := func() {}
+	key := limitKey{class, name}
+	release, err := s.token(ctx, key)
+	if err != nil {
+		return noop, lockError(class, name, err)
+	}
+	poll := lockPollMin
+	for {
+		gen, got, err := s.try(ctx, c.pool, key)
+		if err != nil {
+			release()
+			return noop, lockError(class, name, err)
+		}
+		if got {
+			var once sync.Once
+			unlock := func() {
+				once.Do(func() {
+					s.unlock(key, gen)
+					release()
+				})
+			}
+			if ctx.Err() != nil {
+				unlock()
+				return noop, lockError(class, name, context.Cause(ctx))
+			}
+			return unlock, nil
+		}
+		// Held by another instance: wait a little, ±25 %, so that instances
+		// polling for one role do not keep meeting.
+		d := poll*3/4 + rand.N(poll/2+1)
+		poll = min(2*poll, lockPollMax)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			release()
+			return noop, lockError(class, name, context.Cause(ctx))
+		}
+	}
+}
+
+func lockError(class int32, name string, err error) error {
+	what := "role"
+	if class == lockClassDatabase {
+		what = "database"
+	}
+	return fmt.Errorf("lock %s %q: %w", what, name, err)
+}
+
+// keyToken serializes one key within this instance: a token in ch while
+// held; refs counts holders and waiters so that unused entries go away.
+type keyToken struct {
+	ch   chan struct{}
+	refs int
+}
+
+// token waits for key's in-process token. Only its holder tries the server
+// lock, so an instance's own logins queue here in arrival order instead of
+// polling the server, and the shared session never takes one key twice.
+func (s *census) token(ctx context.Context, key limitKey) (release func(), err error) {
+	if ctx.Err() != nil {
+		return nil, context.Cause(ctx)
+	}
+	s.keysMu.Lock()
+	k := s.keys[key]
+	if k == nil {
+		k = &keyToken{ch: make(chan struct{}, 1)}
+		s.keys[key] = k
+	}
+	k.refs++
+	s.keysMu.Unlock()
+	unref := func() {
+		s.keysMu.Lock()
+		defer s.keysMu.Unlock()
+		if k.refs--; k.refs == 0 {
+			delete(s.keys, key)
+		}
+	}
+	select {
+	case k.ch <- struct{}{}:
+		return func() { <-k.ch; unref() }, nil
+	case <-ctx.Done():
+		unref()
+		return nil, context.Cause(ctx)
+	}
+}
+
+// try takes key's lock on the lock session if it is free on the server,
+// first taking a session from the pool when there is none. It returns the
+// session's generation, for unlock. The session token is never held while
+// waiting for the pool, only across one short query, so unlock and
+// closeLocks never wait long for it.
+func (s *census) try(ctx context.Context, pool *pgxpool.Pool, key limitKey) (gen uint64, got bool, err error) {
+	if err := s.take(ctx); err != nil {
+		return 0, false, err
+	}
+	if s.conn == nil && !s.closed {
+		<-s.session
+		conn, err := pool.Acquire(ctx)
+		if err != nil {
+			return 0, false, err
+		}
+		if err := s.take(ctx); err != nil {
+			conn.Release()
+			return 0, false, err
+		}
+		if s.conn == nil && !s.closed {
+			s.conn, s.held = conn, 0
+			s.gen++
+		} else {
+			conn.Release() // another caller was quicker, or Close came
+		}
+	}
+	defer func() { <-s.session }()
+	if s.closed {
+		return 0, false, errControlClosed
+	}
+	// Not ctx: a query cancelled half-way would leave it unknown whether
+	// the lock was taken. The query does not wait on the server, so it is
+	// short unless something is wrong.
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockQueryTimeout)
+	defer cancel()
+	err = s.conn.QueryRow(qctx, "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&got)
+	if err != nil {
+		s.drop()
+		return 0, false, err
+	}
+	if got {
+		s.held++
+		return s.gen, true, nil
+	}
+	if s.held == 0 {
+		s.conn.Release() // do not keep a pool connection while polling
+		s.conn = nil
+	}
+	return 0, false, nil
+}
+
+// take waits for the session token.
+func (s *census) take(ctx context.Context) error {
+	select {
+	case s.session <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+// errControlClosed is LockRole's error after Close.
+var errControlClosed = errors.New("control connection closed")
+
+// closeLocks is Close's first step: it closes the lock session, so that the
+// pool's Close does not wait for holders to unlock (the server releases
+// their locks; their unlocks do nothing), and refuses further locks.
+func (c *Control) closeLocks() {
+	s := c.state()
+	s.session <- struct{}{}
+	defer func() { <-s.session }()
+	s.closed = true
+	if s.conn != nil {
+		s.drop()
+	}
+}
+
+// unlock releases key's lock taken on session generation gen.
+func (s *census) unlock(key limitKey, gen uint64) {
+	s.session <- struct{}{}
+	defer func() { <-s.session }()
+	if s.conn == nil || s.gen != gen {
+		return // that session is gone, and the server released its locks with it
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), lockQueryTimeout)
+	defer cancel()
+	var ok bool
+	err := s.conn.QueryRow(ctx, "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&ok)
+	if err != nil {
+		s.drop() // closing the session releases this lock and any other it held
+		return
+	}
+	// ok is false only if the lock was not held, which the in-process
+	// tokens rule out; there is nothing better to do than go on.
+	if s.held--; s.held <= 0 {
+		s.conn.Release()
+		s.conn, s.held = nil, 0
+	}
+}
+
+// drop closes a failed lock session; the server releases its locks when the
+// backend sees the connection gone.
+func (s *census) drop() {
+	conn := s.conn.Hijack()
+	s.conn, s.held = nil, 0
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = conn.Close(ctx)
+}
