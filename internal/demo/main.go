@@ -205,6 +205,10 @@ dsn = %s
 [auth]
 mode = "proxy"
 auth_query = %s
+
+# some_user has connection limit 1 on the server; here the newest login wins.
+[roles.some_user]
+policy = "newest-wins"
 `, tomlString(listen), tomlString(c.Addr()), tomlString(dsn.String()), tomlString(authQuery))
 }
 
@@ -297,10 +301,16 @@ func printInstructions(listen, host, port string, c *pgtest.Cluster) {
 rolegate is listening on %s in front of PostgreSQL on %s.
 It checks passwords itself (proxy mode), with verifiers it reads through
 its least-privilege control role (sql/setup.sql).
-some_user may hold one session (connection limit 1). Try, in other terminals:
+some_user may hold one session (connection limit 1), and its policy here is
+newest-wins. Run this in two terminals, one after the other: the second login
+gets in, and the first session is told it was evicted for it.
 
-  psql "host=%s port=%s user=some_user dbname=some_db password=some_password"
-  psql "host=%s port=%d user=%s dbname=postgres password=%s"   # the server directly, as superuser
+  psql "host=%[3]s port=%[4]s user=some_user dbname=some_db password=some_password"
+
+The same happens to a session opened straight against the server:
+
+  psql "host=%[5]s port=%[6]d user=some_user dbname=some_db password=some_password"   # directly, not through rolegate
+  psql "host=%[5]s port=%[6]d user=%[7]s dbname=postgres password=%[8]s"   # the server directly, as superuser
 
 Press Ctrl-C to stop and remove everything.
 
