@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -35,8 +36,10 @@ type Rules interface {
 	DatabaseRule(database string) limiter.Rule
 }
 
-// Limits turns on connection limits (proxy authentication mode only: the
-// client must have proved who it is before rolegate counts or evicts for it).
+// Limits turns on connection limits. In proxy authentication mode they apply
+// once rolegate has verified the client, before any server connection; in
+// passthrough mode once the server has authenticated it (the client must have
+// proved who it is before rolegate counts, waits or evicts for it).
 type Limits struct {
 	Limiter *limiter.Limiter
 	Server  ServerView
@@ -72,6 +75,7 @@ type admission struct {
 	role   limiter.Rule
 	db     limiter.Rule
 	unlock func()
+	self   uint32 // the login's own backend (passthrough), not counted
 }
 
 // tooManyError is a login refused at a limit; the client has been told.
@@ -83,12 +87,15 @@ func (e *tooManyError) Error() string { return e.msg }
 // policy says. On success it returns holding the role's admission lock: the
 // caller logs in to the server and then calls done, so that the next login of
 // the role sees this session in its census.
-func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger) (done func(), err error) {
+//
+// self is the login's own server backend, left out of the count: in
+// passthrough mode the server has one before rolegate can decide.
+func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, self uint32) (done func(), err error) {
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
 		return func() {}, nil
 	}
-	a := &admission{s: s, lim: lim, sess: sess, log: log,
+	a := &admission{s: s, lim: lim, sess: sess, log: log, self: self,
 		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
 	if err := a.rules(ctx); err != nil {
 		return nil, err
@@ -203,6 +210,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 		if err != nil {
 			return limiter.Decision{}, fmt.Errorf("census of role %q: %w", a.sess.user, err)
 		}
+		holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool { return a.self != 0 && h.PID == a.self })
 		a.s.markOwn(holders)
 		d := a.lim.Limiter.Decide(a.login, a.role, a.db, holders)
 		a.login.Ticket = d.Ticket

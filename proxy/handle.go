@@ -315,7 +315,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		}
 	}
 	if s.cfg.Auth == nil {
-		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false)
+		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
 	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
@@ -324,7 +324,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return nil, err
 	}
 	for attempt := 1; ; attempt++ {
-		done, err := s.admit(ctx, sess, client, cr, log)
+		done, err := s.admit(ctx, sess, client, cr, log, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -333,7 +333,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 			deadline = time.Now().Add(s.cfg.StartupTimeout / 2)
 			_ = client.SetDeadline(deadline)
 		}
-		lg, err := s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil)
+		lg, err := s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil, log)
 		done()
 		if !errors.Is(err, errServerFull) {
 			return lg, err
@@ -348,7 +348,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 // exchange (keys nil) or with the client's recovered keys. With holdFull, the
 // server's own 53300 is returned as errServerFull instead of being passed on.
 func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
-	p *startupPacket, deadline time.Time, sockets *conns, keys *auth.Keys, holdFull bool) (*loggedIn, error) {
+	p *startupPacket, deadline time.Time, sockets *conns, keys *auth.Keys, holdFull bool, log *slog.Logger) (*loggedIn, error) {
 	var out []byte // to the client, flushed before rolegate waits for it
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
@@ -368,6 +368,7 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 		return nil, s.serverLost(client, &out, err)
 	}
 	sr := bufio.NewReader(server)
+	var beforeReady func() error
 	if keys == nil {
 		if out, err = relayAuth(client, cr, server, sr); err != nil {
 			var lost *serverLostError
@@ -376,17 +377,28 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 			}
 			return nil, err
 		}
+		// Passthrough: the server has authenticated the client and holds a
+		// backend for it; limits from proxy.toml apply from here, before the
+		// client hears AuthenticationOk, with the new backend left out of the count.
+		beforeReady = func() error {
+			done, err := s.admit(ctx, sess, client, cr, log, sess.backendPID)
+			if err == nil {
+				done()
+			}
+			return err
+		}
 	} else if err := upstream.Authenticate(sr, server, keys); err != nil {
 		return nil, s.upstreamAuthFailed(sess, client, err)
 	} else {
 		out = wire.Encode(out, &pgproto3.AuthenticationOk{})
 	}
-	return s.handoff(sess, client, server, sr, out, holdFull)
+	return s.handoff(sess, client, server, sr, out, holdFull, beforeReady)
 }
 
 // handoff passes what the server sends after AuthenticationOk to the client, up
 // to the first ReadyForQuery, and issues the client's own cancel key.
-func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte, holdFull bool) (*loggedIn, error) {
+func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte, holdFull bool,
+	beforeReady func() error) (*loggedIn, error) {
 	for {
 		m, err := wire.ReadMessage(sr, wire.MaxServerLoginMsg)
 		if err != nil {
@@ -404,6 +416,11 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 			s.registry.add(sess)
 			out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: sess.cancelKey.pid, SecretKey: sess.cancelKey.secretBytes()})
 		case 'Z':
+			if beforeReady != nil {
+				if err := beforeReady(); err != nil {
+					return nil, err
+				}
+			}
 			out = append(out, m.Raw()...)
 			if _, err := client.Write(out); err != nil {
 				return nil, errClientClosed

@@ -1147,3 +1147,46 @@ func TestLimitDatabaseConcurrentLogins(t *testing.T) {
 		})
 	}
 }
+
+// In passthrough mode the server authenticates the client; limits from the
+// rules apply from then on, with the login's own new backend not counted.
+func TestLimitPassthrough(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	if err := shared.Exec(ctx, "create role lim_pt login password 'pt_pw'"); err != nil {
+		t.Fatal(err)
+	}
+	for _, policy := range []limiter.Policy{limiter.PolicyReject, limiter.PolicyNewestWins} {
+		t.Run(string(policy), func(t *testing.T) {
+			ctl := superControl(t, shared)
+			lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl, ServerLimits: true}
+			lim.SetRules(mapRules{roles: map[string]limiter.Rule{"lim_pt": {MaxSessions: 1, Policy: policy, Fallback: limiter.PolicyReject}}})
+			p := startProxy(t, proxyOpts{limits: lim}) // no auth: passthrough
+			first := connect(t, p.DSN("lim_pt", "pt_pw", "app"))
+			out, errOut, err := psql(t, p.DSN("lim_pt", "pt_pw", "app"), "", "-Atc", "select current_user")
+			_, firstErr := first.Exec(ctx, "select 1")
+			switch policy {
+			case limiter.PolicyReject:
+				if err == nil || !strings.Contains(errOut, `FATAL:  too many connections for role "lim_pt"`) {
+					t.Fatalf("second login: %v, %q %q", err, out, errOut)
+				}
+				if firstErr != nil {
+					t.Fatalf("the held session was disturbed: %v", firstErr)
+				}
+			case limiter.PolicyNewestWins:
+				if err != nil || strings.TrimSpace(out) != "lim_pt" {
+					t.Fatalf("second login: %v, %q %q", err, out, errOut)
+				}
+				var pe *pgconn.PgError
+				if !errors.As(firstErr, &pe) || pe.Code != "57P01" || !strings.Contains(pe.Message, "rolegate evicted this session") {
+					t.Fatalf("the held session got %v", firstErr)
+				}
+			}
+			// A wrong password never reaches admission: the server refuses it first.
+			_, errOut, err = psql(t, p.DSN("lim_pt", "wrong", "app"), "", "-c", "select 1")
+			if err == nil || !strings.Contains(errOut, `password authentication failed for user "lim_pt"`) {
+				t.Fatalf("wrong password: %v, %q", err, errOut)
+			}
+		})
+	}
+}

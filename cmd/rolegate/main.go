@@ -116,6 +116,19 @@ func components(cfg *config.Config) (*parts, error) {
 			return nil, err
 		}
 	}
+	if cfg.LimitsConfigured() {
+		if p.control == nil {
+			p.close()
+			return nil, errors.New("limits need [control] dsn: rolegate counts sessions in pg_stat_activity")
+		}
+		p.limits = &proxy.Limits{
+			Limiter:      limiter.New(time.Now),
+			Server:       p.control,
+			ServerLimits: cfg.Limits.ServerLimits,
+			LimitsTTL:    cfg.Limits.LimitsCacheTTL.Value(),
+		}
+		p.limits.SetRules(cfg)
+	}
 	if cfg.Auth.Mode != config.AuthProxy {
 		return p, nil
 	}
@@ -136,19 +149,6 @@ func components(cfg *config.Config) (*parts, error) {
 		Method:              cfg.Auth.Method,
 		CleartextWithoutTLS: cfg.Auth.CleartextWithoutTLS,
 	}
-	if cfg.LimitsConfigured() {
-		if p.control == nil {
-			p.close()
-			return nil, errors.New("limits need [control] dsn: rolegate counts sessions in pg_stat_activity")
-		}
-		p.limits = &proxy.Limits{
-			Limiter:      limiter.New(time.Now),
-			Server:       p.control,
-			ServerLimits: cfg.Limits.ServerLimits,
-			LimitsTTL:    cfg.Limits.LimitsCacheTTL.Value(),
-		}
-		p.limits.SetRules(cfg)
-	}
 	return p, nil
 }
 
@@ -168,9 +168,9 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
 
-	if cfg.Auth.Mode == config.AuthPassthrough && len(cfg.Roles)+len(cfg.Databases) > 0 {
-		log.Warn("limits are enforced only in proxy authentication mode ([auth] mode = \"proxy\"); " +
-			"in passthrough mode rolegate cannot know who a client is before the server does")
+	if cfg.Auth.Mode == config.AuthPassthrough && p.limits != nil {
+		log.Info("passthrough mode: limits apply once the server has authenticated a login; " +
+			"a login refused by the server's own limit cannot be retried")
 	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
