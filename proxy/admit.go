@@ -262,6 +262,13 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		return false
 	}
 	a.log.Info("evicted", attrs...)
+	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
+		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(),
+		VictimPID: v.PID, VictimRole: v.Role, ViaRolegate: held != nil, Reason: d.Reason}
+	if held != nil {
+		ev.VictimClient = held.clientAddr
+	}
+	a.s.events.add(ev)
 	return true
 }
 
@@ -329,6 +336,8 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	out := wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	out = wire.Encode(out, wire.Error("FATAL", "53300", msg))
 	_, _ = client.Write(out)
+	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
+		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(), Reason: d.Reason})
 	a.log.Info("rejected", "sqlstate", "53300", "scope", d.Scope.String(), "limit", d.Limit,
 		"sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
 	return &tooManyError{msg: msg}

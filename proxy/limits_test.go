@@ -84,6 +84,9 @@ func TestLimitSeed(t *testing.T) {
 		if err := first.Ping(ctx); err != nil {
 			t.Fatalf("the held session was disturbed: %v", err)
 		}
+		if ev := p.Events(); len(ev) != 1 || ev[0].Kind != "rejection" || ev[0].Role != "seed_user" || ev[0].Policy != "reject" {
+			t.Errorf("events: %+v", ev)
+		}
 		first.Close(ctx)
 	})
 	t.Run("newest-wins", func(t *testing.T) {
@@ -103,6 +106,10 @@ func TestLimitSeed(t *testing.T) {
 		}
 		if !strings.Contains(p.logs.String(), "msg=evicted") {
 			t.Errorf("no eviction log line:\n%s", p.logs.String())
+		}
+		if ev := p.Events(); len(ev) != 1 || ev[0].Kind != "eviction" || ev[0].VictimPID == 0 || !ev[0].ViaRolegate ||
+			ev[0].VictimClient == "" || ev[0].Policy != "newest-wins" {
+			t.Errorf("events: %+v", ev)
 		}
 	})
 	t.Run("newest-wins evicts a session opened directly", func(t *testing.T) {

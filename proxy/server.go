@@ -49,6 +49,7 @@ type Server struct {
 	cfg      Config
 	log      *slog.Logger
 	registry *registry
+	events   eventLog
 
 	ctx    context.Context // parent of every connection's context; cancelled by Close
 	cancel context.CancelCauseFunc
@@ -84,6 +85,9 @@ func New(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 	}
 }
+
+// Events returns the most recent evictions and rejections, newest first.
+func (s *Server) Events() []Event { return s.events.recent() }
 
 // Sessions returns a snapshot of the sessions that have logged in, oldest first.
 func (s *Server) Sessions() []SessionInfo { return s.registry.snapshot() }
