@@ -43,18 +43,23 @@ type Rules interface {
 type Limits struct {
 	Limiter *limiter.Limiter
 	Server  ServerView
-	// ServerLimits honours rolconnlimit and datconnlimit too; the smaller wins.
-	ServerLimits bool
-	// LimitsTTL is how long the server's limits are cached.
-	LimitsTTL time.Duration
 
 	rules atomic.Pointer[rulesBox]
 }
 
-type rulesBox struct{ Rules }
+// rulesBox is one configuration of the limits, swapped whole on reload.
+type rulesBox struct {
+	Rules
+	serverLimits bool          // honour rolconnlimit and datconnlimit too; the smaller wins
+	ttl          time.Duration // how long the server's limits are cached
+}
 
-// SetRules installs the rules new logins use; sessions already in are not touched.
-func (l *Limits) SetRules(r Rules) { l.rules.Store(&rulesBox{r}) }
+// SetRules installs what new logins use: the rules from proxy.toml, whether
+// the server's own limits count too, and how long those are cached. Sessions
+// already in are not touched.
+func (l *Limits) SetRules(r Rules, serverLimits bool, ttl time.Duration) {
+	l.rules.Store(&rulesBox{Rules: r, serverLimits: serverLimits, ttl: ttl})
+}
 
 // Timings of admission. A victim rolegate holds frees its slot when its server
 // socket closes, usually within tens of milliseconds of the signal; one opened
@@ -183,19 +188,20 @@ func (a *admission) lock(ctx context.Context) (unlock func(), err error) {
 // rules resolves the effective rules of the login's role and database.
 func (a *admission) rules(ctx context.Context) error {
 	box := a.lim.rules.Load()
-	a.role, a.db = limiter.NoLimit(), limiter.NoLimit()
-	if box != nil {
-		a.role, a.db = box.RoleRule(a.sess.user), box.DatabaseRule(a.sess.database)
-	}
-	if !a.lim.ServerLimits && !a.role.Limited() && !a.db.Limited() {
+	if box == nil {
+		a.role, a.db = limiter.NoLimit(), limiter.NoLimit()
 		return nil
 	}
-	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(ctx, a.sess.user, a.sess.database, a.lim.LimitsTTL)
+	a.role, a.db = box.RoleRule(a.sess.user), box.DatabaseRule(a.sess.database)
+	if !box.serverLimits && !a.role.Limited() && !a.db.Limited() {
+		return nil
+	}
+	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(ctx, a.sess.user, a.sess.database, box.ttl)
 	if err != nil {
 		return fmt.Errorf("read limits of role %q: %w", a.sess.user, err)
 	}
 	a.login.Superuser = super
-	if a.lim.ServerLimits {
+	if box.serverLimits {
 		a.role.MaxSessions = limiter.Effective(a.role.MaxSessions, roleLimit)
 		a.db.MaxSessions = limiter.Effective(a.db.MaxSessions, dbLimit)
 	}

@@ -52,8 +52,8 @@ func limitedProxy(t *testing.T, roles map[string]limiter.Rule) *testProxy {
 func rulesProxy(t *testing.T, rules mapRules) *testProxy {
 	t.Helper()
 	ctl := superControl(t, shared)
-	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl, ServerLimits: true}
-	lim.SetRules(rules)
+	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
+	lim.SetRules(rules, true, 0)
 	return startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim})
 }
 
@@ -1166,8 +1166,8 @@ func TestLimitPassthrough(t *testing.T) {
 	for _, policy := range []limiter.Policy{limiter.PolicyReject, limiter.PolicyNewestWins} {
 		t.Run(string(policy), func(t *testing.T) {
 			ctl := superControl(t, shared)
-			lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl, ServerLimits: true}
-			lim.SetRules(mapRules{roles: map[string]limiter.Rule{"lim_pt": {MaxSessions: 1, Policy: policy, Fallback: limiter.PolicyReject}}})
+			lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
+			lim.SetRules(mapRules{roles: map[string]limiter.Rule{"lim_pt": {MaxSessions: 1, Policy: policy, Fallback: limiter.PolicyReject}}}, true, 0)
 			p := startProxy(t, proxyOpts{limits: lim}) // no auth: passthrough
 			first := connect(t, p.DSN("lim_pt", "pt_pw", "app"))
 			out, errOut, err := psql(t, p.DSN("lim_pt", "pt_pw", "app"), "", "-Atc", "select current_user")

@@ -122,12 +122,10 @@ func components(cfg *config.Config) (*parts, error) {
 			return nil, errors.New("limits need [control] dsn: rolegate counts sessions in pg_stat_activity")
 		}
 		p.limits = &proxy.Limits{
-			Limiter:      limiter.New(time.Now),
-			Server:       p.control,
-			ServerLimits: cfg.Limits.ServerLimits,
-			LimitsTTL:    cfg.Limits.LimitsCacheTTL.Value(),
+			Limiter: limiter.New(time.Now),
+			Server:  p.control,
 		}
-		p.limits.SetRules(cfg)
+		p.limits.SetRules(cfg, cfg.Limits.ServerLimits, cfg.Limits.LimitsCacheTTL.Value())
 	}
 	if cfg.Auth.Mode != config.AuthProxy {
 		return p, nil
@@ -235,7 +233,7 @@ func reload(path string, p *parts, log *slog.Logger) {
 	if p.control != nil {
 		p.control.ForgetLimits()
 	}
-	p.limits.SetRules(cfg)
+	p.limits.SetRules(cfg, cfg.Limits.ServerLimits, cfg.Limits.LimitsCacheTTL.Value())
 	log.Info("reloaded limits and policies for new logins", "server_limits_cache", "cleared")
 }
 

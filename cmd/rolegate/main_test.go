@@ -180,6 +180,8 @@ func (s *syncBuffer) String() string {
 type proc struct {
 	cmd    *exec.Cmd
 	addr   string
+	server string // the cluster's address
+	path   string // the configuration file; configure rewrites it
 	stderr *syncBuffer
 	exited chan struct{} // closed once the process has been reaped
 }
@@ -211,11 +213,9 @@ func freeAddr(t *testing.T) string {
 // until it accepts connections.
 func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), stderr: &syncBuffer{}, exited: make(chan struct{})}
-	cfg := fmt.Sprintf("listen = %q\n%s\n[server]\naddress = %q\nsslmode = \"disable\"\n[log]\nlevel = \"debug\"\n",
-		p.addr, extraTOML, c.Addr())
-	path := writeFile(t, "proxy.toml", cfg)
-	p.cmd = exec.Command(bin, "-config", path)
+	p := &proc{addr: freeAddr(t), server: c.Addr(), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p.path = writeFile(t, "proxy.toml", p.config(extraTOML))
+	p.cmd = exec.Command(bin, "-config", p.path)
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -245,6 +245,24 @@ func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) 
 		return true
 	})
 	return p
+}
+
+// config is the whole configuration file for extraTOML, which comes right
+// after listen (so it may hold top-level keys and tables of its own).
+func (p *proc) config(extraTOML string) string {
+	return fmt.Sprintf("listen = %q\n%s\n[server]\naddress = %q\nsslmode = \"disable\"\n[log]\nlevel = \"debug\"\n",
+		p.addr, extraTOML, p.server)
+}
+
+// configure rewrites the configuration file with extraTOML (see config) and
+// returns the file's new content; the process reads it on SIGHUP.
+func (p *proc) configure(t *testing.T, extraTOML string) string {
+	t.Helper()
+	doc := p.config(extraTOML)
+	if err := os.WriteFile(p.path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return doc
 }
 
 func (p *proc) done() bool {
@@ -305,16 +323,23 @@ func hold(t *testing.T, p *proc) *pgx.Conn {
 	return c
 }
 
-func TestBinary(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the binary against PostgreSQL")
-	}
-	t.Parallel()
+// buildBinary builds rolegate into a temp dir and returns its path.
+func buildBinary(t *testing.T) string {
+	t.Helper()
 	bin := filepath.Join(t.TempDir(), "rolegate")
 	build := exec.Command("go", "build", "-o", bin, ".")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
+	return bin
+}
+
+func TestBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary against PostgreSQL")
+	}
+	t.Parallel()
+	bin := buildBinary(t)
 	c := pgtest.Start(t, pgtest.Options{HBA: []string{"host all trust_user 127.0.0.1/32 trust"}})
 	if err := c.Exec(t.Context(), "create role trust_user login"); err != nil {
 		t.Fatal(err)
