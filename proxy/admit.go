@@ -72,15 +72,24 @@ const (
 
 // admission is one login's pass through the limiter.
 type admission struct {
-	s      *Server
-	lim    *Limits
-	sess   *session
-	log    *slog.Logger
-	login  limiter.Login
-	role   limiter.Rule
-	db     limiter.Rule
-	unlock func()
-	self   uint32 // the login's own backend (passthrough), not counted
+	s       *Server
+	lim     *Limits
+	sess    *session
+	log     *slog.Logger
+	login   limiter.Login
+	role    limiter.Rule
+	db      limiter.Rule
+	unlock  func()
+	self    uint32 // the login's own backend (passthrough), not counted
+	authOut []byte // passthrough: the server's messages up to AuthenticationOk, not yet sent
+}
+
+// admitFor is what passthrough mode adds to an admission: the server has
+// already given the login a backend (left out of the count) and ended the
+// authentication exchange, whose last messages a rejection must still send.
+type admitFor struct {
+	self    uint32
+	authOut []byte
 }
 
 // tooManyError is a login refused at a limit; the client has been told.
@@ -92,15 +101,12 @@ func (e *tooManyError) Error() string { return e.msg }
 // policy says. On success it returns holding the role's admission lock: the
 // caller logs in to the server and then calls done, so that the next login of
 // the role sees this session in its census.
-//
-// self is the login's own server backend, left out of the count: in
-// passthrough mode the server has one before rolegate can decide.
-func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, self uint32) (done func(), err error) {
+func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
 		return func() {}, nil
 	}
-	a := &admission{s: s, lim: lim, sess: sess, log: log, self: self,
+	a := &admission{s: s, lim: lim, sess: sess, log: log, self: pass.self, authOut: pass.authOut,
 		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
 	if err := a.rules(ctx); err != nil {
 		return nil, err
@@ -235,11 +241,11 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 
 // evict terminates one victim and returns once its slot is free.
 func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decision) bool {
-	why := fmt.Sprintf("terminating connection: rolegate evicted this session for a newer login of role %q (policy %s)",
-		a.sess.user, d.Policy)
+	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
+		`" (policy ` + d.Policy.String() + `)`
 	if d.Scope == limiter.ScopeDatabase {
-		why = fmt.Sprintf("terminating connection: rolegate evicted this session for a newer login to database %q (policy %s)",
-			a.sess.database, d.Policy)
+		why = `terminating connection: rolegate evicted this session for a newer login to database "` + a.sess.database +
+			`" (policy ` + d.Policy.String() + `)`
 	}
 	attrs := []any{"victim_pid", v.PID, "victim_role", v.Role, "victim_database", v.Database,
 		"victim_state", v.State, "victim_age", time.Since(v.BackendStart).Round(time.Millisecond),
@@ -335,11 +341,15 @@ func (w *hangUpWatch) stop() {
 // reject answers as PostgreSQL does: AuthenticationOk, then the FATAL 53300,
 // in one write, without a server connection ever being opened.
 func (a *admission) reject(client net.Conn, d limiter.Decision) error {
-	msg := fmt.Sprintf("too many connections for role %q", a.sess.user)
+	// PostgreSQL quotes names as they are, without escaping.
+	msg := `too many connections for role "` + a.sess.user + `"`
 	if d.Scope == limiter.ScopeDatabase {
-		msg = fmt.Sprintf("too many connections for database %q", a.sess.database)
+		msg = `too many connections for database "` + a.sess.database + `"`
 	}
-	out := wire.Encode(nil, &pgproto3.AuthenticationOk{})
+	out := a.authOut // passthrough: SASLFinal and AuthenticationOk from the server
+	if out == nil {
+		out = wire.Encode(nil, &pgproto3.AuthenticationOk{})
+	}
 	out = wire.Encode(out, wire.Error("FATAL", "53300", msg))
 	_, _ = client.Write(out)
 	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,

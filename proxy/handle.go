@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -118,7 +119,7 @@ func (s *Server) handle(raw net.Conn) {
 	sess.user = pkt.params["user"]
 	sess.database = pkt.params["database"]
 	sess.appName = pkt.params["application_name"]
-	_, sess.replication = pkt.params["replication"]
+	sess.replication = isReplication(pkt.params["replication"])
 	log = log.With("role", sess.user, "database", sess.database)
 	sess.setState(StateAuthenticating)
 
@@ -324,7 +325,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return nil, err
 	}
 	for attempt := 1; ; attempt++ {
-		done, err := s.admit(ctx, sess, client, cr, log, 0)
+		done, err := s.admit(ctx, sess, client, cr, log, admitFor{})
 		if err != nil {
 			return nil, err
 		}
@@ -380,12 +381,16 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 		// Passthrough: the server has authenticated the client and holds a
 		// backend for it; limits from proxy.toml apply from here, before the
 		// client hears AuthenticationOk, with the new backend left out of the count.
+		authOut := slices.Clone(out) // the server's last auth messages, up to AuthenticationOk
 		beforeReady = func() error {
-			done, err := s.admit(ctx, sess, client, cr, log, sess.backendPID)
-			if err == nil {
-				done()
+			done, err := s.admit(ctx, sess, client, cr, log, admitFor{self: sess.backendPID, authOut: authOut})
+			if err != nil {
+				return err
 			}
-			return err
+			done()
+			// Time spent waiting for a slot does not count against the login.
+			_ = client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
+			return nil
 		}
 	} else if err := upstream.Authenticate(sr, server, keys); err != nil {
 		return nil, s.upstreamAuthFailed(sess, client, err)
@@ -577,4 +582,15 @@ func (c *prefixConn) Read(b []byte) (int, error) {
 		return n, nil
 	}
 	return c.Conn.Read(b)
+}
+
+// isReplication reports whether a startup's replication parameter opens a
+// walsender, as PostgreSQL reads it: "database", or a true boolean. "false",
+// "off" and the like are ordinary sessions, which count against limits.
+func isReplication(v string) bool {
+	switch strings.ToLower(v) {
+	case "database", "t", "tr", "tru", "true", "y", "ye", "yes", "on", "1":
+		return true
+	}
+	return false
 }

@@ -1180,6 +1180,15 @@ func TestLimitPassthrough(t *testing.T) {
 				if firstErr != nil {
 					t.Fatalf("the held session was disturbed: %v", firstErr)
 				}
+				// pgx checks that the SCRAM exchange ends with the server's
+				// SASLFinal before AuthenticationOk: the rejection must keep it.
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := pgx.Connect(cctx, p.DSN("lim_pt", "pt_pw", "app"))
+				cancel()
+				var pe *pgconn.PgError
+				if !errors.As(err, &pe) || pe.Code != "53300" || pe.Message != `too many connections for role "lim_pt"` {
+					t.Fatalf("pgx at the limit: %v", err)
+				}
 			case limiter.PolicyNewestWins:
 				if err != nil || strings.TrimSpace(out) != "lim_pt" {
 					t.Fatalf("second login: %v, %q %q", err, out, errOut)
@@ -1195,5 +1204,26 @@ func TestLimitPassthrough(t *testing.T) {
 				t.Fatalf("wrong password: %v, %q", err, errOut)
 			}
 		})
+	}
+}
+
+// replication=false is an ordinary session: it must not skip admission.
+func TestLimitReplicationFalseIsCounted(t *testing.T) {
+	t.Parallel()
+	for v, want := range map[string]bool{"": false, "false": false, "off": false, "0": false, "no": false,
+		"true": true, "on": true, "1": true, "yes": true, "database": true, "TRUE": true} {
+		if got := isReplication(v); got != want {
+			t.Errorf("isReplication(%q) = %v, want %v", v, got, want)
+		}
+	}
+	ctx := context.Background()
+	if err := shared.Exec(ctx, "create role lim_replfalse login password 'rf_pw'"); err != nil {
+		t.Fatal(err)
+	}
+	p := limitedProxy(t, map[string]limiter.Rule{"lim_replfalse": {MaxSessions: 1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject}})
+	connect(t, p.DSN("lim_replfalse", "rf_pw", "app"))
+	_, errOut, err := psql(t, p.DSN("lim_replfalse", "rf_pw", "app", "replication=false"), "", "-c", "select 1")
+	if err == nil || !strings.Contains(errOut, `too many connections for role "lim_replfalse"`) {
+		t.Fatalf("replication=false skipped the limit: %v, %q", err, errOut)
 	}
 }
