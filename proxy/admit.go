@@ -102,6 +102,19 @@ func (e *tooManyError) Error() string { return e.msg }
 // caller logs in to the server and then calls done, so that the next login of
 // the role sees this session in its census.
 func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
+	done, err = s.admitOnce(ctx, sess, client, cr, log, pass)
+	var tooMany *tooManyError
+	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) {
+		log.Warn("admission failed", "err", err)
+		sendFatal(client, "08006", "rolegate could not check the connection limits: "+err.Error())
+	}
+	return done, err
+}
+
+// controlTimeout bounds each query admission sends on the control connection.
+const controlTimeout = 10 * time.Second
+
+func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
 		return func() {}, nil
@@ -114,6 +127,10 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *
 	if a.login.Superuser || !a.role.Limited() && !a.db.Limited() {
 		return func() {}, nil // no limit anywhere costs nothing more
 	}
+	// A login waits at most its wait_timeout for a slot, plus the time its own
+	// evictions and queries take; nothing here may hang it for good.
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.StartupTimeout+max(a.role.WaitTimeout, a.db.WaitTimeout))
+	defer cancel()
 	started := time.Now()
 	waiting := false
 	defer func() { a.login.Ticket.Leave() }()
@@ -202,7 +219,9 @@ func (a *admission) rules(ctx context.Context) error {
 	if !box.serverLimits && !a.role.Limited() && !a.db.Limited() {
 		return nil
 	}
-	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(ctx, a.sess.user, a.sess.database, box.ttl)
+	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(cctx, a.sess.user, a.sess.database, box.ttl)
 	if err != nil {
 		return fmt.Errorf("read limits of role %q: %w", a.sess.user, err)
 	}
@@ -218,7 +237,9 @@ func (a *admission) rules(ctx context.Context) error {
 // carrying out each eviction.
 func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 	for {
-		holders, err := a.lim.Server.Census(ctx, a.sess.user, a.sess.database)
+		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+		holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
+		cancel()
 		if err != nil {
 			return limiter.Decision{}, fmt.Errorf("census of role %q: %w", a.sess.user, err)
 		}
@@ -254,7 +275,10 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
 		held.evictMsg.Store(&why)
-		if ok, err := a.lim.Server.Terminate(ctx, v.PID, 0); err != nil || !ok {
+		tctx, cancel := context.WithTimeout(ctx, controlTimeout)
+		ok, err := a.lim.Server.Terminate(tctx, v.PID, 0)
+		cancel()
+		if err != nil || !ok {
 			held.evictMsg.Store(nil) // not evicted: the session goes on as before
 			a.log.Warn("eviction failed", append(attrs, "err", err)...)
 			return false
@@ -269,9 +293,14 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		case <-ctx.Done():
 			return false
 		}
-	} else if ok, err := a.lim.Server.Terminate(ctx, v.PID, victimGoneTimeout); err != nil || !ok {
-		a.log.Warn("eviction failed", append(attrs, "err", err)...)
-		return false
+	} else {
+		tctx, cancel := context.WithTimeout(ctx, controlTimeout+victimGoneTimeout)
+		ok, err := a.lim.Server.Terminate(tctx, v.PID, victimGoneTimeout)
+		cancel()
+		if err != nil || !ok {
+			a.log.Warn("eviction failed", append(attrs, "err", err)...)
+			return false
+		}
 	}
 	a.log.Info("evicted", attrs...)
 	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,

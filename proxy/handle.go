@@ -91,7 +91,9 @@ func (s *Server) handle(raw net.Conn) {
 		stop()
 		sockets.close()
 		sess.markServerGone()
-		if s.cfg.Limits != nil && sess.user != "" {
+		if s.cfg.Limits != nil && sess.loggedIn {
+			// Only a session that held a slot frees one: a failed login must
+			// not wake waiters (and make rolegate query the server) for nothing.
 			s.cfg.Limits.Limiter.Released(sess.user, sess.database)
 		}
 	}()
@@ -130,6 +132,7 @@ func (s *Server) handle(raw net.Conn) {
 		s.loginFailed(sess, err, log)
 		return
 	}
+	sess.loggedIn = true
 	log = log.With("pid", sess.backendPID)
 	_ = client.SetDeadline(time.Time{})
 	_ = lg.server.SetDeadline(time.Time{})
@@ -320,7 +323,9 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
 	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
-	keys, err := a.authenticate(ctx)
+	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
+	keys, err := a.authenticate(actx)
+	cancel()
 	if err != nil {
 		return nil, err
 	}
@@ -334,8 +339,10 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 			deadline = time.Now().Add(s.cfg.StartupTimeout / 2)
 			_ = client.SetDeadline(deadline)
 		}
-		lg, err := s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil, log)
-		done()
+		lg, err := func() (*loggedIn, error) {
+			defer done() // also on a panic: a held admission lock would block the role for good
+			return s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil, log)
+		}()
 		if !errors.Is(err, errServerFull) {
 			return lg, err
 		}
@@ -535,9 +542,16 @@ func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) e
 		}
 		return &loginError{code: se.Code, msg: se.Message}
 	}
-	msg := fmt.Sprintf("rolegate could not log in to the server as %q: %v", sess.user, err)
-	sendFatal(client, "28000", msg)
-	return &loginError{code: "28000", msg: msg}
+	// rolegate itself cannot answer the server's request (28000), or the
+	// connection failed on the way (08006).
+	code := "08006"
+	var cannot *upstream.CannotAnswerError
+	if errors.As(err, &cannot) {
+		code = "28000"
+	}
+	msg := `rolegate could not log in to the server as "` + sess.user + `": ` + err.Error()
+	sendFatal(client, code, msg)
+	return &loginError{code: code, msg: msg}
 }
 
 // serverLost tells the client the server connection failed during login.

@@ -70,6 +70,7 @@ type session struct {
 	clientTLS   bool
 	serverTLS   bool
 
+	loggedIn   bool // set by handle once the session holds its server slot
 	backendPID uint32
 	backendKey []byte
 	cancelKey  cancelKey // the key rolegate gave the client

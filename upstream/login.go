@@ -26,6 +26,13 @@ func (e *ServerError) Error() string {
 	return fmt.Sprintf("server refused login: %s (SQLSTATE %s)", e.Message, e.Code)
 }
 
+// CannotAnswerError is a server request rolegate cannot answer for the client
+// with what it holds (a method it has no secret for), as opposed to a broken
+// connection or a server that misbehaves.
+type CannotAnswerError struct{ Msg string }
+
+func (e *CannotAnswerError) Error() string { return e.Msg }
+
 // Authenticate answers the server's authentication requests on a connection
 // whose StartupMessage has been sent, as the client whose keys rolegate
 // recovered, and returns when the server sends AuthenticationOk. This is what
@@ -59,7 +66,7 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
 			return nil
 		case 3: // cleartext password
 			if keys.Password == "" {
-				return errors.New("server asks for a cleartext password, but the client did not send one to rolegate")
+				return &CannotAnswerError{"server asks for a cleartext password, but the client did not send one to rolegate"}
 			}
 			reply = &pgproto3.PasswordMessage{Password: keys.Password}
 		case 5: // md5
@@ -72,8 +79,8 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
 				hash = auth.MD5Hash(keys.User, keys.Password)
 			}
 			if hash == "" {
-				return errors.New("server asks for md5, but rolegate holds only a SCRAM key for this role " +
-					"(the server's pg_hba.conf should use scram-sha-256 for it)")
+				return &CannotAnswerError{"server asks for md5, but rolegate holds only a SCRAM key for this role " +
+					"(the server's pg_hba.conf should use scram-sha-256 for it)"}
 			}
 			reply = &pgproto3.PasswordMessage{Password: auth.MD5Response(hash, req.Salt)}
 		case 10: // SASL
@@ -82,10 +89,10 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
 				return fmt.Errorf("decode SASL request: %w", err)
 			}
 			if !slices.Contains(req.AuthMechanisms, auth.SCRAMSHA256) {
-				return fmt.Errorf("server offers SASL mechanisms %v, not %s", req.AuthMechanisms, auth.SCRAMSHA256)
+				return &CannotAnswerError{fmt.Sprintf("server offers SASL mechanisms %v, not %s", req.AuthMechanisms, auth.SCRAMSHA256)}
 			}
 			if scram, err = auth.NewSCRAMClient(keys); err != nil {
-				return fmt.Errorf("server asks for SCRAM: %w", err)
+				return &CannotAnswerError{"server asks for SCRAM: " + err.Error()}
 			}
 			reply = &pgproto3.SASLInitialResponse{AuthMechanism: auth.SCRAMSHA256, Data: scram.ClientFirst()}
 		case 11: // SASL continue
@@ -109,7 +116,7 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
 			scram = nil
 			continue
 		default:
-			return fmt.Errorf("server asks for authentication method %d, which rolegate cannot answer for a client", code)
+			return &CannotAnswerError{fmt.Sprintf("server asks for authentication method %d, which rolegate cannot answer for a client", code)}
 		}
 		if _, err := w.Write(wire.Encode(nil, reply)); err != nil {
 			return fmt.Errorf("send authentication reply: %w", err)
