@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -78,7 +80,7 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 		if errors.Is(err, errServerClosed) && terminated.Load() {
 			err = errClientClosed
 		}
-		if errors.Is(err, errEvicted) {
+		if sess.evictMsg.Load() != nil {
 			// The server sends its FATAL before the backend exits and closes
 			// the socket once it has left: wait for that, so that serverGone
 			// means the slot is free.
@@ -192,10 +194,25 @@ func (s *session) replaceEvicted(buf []byte, evs []event) ([]byte, error) {
 		return buf, nil
 	}
 	for _, e := range evs {
-		if e.typ == 'E' && e.off >= 0 {
+		if e.typ == 'E' && e.off >= 0 && isTermination(buf[e.off:]) {
 			out := wire.Encode(buf[:e.off:e.off], wire.Error("FATAL", "57P01", *why))
 			return out, errEvicted
 		}
 	}
 	return buf, nil
+}
+
+// isTermination reports whether the ErrorResponse at the start of b is the
+// server's 57P01, so that an ordinary error that arrives while an eviction is
+// under way is passed on untouched. A message cut off by the buffer's end is
+// taken to be the termination: nothing else is expected once the signal is sent.
+func isTermination(b []byte) bool {
+	if len(b) < 5 {
+		return true
+	}
+	end := 1 + int(binary.BigEndian.Uint32(b[1:5]))
+	if end > len(b) {
+		return true
+	}
+	return bytes.Contains(b[5:end], []byte("C57P01\x00"))
 }
