@@ -159,7 +159,13 @@ func (res *loginResult) progress(ts []*target) string {
 
 // percentile is the p-th percentile (nearest rank) of target's logins.
 func (res *loginResult) percentile(target string, p float64) time.Duration {
-	xs := slices.Clone(res.took[target])
+	return percentile(res.took[target], p)
+}
+
+// percentile is the p-th percentile of xs by nearest rank; the median of an
+// even count is the mean of the middle two.
+func percentile(xs []time.Duration, p float64) time.Duration {
+	xs = slices.Clone(xs)
 	if len(xs) == 0 {
 		return 0
 	}

@@ -3,7 +3,8 @@
 // run by hand (bench/run.sh, `make bench`), never in CI, and asserts
 // nothing: it prints medians, ratios and every individual run.
 //
-//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500]
+//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300]
+//	go run ./bench -only limits [-limit-logins 300]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
 // the role bench and loads `pgbench -i -s 10` as that role, sets up
@@ -13,8 +14,12 @@
 // sequential logins through each, and then runs, interleaved over the
 // targets in every round, pgbench select-only with -M simple and -M
 // extended, a bulk COPY ... TO STDOUT read by psql into /dev/null, and
-// pgbench -C (a new SCRAM login per transaction). Everything it started is
-// stopped and removed on exit, also on Ctrl-C.
+// pgbench -C (a new SCRAM login per transaction). Last comes the newest-wins
+// test (issue 4, limits.go): logins of a role at its limit that evict its
+// oldest session, through a rolegate of their own, against plain logins and
+// against terminating the session by hand; `-only limits` runs that test
+// alone. Everything it started is stopped and removed on exit, also on
+// Ctrl-C.
 package main
 
 import (
@@ -82,7 +87,18 @@ type options struct {
 	// setupSQL is the control role's set-up script; empty looks for
 	// sql/setup.sql in the repository.
 	setupSQL string
+	// only runs one test alone: "limits" (the newest-wins test); empty
+	// runs everything.
+	only string
+	// limitLogins is how many logins the newest-wins test times per row.
+	limitLogins int
 }
+
+// onlyLimits is -only's value for the newest-wins test alone.
+const onlyLimits = "limits"
+
+// limitsOnly says whether the run is the newest-wins test alone.
+func (o options) limitsOnly() bool { return o.only == onlyLimits }
 
 func main() {
 	var o options
@@ -100,6 +116,8 @@ func main() {
 	flag.IntVar(&o.connectClients, "connect-clients", 8, "pgbench -c for the connect-rate row (pgbench -C)")
 	flag.IntVar(&o.logins, "logins", 500, "sequential logins timed per target for the login latency (0 skips it)")
 	flag.StringVar(&o.setupSQL, "setup-sql", "", "rolegate's control-role script; empty: sql/setup.sql of the repository, and without one the superuser")
+	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4); empty runs everything`)
+	flag.IntVar(&o.limitLogins, "limit-logins", 300, "newest-wins test: logins timed per row (0 skips the test in a full run)")
 	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -133,6 +151,12 @@ func (o options) validate() error {
 		return errors.New("-scale must be at least 1")
 	case o.repeats < 0:
 		return errors.New("-repeats must be 0 or more")
+	case o.only != "" && o.only != onlyLimits:
+		return fmt.Errorf("-only %q: the only test that runs alone is %q", o.only, onlyLimits)
+	case o.limitLogins < 0:
+		return errors.New("-limit-logins must be 0 or more")
+	case o.limitsOnly() && o.limitLogins == 0:
+		return errors.New("-only limits needs -limit-logins of at least 1")
 	}
 	return nil
 }
@@ -168,7 +192,11 @@ func run(o options) int {
 
 // bench does the whole run; its deferred calls are the cleanup.
 func bench(ctx context.Context, o options, began time.Time) (err error) {
-	for _, tool := range []string{"pgbench", "psql"} {
+	tools := []string{"pgbench", "psql"}
+	if o.limitsOnly() {
+		tools = []string{"psql"} // for sql/setup.sql
+	}
+	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			return fmt.Errorf("%s not found on PATH: install the PostgreSQL client tools (Debian/Ubuntu: apt-get install postgresql-client postgresql-contrib), or run scripts/ensure-postgres.sh", tool)
 		}
@@ -194,7 +222,9 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 
 	var bouncerBin, bouncerNote string
-	if o.noPgBouncer {
+	if o.limitsOnly() {
+		// Nothing to say: the test has no PgBouncer column.
+	} else if o.noPgBouncer {
 		bouncerNote = "PgBouncer left out (-no-pgbouncer)"
 	} else if bouncerBin, bouncerNote, err = ensurePgBouncer(ctx); err != nil {
 		return err
@@ -225,18 +255,23 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		return err
 	}
 	logf("rolegate control: %s", ctl.describe)
-	logf("pgbench -i -s %d as %s", o.scale, benchRole)
-	if _, _, err := runTool(ctx, env, "pgbench", "-i", "-q", "-s", strconv.Itoa(o.scale),
-		"-h", cluster.Host, "-p", strconv.Itoa(cluster.Port), "-U", benchRole, benchRole); err != nil {
-		return fmt.Errorf("loading pgbench data: %w", err)
+	if !o.limitsOnly() {
+		logf("pgbench -i -s %d as %s", o.scale, benchRole)
+		if _, _, err := runTool(ctx, env, "pgbench", "-i", "-q", "-s", strconv.Itoa(o.scale),
+			"-h", cluster.Host, "-p", strconv.Itoa(cluster.Port), "-U", benchRole, benchRole); err != nil {
+			return fmt.Errorf("loading pgbench data: %w", err)
+		}
 	}
 
-	targets := []*target{{name: "direct", host: cluster.Host, port: cluster.Port}}
+	var targets []*target
 	var daemons []*daemon
-
-	instances := []rolegateInstance{{name: "rolegate"}}
-	if o.gomaxprocs1 {
-		instances = append(instances, rolegateInstance{name: gmp1Target, gomaxprocs: 1})
+	var instances []rolegateInstance
+	if !o.limitsOnly() {
+		targets = append(targets, &target{name: "direct", host: cluster.Host, port: cluster.Port})
+		instances = append(instances, rolegateInstance{name: "rolegate"})
+		if o.gomaxprocs1 {
+			instances = append(instances, rolegateInstance{name: gmp1Target, gomaxprocs: 1})
+		}
 	}
 	for _, inst := range instances {
 		rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr(), ctl, inst)
@@ -287,13 +322,18 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		logf("with the benchmark idle, other work used %.2f cores; each run waits for quiet (-quiet-wait %v)", r.idle.other, o.quietWait)
 	}
 
-	if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
-		return err
+	if !o.limitsOnly() {
+		if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
+			return err
+		}
+		if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
+			return err
+		}
+		if err := measure(ctx, o, env, targets, meter, r); err != nil {
+			return err
+		}
 	}
-	if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
-		return err
-	}
-	if err := measure(ctx, o, env, targets, meter, r); err != nil {
+	if err := measureLimits(ctx, o, cluster, rolegateBin, work, ctl, meter, pids, r); err != nil {
 		return err
 	}
 	r.wall = time.Since(began)

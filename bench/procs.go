@@ -147,6 +147,12 @@ type controlSetup struct {
 type rolegateInstance struct {
 	name       string
 	gomaxprocs int // 0: the Go runtime's default (one P per CPU)
+	// logLevel and logFormat are [log] level and format; empty: warn and
+	// text.
+	logLevel, logFormat string
+	// extraConfig is appended to the configuration file ([limits],
+	// [roles.NAME] tables).
+	extraConfig string
 }
 
 // rolegateCacheTTL is [auth] cache_ttl, written out although it is the
@@ -156,13 +162,21 @@ const rolegateCacheTTL = "60s"
 // startRolegate runs rolegate in proxy mode in front of server: it checks
 // clients' SCRAM proofs itself with the verifier from the auth query on its
 // control connection, and logs in to the server with the recovered
-// ClientKey. TLS is off on both sides and the log level is warn.
+// ClientKey. TLS is off on both sides and the log level is warn unless inst
+// says otherwise.
 func startRolegate(ctx context.Context, bin, work, server string, ctl controlSetup, inst rolegateInstance) (*daemon, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
 	t := &target{name: inst.name, host: "127.0.0.1", port: port}
+	level, format := inst.logLevel, inst.logFormat
+	if level == "" {
+		level = "warn"
+	}
+	if format == "" {
+		format = "text"
+	}
 	config := fmt.Sprintf(`# written by the rolegate benchmark
 listen = %q
 
@@ -172,6 +186,7 @@ sslmode = "disable"
 
 [control]
 dsn = %q   # password: ROLEGATE_CONTROL_PASSWORD
+max_conns = 4   # the default; limits need at least 2
 
 [auth]
 mode = "proxy"
@@ -180,8 +195,10 @@ auth_query = %q
 cache_ttl = %q
 
 [log]
-level = "warn"
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL)
+level = %q
+format = %q
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
+	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("%s config: %w", inst.name, err)

@@ -118,7 +118,8 @@ type report struct {
 	started   time.Time
 	wall      time.Duration
 	runs      map[testKind]map[string][]sample
-	logins    *loginResult // nil when -logins 0
+	logins    *loginResult  // nil when -logins 0
+	limits    *limitsResult // nil when -limit-logins 0
 	proxyLogs []string
 	// idle is the CPU use before the first run, with everything started
 	// and nothing of the benchmark's doing work.
@@ -188,9 +189,13 @@ func (r *report) target(name string) *target {
 	return nil
 }
 
-// settings is one line describing what ran.
+// settings is one line describing what ran in the rounds and the login
+// latency; empty for -only limits.
 func (r *report) settings() string {
 	o := r.opts
+	if o.limitsOnly() {
+		return ""
+	}
 	s := fmt.Sprintf("%d rounds, interleaved; pgbench -n -S -c %d -j %d -T %d (scale %d); COPY (select repeat('x', %d) from generate_series(1, %d)) TO STDOUT, %d bytes, psql > /dev/null; connect rate pgbench -n -S -C -c %d -j %d -T %d",
 		o.rounds, o.clients, o.jobs, int(o.duration/time.Second), o.scale, copyRowLen, r.copy.rows, r.copy.bytes,
 		o.connectClients, o.jobs, int(o.duration/time.Second))
@@ -203,12 +208,19 @@ func (r *report) settings() string {
 // setupLines say how the proxies were set up.
 func (r *report) setupLines() []string {
 	m := r.machine
-	lines := []string{"rolegate: proxy mode (SCRAM with the client, the recovered ClientKey to the server), control connection " + m.control}
+	name := "rolegate"
+	if r.opts.limitsOnly() {
+		name = limitsTarget
+	}
+	lines := []string{name + ": proxy mode (SCRAM with the client, the recovered ClientKey to the server), control connection " + m.control}
 	if r.has(gmp1Target) {
 		lines = append(lines, gmp1Target+": the same binary and configuration, started with GOMAXPROCS=1; it runs the select-only and connect-rate rows only")
 	}
 	if m.pgbouncerAuth != "" {
 		lines = append(lines, "PgBouncer: session mode, "+m.pgbouncerAuth)
+	}
+	if r.limits != nil {
+		lines = append(lines, limitsSetupLine)
 	}
 	return lines
 }
@@ -292,12 +304,27 @@ func (r *report) verdicts() []string {
 func (r *report) print(w io.Writer) {
 	fmt.Fprintf(w, "\nrolegate benchmark, %s, wall time %s\n", r.started.UTC().Format("2006-01-02 15:04 UTC"), r.wall.Round(time.Second))
 	fmt.Fprintf(w, "machine: %s\n", r.machineLine())
-	fmt.Fprintf(w, "runs:    %s\n", r.settings())
+	if s := r.settings(); s != "" {
+		fmt.Fprintf(w, "runs:    %s\n", s)
+	}
+	if r.limits != nil {
+		fmt.Fprintf(w, "limits:  %s\n", limitsSettings(r.opts))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "setup:   %s\n", line)
 	}
 	if r.machine.pgbouncerNote != "" {
 		fmt.Fprintf(w, "NOTE:    %s\n", r.machine.pgbouncerNote)
+	}
+	if r.opts.limitsOnly() {
+		r.printLimits(w)
+		fmt.Fprintf(w, "\nAgainst issue 4's target (a newest-wins login at most 5 ms more than a plain login at the median, 30 ms at p99):\n")
+		for _, line := range r.limits.verdicts() {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
+		fmt.Fprintf(w, "\n----- Markdown, for bench/README.md -----\n\n")
+		r.markdown(w)
+		return
 	}
 
 	fmt.Fprintf(w, "\nMedians (TPS and logins/s: higher is better; COPY: seconds, lower is better, ratio is time target/direct)\n\n")
@@ -331,6 +358,9 @@ func (r *report) print(w io.Writer) {
 		tw.Flush()
 		fmt.Fprintf(w, "\n%s\n", r.logins.skewSummary(r.opts.repeats))
 	}
+	if r.limits != nil {
+		r.printLimits(w)
+	}
 
 	fmt.Fprintf(w, "\nEvery run (CPU in cores, %d in all: the machine's busy time split into the server, the client tool, the proxy and other work)\n\n", r.machine.cpus)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -354,6 +384,12 @@ func (r *report) print(w io.Writer) {
 			fmt.Fprintf(w, "  %s\n", line)
 		}
 	}
+	if r.limits != nil {
+		fmt.Fprintf(w, "\nAgainst issue 4's target (a newest-wins login at most 5 ms more than a plain login at the median, 30 ms at p99):\n")
+		for _, line := range r.limits.verdicts() {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
+	}
 	if len(r.proxyLogs) > 0 {
 		fmt.Fprintf(w, "\nProxy logs:\n")
 		for _, line := range r.proxyLogs {
@@ -369,12 +405,25 @@ func (r *report) print(w io.Writer) {
 func (r *report) markdown(w io.Writer) {
 	fmt.Fprintf(w, "Run %s, wall time %s.\n\n", r.started.UTC().Format("2006-01-02 15:04 UTC"), r.wall.Round(time.Second))
 	fmt.Fprintf(w, "- Machine: %s\n", r.machineLine())
-	fmt.Fprintf(w, "- Runs: %s\n", r.settings())
+	if s := r.settings(); s != "" {
+		fmt.Fprintf(w, "- Runs: %s\n", s)
+	}
+	if r.limits != nil {
+		fmt.Fprintf(w, "- Newest-wins: %s\n", strings.TrimPrefix(limitsSettings(r.opts), "newest-wins: "))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "- %s\n", line)
 	}
 	if r.machine.pgbouncerNote != "" {
 		fmt.Fprintf(w, "- Note: %s\n", r.machine.pgbouncerNote)
+	}
+	if r.opts.limitsOnly() {
+		r.markdownLimits(w)
+		fmt.Fprintf(w, "\nAgainst issue 4's target:\n\n")
+		for _, line := range r.limits.verdicts() {
+			fmt.Fprintf(w, "- %s\n", line)
+		}
+		return
 	}
 	fmt.Fprintln(w)
 
@@ -418,6 +467,9 @@ func (r *report) markdown(w io.Writer) {
 			mdRow(w, row)
 		}
 		fmt.Fprintf(w, "\n%s\n", r.logins.skewSummary(r.opts.repeats))
+	}
+	if r.limits != nil {
+		r.markdownLimits(w)
 	}
 
 	fmt.Fprintf(w, "\nEvery run, in the order they ran within each round:\n\n")
@@ -473,7 +525,11 @@ func (r *report) markdown(w io.Writer) {
 			mdRow(w, append(row, r.proxyCost(k, t)))
 		}
 	}
-	if v := r.verdicts(); len(v) > 0 {
+	v := r.verdicts()
+	if r.limits != nil {
+		v = append(v, r.limits.verdicts()...)
+	}
+	if len(v) > 0 {
 		fmt.Fprintf(w, "\nAgainst the targets:\n\n")
 		for _, line := range v {
 			fmt.Fprintf(w, "- %s\n", line)
@@ -566,4 +622,13 @@ func (res *loginResult) skewSummary(repeats int) string {
 		line += fmt.Sprintf("; %d of the batches kept were still skewed after %d repeats", res.skewed, repeats)
 	}
 	return line + "."
+}
+
+// printTable writes rows as a right-aligned plain-text table.
+func printTable(w io.Writer, rows [][]string) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	for _, row := range rows {
+		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
+	}
+	tw.Flush()
 }

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/rolegate/rolegate/limiter"
@@ -26,10 +25,6 @@ import (
 // (sql/setup.sql grants both).
 
 const (
-	// limitsCacheSize bounds the roles and databases whose server limits are
-	// cached (together).
-	limitsCacheSize = 1000
-
 	// Advisory lock keys are pg_advisory_lock(class, hashtext(name)), with a
 	// class of rolegate's own, so that they cannot be confused with an
 	// application's single-bigint locks or with each other. An operator
@@ -51,10 +46,11 @@ const (
 // census is the state Census, ServerLimits and the locks keep between calls,
 // a field of Control. Its zero value is ready: init fills it on first use.
 type census struct {
-	once    sync.Once
-	appName string // the control pool's application_name
-	now     func() time.Time
-	limits  *lru.Cache[limitKey, limitEntry]
+	once     sync.Once
+	appName  string // the control pool's application_name
+	now      func() time.Time
+	limitsMu sync.Mutex
+	limits   *limitSnapshot // nil until fetched, and after ForgetLimits
 
 	keysMu sync.Mutex
 	keys   map[limitKey]*keyToken // in-process lock tokens, by class and name
@@ -73,10 +69,6 @@ func (c *Control) state() *census {
 		s.appName = c.pool.Config().ConnConfig.RuntimeParams["application_name"]
 		if s.now == nil {
 			s.now = time.Now
-		}
-		var err error
-		if s.limits, err = lru.New[limitKey, limitEntry](limitsCacheSize); err != nil {
-			panic(err) // only for a size under 1
 		}
 		s.keys = make(map[limitKey]*keyToken)
 		s.session = make(chan struct{}, 1)
@@ -147,11 +139,26 @@ type limitKey struct {
 	name  string
 }
 
-type limitEntry struct {
-	limit   int  // rolconnlimit or datconnlimit; -1 for none
-	super   bool // rolsuper, for roles
+// limitSnapshot is every limit the server sets, read in one query: the roles
+// with a connection limit or rolsuper, and the databases with a limit. A role
+// or database it does not name has no limit, so with a fresh snapshot a login
+// of a role without a limit anywhere costs no query at all.
+type limitSnapshot struct {
+	roles   map[string]roleLimits
+	dbs     map[string]int
 	fetched time.Time
 }
+
+type roleLimits struct {
+	limit int // rolconnlimit; -1 for none
+	super bool
+}
+
+const allLimitsQuery = `SELECT true, rolname::text, rolconnlimit, rolsuper FROM pg_catalog.pg_roles
+	WHERE rolconnlimit >= 0 OR rolsuper
+UNION ALL
+SELECT false, datname::text, datconnlimit, false FROM pg_catalog.pg_database
+	WHERE datconnlimit >= 0`
 
 const limitsQuery = `SELECT
 	coalesce((SELECT rolconnlimit FROM pg_catalog.pg_roles WHERE rolname = $1), -1),
@@ -160,39 +167,81 @@ const limitsQuery = `SELECT
 
 // ServerLimits returns role's rolconnlimit and rolsuper and database's
 // datconnlimit; -1 means no limit (also for an unknown role or database,
-// which is not a superuser either). Answers are cached for ttl in an LRU of
-// 1000 roles and databases; ttl <= 0 asks the server every time. The ttl of
-// each call decides, so a reload that shortens it applies at once.
+// which is not a superuser either). With ttl > 0 the answer comes from a
+// snapshot of every limit on the server, read in one query and kept for ttl,
+// so a role without a limit anywhere costs no query per login; ttl <= 0 asks
+// the server about role and database every time. The ttl of each call
+// decides, so a reload that shortens it applies at once.
 func (c *Control) ServerLimits(ctx context.Context, role, database string, ttl time.Duration) (roleLimit int, superuser bool, dbLimit int, err error) {
 	s := c.state()
-	rk, dk := limitKey{lockClassRole, role}, limitKey{lockClassDatabase, database}
-	if ttl > 0 {
-		now := s.now()
-		r, rok := s.limits.Get(rk)
-		d, dok := s.limits.Get(dk)
-		if rok && dok && now.Sub(r.fetched) < ttl && now.Sub(d.fetched) < ttl {
-			return r.limit, r.super, d.limit, nil
+	if ttl <= 0 {
+		var rl, dl int32
+		if err := c.pool.QueryRow(ctx, limitsQuery, role, database).Scan(&rl, &superuser, &dl); err != nil {
+			return 0, false, 0, fmt.Errorf("server limits: %w", err)
+		}
+		return noLimit(rl), superuser, noLimit(dl), nil
+	}
+	s.limitsMu.Lock()
+	snap := s.limits
+	s.limitsMu.Unlock()
+	if snap == nil || s.now().Sub(snap.fetched) >= ttl {
+		if snap, err = c.fetchLimits(ctx); err != nil {
+			return 0, false, 0, err
+		}
+		s.limitsMu.Lock()
+		s.limits = snap
+		s.limitsMu.Unlock()
+	}
+	r, ok := snap.roles[role]
+	if !ok {
+		r.limit = -1
+	}
+	d, ok := snap.dbs[database]
+	if !ok {
+		d = -1
+	}
+	return r.limit, r.super, d, nil
+}
+
+func (c *Control) fetchLimits(ctx context.Context) (*limitSnapshot, error) {
+	snap := &limitSnapshot{roles: map[string]roleLimits{}, dbs: map[string]int{}, fetched: c.state().now()}
+	rows, err := c.pool.Query(ctx, allLimitsQuery)
+	if err != nil {
+		return nil, fmt.Errorf("server limits: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var isRole, super bool
+		var name string
+		var limit int32
+		if err := rows.Scan(&isRole, &name, &limit, &super); err != nil {
+			return nil, fmt.Errorf("server limits: %w", err)
+		}
+		if isRole {
+			snap.roles[name] = roleLimits{limit: noLimit(limit), super: super}
+		} else {
+			snap.dbs[name] = noLimit(limit)
 		}
 	}
-	var rl, dl int32
-	if err := c.pool.QueryRow(ctx, limitsQuery, role, database).Scan(&rl, &superuser, &dl); err != nil {
-		return 0, false, 0, fmt.Errorf("server limits: %w", err)
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("server limits: %w", err)
 	}
-	// Anything negative is no limit: PostgreSQL 16 and later (and the latest
-	// minor releases before) mark a database left invalid by an interrupted
-	// DROP DATABASE with datconnlimit -2; the server refuses it anyway.
-	roleLimit, dbLimit = max(int(rl), -1), max(int(dl), -1)
-	if ttl > 0 {
-		now := s.now()
-		s.limits.Add(rk, limitEntry{limit: roleLimit, super: superuser, fetched: now})
-		s.limits.Add(dk, limitEntry{limit: dbLimit, fetched: now})
-	}
-	return roleLimit, superuser, dbLimit, nil
+	return snap, nil
 }
+
+// noLimit maps anything negative to -1: PostgreSQL 16 and later (and the
+// latest minor releases before) mark a database left invalid by an interrupted
+// DROP DATABASE with datconnlimit -2; the server refuses it anyway.
+func noLimit(v int32) int { return max(int(v), -1) }
 
 // ForgetLimits empties the ServerLimits cache (on reload, or when an
 // operator changed a limit and says so).
-func (c *Control) ForgetLimits() { c.state().limits.Purge() }
+func (c *Control) ForgetLimits() {
+	s := c.state()
+	s.limitsMu.Lock()
+	s.limits = nil
+	s.limitsMu.Unlock()
+}
 
 // Terminate runs pg_terminate_backend on pid. With timeout 0 (or less) it
 // signals the backend and returns at once; ok then only says the signal was
