@@ -50,10 +50,18 @@ func (u Userlist) Secret(_ context.Context, role string) (Secret, bool, error) {
 // entry is a cached answer: unknown roles are cached too, so a client guessing
 // role names costs one query per name and TTL, not one per attempt.
 type entry struct {
-	secret  Secret
-	found   bool
-	expires time.Time
+	secret    Secret
+	found     bool
+	refreshed bool // fetched by Refresh, after a failed login
+	fetched   time.Time
+	expires   time.Time
 }
+
+// minRefresh spaces out the refreshes of one role that follow each other:
+// failed logins trigger them, and a client guessing passwords must not turn
+// every guess into a query. The first failure after a lookup always refreshes,
+// so a password changed on the server still takes effect at once.
+const minRefresh = time.Second
 
 // Store answers "what is this role's secret" from its sources, in order, with
 // an LRU cache in front whose entries expire after a TTL. A password changed on
@@ -87,11 +95,28 @@ func (s *Store) Lookup(ctx context.Context, role string) (Secret, bool, error) {
 			return e.secret, e.found, nil
 		}
 	}
-	return s.Refresh(ctx, role)
+	return s.fetch(ctx, role)
 }
 
-// Refresh asks the sources again, bypassing and then updating the cache.
+// Refresh asks the sources again, bypassing and then updating the cache, but
+// returns the cached answer when a refresh fetched it less than a second ago.
 func (s *Store) Refresh(ctx context.Context, role string) (Secret, bool, error) {
+	if s.cache != nil {
+		if e, ok := s.cache.Peek(role); ok && e.refreshed && s.now().Sub(e.fetched) < minRefresh {
+			return e.secret, e.found, nil
+		}
+	}
+	sec, found, err := s.fetch(ctx, role)
+	if err == nil && s.cache != nil {
+		if e, ok := s.cache.Peek(role); ok {
+			e.refreshed = true
+			s.cache.Add(role, e)
+		}
+	}
+	return sec, found, err
+}
+
+func (s *Store) fetch(ctx context.Context, role string) (Secret, bool, error) {
 	for _, src := range s.sources {
 		sec, found, err := src.Secret(ctx, role)
 		if err != nil {
@@ -115,7 +140,8 @@ func (s *Store) Forget(role string) {
 
 func (s *Store) put(role string, e entry) {
 	if s.cache != nil {
-		e.expires = s.now().Add(s.ttl)
+		e.fetched = s.now()
+		e.expires = e.fetched.Add(s.ttl)
 		s.cache.Add(role, e)
 	}
 }
