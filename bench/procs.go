@@ -5,12 +5,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -292,29 +290,6 @@ func findPgBouncer() string {
 	return ""
 }
 
-// pgbouncerCredential is who PgBouncer runs as: it refuses root, so root
-// hands it to the postgres user (or nobody); anyone else runs it as himself.
-func pgbouncerCredential() (*syscall.Credential, error) {
-	if os.Geteuid() != 0 {
-		return nil, nil
-	}
-	for _, name := range []string{"postgres", "nobody"} {
-		u, err := user.Lookup(name)
-		if err != nil {
-			continue
-		}
-		uid, err := strconv.ParseUint(u.Uid, 10, 32)
-		if err != nil {
-			return nil, fmt.Errorf("user %s: uid %q: %w", name, u.Uid, err)
-		}
-		gid, err := strconv.ParseUint(u.Gid, 10, 32)
-		if err != nil {
-			return nil, fmt.Errorf("user %s: gid %q: %w", name, u.Gid, err)
-		}
-		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
-	}
-	return nil, errors.New("running as root, PgBouncer refuses root, and there is neither a postgres nor a nobody user to run it as")
-}
 
 // pgbouncerAuth is how PgBouncer finds bench's verifier: with auth_query, run
 // as auth_user, whose own entry is in the auth_file.
@@ -335,7 +310,7 @@ const pgbouncerAuthQuery = "SELECT usename, passwd FROM pg_shadow WHERE usename=
 // verifier from pg_shadow as pa.user, checks the client with it, and then
 // logs in to the server with the client's SCRAM keys.
 func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth) (*daemon, error) {
-	cred, err := pgbouncerCredential()
+	cred, err := pgtest.ServerCredential() // PgBouncer refuses root too
 	if err != nil {
 		return nil, err
 	}

@@ -139,7 +139,7 @@ func newCluster(ctx context.Context, opts Options, pickPort func() (int, error))
 	if err != nil {
 		return nil, err
 	}
-	cred, err := serverCredential()
+	cred, err := ServerCredential()
 	if err != nil {
 		return nil, err
 	}

@@ -10,11 +10,11 @@ import (
 	"syscall"
 )
 
-// serverCredential returns the identity to run initdb and postgres as, or nil
-// to run them as ourselves. PostgreSQL refuses to run as root, and CI runs
-// tests as root, so root hands the server to an unprivileged user instead of
-// asking for sudo.
-func serverCredential() (*syscall.Credential, error) {
+// ServerCredential returns the identity to run initdb and postgres (or any
+// other server that refuses root, such as PgBouncer) as, or nil to run them as
+// ourselves. PostgreSQL refuses to run as root, and CI runs tests as root, so
+// root hands the server to an unprivileged user instead of asking for sudo.
+func ServerCredential() (*syscall.Credential, error) {
 	if os.Geteuid() != 0 {
 		return nil, nil
 	}
