@@ -290,7 +290,6 @@ func findPgBouncer() string {
 	return ""
 }
 
-
 // pgbouncerAuth is how PgBouncer finds bench's verifier: with auth_query, run
 // as auth_user, whose own entry is in the auth_file.
 type pgbouncerAuth struct {
