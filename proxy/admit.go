@@ -399,3 +399,58 @@ func (s *Server) markOwn(holders []limiter.Holder) {
 		holders[i].ViaRolegate = own[holders[i].PID]
 	}
 }
+
+// ErrNoControl is returned by Kill when rolegate has no control connection to
+// terminate backends through.
+var ErrNoControl = errors.New("terminating sessions needs the control connection ([control] dsn) and limits")
+
+// Kill terminates one server backend for an operator, whether rolegate relays
+// it or not. A client rolegate relays is told why, with the server's SQLSTATE
+// 57P01. It reports false when no such backend was there to terminate.
+func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) {
+	lim := s.cfg.Limits
+	if lim == nil {
+		return false, ErrNoControl
+	}
+	held := s.registry.byBackendPID(pid)
+	if held != nil {
+		why := "terminating connection: rolegate terminated this session at an operator's request (" + by + ")"
+		held.evictMsg.Store(&why)
+	}
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	ok, err := lim.Server.Terminate(ctx, pid, 0)
+	if (err != nil || !ok) && held != nil {
+		held.evictMsg.Store(nil)
+	}
+	attrs := []any{"pid", pid, "by", by, "via_rolegate", held != nil}
+	if held != nil {
+		attrs = append(attrs, "role", held.user, "database", held.database, "client", held.clientAddr)
+	}
+	switch {
+	case err != nil:
+		s.log.Warn("kill failed", append(attrs, "err", err)...)
+		return false, fmt.Errorf("terminate backend %d: %w", pid, err)
+	case !ok:
+		s.log.Info("kill: no such backend", attrs...)
+		return false, nil
+	}
+	s.log.Info("killed", attrs...)
+	s.events.add(Event{Time: time.Now(), Kind: "kill", Role: "", VictimPID: pid, ViaRolegate: held != nil,
+		VictimClient: clientOf(held), VictimRole: roleOf(held), Reason: "operator: " + by})
+	return true, nil
+}
+
+func clientOf(s *session) string {
+	if s == nil {
+		return ""
+	}
+	return s.clientAddr
+}
+
+func roleOf(s *session) string {
+	if s == nil {
+		return ""
+	}
+	return s.user
+}

@@ -9,7 +9,7 @@ import (
 // SHOW EVICTIONS): a copied value, safe to keep.
 type Event struct {
 	Time     time.Time
-	Kind     string // "eviction" or "rejection"
+	Kind     string // "eviction", "rejection" or "kill"
 	Role     string // the login's role
 	Database string
 	Client   string // the login's client address

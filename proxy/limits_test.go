@@ -1227,3 +1227,33 @@ func TestLimitReplicationFalseIsCounted(t *testing.T) {
 		t.Fatalf("replication=false skipped the limit: %v, %q", err, errOut)
 	}
 }
+
+func TestKill(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	if err := shared.Exec(ctx, "create role lim_kill login password 'kill_pw'"); err != nil {
+		t.Fatal(err)
+	}
+	p := limitedProxy(t, map[string]limiter.Rule{})
+	c := connect(t, p.DSN("lim_kill", "kill_pw", "app"))
+	pid := p.Sessions()[0].BackendPID
+	ok, err := p.Kill(ctx, pid, "test")
+	if err != nil || !ok {
+		t.Fatalf("Kill: %v, %v", ok, err)
+	}
+	_, err = c.Exec(ctx, "select 1")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "57P01" || !strings.Contains(pe.Message, "at an operator's request (test)") {
+		t.Fatalf("killed session got %v", err)
+	}
+	if ok, err := p.Kill(ctx, 999999, "test"); err != nil || ok {
+		t.Fatalf("Kill of no such pid: %v, %v", ok, err)
+	}
+	if ev := p.Events(); len(ev) != 1 || ev[0].Kind != "kill" || ev[0].VictimPID != pid {
+		t.Errorf("events: %+v", ev)
+	}
+	bare := startProxy(t, proxyOpts{})
+	if _, err := bare.Kill(ctx, pid, "test"); !errors.Is(err, ErrNoControl) {
+		t.Errorf("Kill without a control connection: %v", err)
+	}
+}
