@@ -195,6 +195,9 @@ cache_ttl = %q
 [log]
 level = %q
 format = %q
+
+[admin]
+http = ""   # several instances run at once; the benchmark does not use it
 `, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
 	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")

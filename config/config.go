@@ -35,6 +35,7 @@ type Config struct {
 	Control Control `toml:"control"`
 	Auth    Auth    `toml:"auth"`
 	Log     Log     `toml:"log"`
+	Admin   Admin   `toml:"admin"`
 
 	// Limits holds the defaults of the connection limits; Roles and Databases
 	// the limits of single roles and databases, by name. The maps are nil when
@@ -88,6 +89,25 @@ type Auth struct {
 	AuthQuery string   `toml:"auth_query"`
 	CacheSize int      `toml:"cache_size"`
 	CacheTTL  Duration `toml:"cache_ttl"`
+}
+
+// Admin is the operator surface: the HTTP JSON API and /metrics.
+type Admin struct {
+	// HTTP is the address of the admin HTTP server, host:port; "" turns it off.
+	HTTP string `toml:"http"`
+	// Token is the bearer token the mutating HTTP endpoints require;
+	// ROLEGATE_ADMIN_TOKEN wins over it (see AdminToken). Empty: mutating
+	// endpoints are refused.
+	Token string `toml:"token"`
+}
+
+// AdminToken is the admin bearer token: ROLEGATE_ADMIN_TOKEN when set and
+// not empty, else [admin] token.
+func (c *Config) AdminToken() string {
+	if t := os.Getenv("ROLEGATE_ADMIN_TOKEN"); t != "" {
+		return t
+	}
+	return c.Admin.Token
 }
 
 // Log configures rolegate's own log output.
@@ -248,7 +268,8 @@ func Default() *Config {
 			CacheSize: 1000,
 			CacheTTL:  "60s",
 		},
-		Log: Log{Level: "info", Format: "text"},
+		Log:   Log{Level: "info", Format: "text"},
+		Admin: Admin{HTTP: "127.0.0.1:9631"},
 		Limits: Limits{
 			Policy:         string(limiter.PolicyReject),
 			Fallback:       string(limiter.PolicyReject),
@@ -338,6 +359,11 @@ func (c *Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return bad("listen", "want host:port: %v", err)
+	}
+	if c.Admin.HTTP != "" {
+		if _, _, err := net.SplitHostPort(c.Admin.HTTP); err != nil {
+			return bad("admin.http", "want host:port, or \"\" to turn the admin HTTP server off: %v", err)
+		}
 	}
 	if _, _, err := net.SplitHostPort(c.Server.Address); err != nil {
 		return bad("server.address", "want host:port: %v", err)

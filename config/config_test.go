@@ -40,8 +40,9 @@ func TestDefaults(t *testing.T) {
 		Server:          Server{Address: "127.0.0.1:5432", SSLMode: SSLPrefer, ConnectTimeout: "10s"},
 		Control:         Control{MaxConns: 4},
 		// Mode "" until Parse resolves it from the verifier sources.
-		Auth: Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
-		Log:  Log{Level: "info", Format: "text"},
+		Auth:  Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
+		Log:   Log{Level: "info", Format: "text"},
+		Admin: Admin{HTTP: "127.0.0.1:9631"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
 			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
 	}
@@ -114,6 +115,10 @@ cache_ttl = "5m"
 level = "debug"
 format = "json"
 
+[admin]
+http = "0.0.0.0:9700"
+token = "s3cret"
+
 [limits]
 policy = "evict-idle"
 fallback = "wait"
@@ -151,7 +156,8 @@ min_session_age = "1s"
 			PasswordFile: "/etc/rolegate/control.pw", MaxConns: 2},
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
-		Log: Log{Level: "debug", Format: "json"},
+		Log:   Log{Level: "debug", Format: "json"},
+		Admin: Admin{HTTP: "0.0.0.0:9700", Token: "s3cret"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
@@ -235,6 +241,8 @@ func TestErrors(t *testing.T) {
 			`mode "proxy" needs a verifier source: control.dsn or auth.userlist`},
 		{"auth mode proxy, source empty", "[control]\ndsn = \"\"\n[auth]\nuserlist = \"\"\nmode = \"proxy\"\n", "auth.mode", 5,
 			"needs a verifier source"},
+		{"bad admin http", "[admin]\nhttp = \"9631\"\n", "admin.http", 2, "want host:port"},
+		{"unknown key in admin", "[admin]\nusers = [\"x\"]\n", "admin.users", 2, "unknown key"},
 		{"bad auth method", "[auth]\nmethod = \"scram\"\n", "auth.method", 2, `invalid method "scram"`},
 		{"auth method of the wrong case", "[auth]\n\nmethod = \"MD5\"\n", "auth.method", 3, `invalid method "MD5"`},
 		{"cleartext_without_tls as a string", "[auth]\ncleartext_without_tls = \"yes\"\n", "auth.cleartext_without_tls", 2,
@@ -706,5 +714,23 @@ max_sessions = 2
 		if got := keyLine([]byte(doc), key); got != want {
 			t.Errorf("keyLine(%s) = %d, want %d", key, got, want)
 		}
+	}
+}
+
+func TestAdmin(t *testing.T) {
+	cfg, err := Parse("admin.toml", []byte("[admin]\nhttp = \"\"\ntoken = \"from-file\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.HTTP != "" {
+		t.Errorf("http = %q, want \"\" (off)", cfg.Admin.HTTP)
+	}
+	t.Setenv("ROLEGATE_ADMIN_TOKEN", "")
+	if got := cfg.AdminToken(); got != "from-file" {
+		t.Errorf("AdminToken() = %q without the environment, want the file's", got)
+	}
+	t.Setenv("ROLEGATE_ADMIN_TOKEN", "from-env")
+	if got := cfg.AdminToken(); got != "from-env" {
+		t.Errorf("AdminToken() = %q, want the environment's", got)
 	}
 }

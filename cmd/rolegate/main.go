@@ -18,12 +18,15 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync"
 	"syscall"
 	"time"
 
+	"github.com/rolegate/rolegate/admin"
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/limiter"
@@ -174,6 +177,14 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
+	rl := &reloader{path: cfgPath, p: p, log: log}
+	stopAdmin, err := startAdmin(cfg, p, srv, rl, log)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopAdmin()
+
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	for {
@@ -187,7 +198,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
-				reload(cfgPath, p, log)
+				_ = rl.reload("SIGHUP") // logged; the old configuration stays on error
 			case syscall.SIGINT:
 				log.Info("SIGINT received; closing all sessions now")
 				srv.Close()
@@ -218,23 +229,80 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	}
 }
 
-// reload re-reads the configuration for new logins: limits and policies. A
-// bad file keeps the old configuration; no session is touched either way.
-func reload(path string, p *parts, log *slog.Logger) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		log.Error("reload failed; keeping the previous configuration", "err", err)
-		return
+// startAdmin starts the admin HTTP server when [admin] http is set, and
+// returns the function that stops it and waits for its goroutine. An address
+// it cannot listen on stops rolegate, as the proxy's own listen address does:
+// an operator who configured it expects to find it.
+func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger) (stop func(), err error) {
+	if cfg.Admin.HTTP == "" {
+		return func() {}, nil
 	}
-	if p.limits == nil {
-		log.Info("reloaded; no limits are enforced (limits, and the settings other than limits, take effect on restart)")
-		return
+	ln, err := net.Listen("tcp", cfg.Admin.HTTP)
+	if err != nil {
+		return nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
+	}
+	opts := admin.Options{
+		Proxy:  srv,
+		Ready:  admin.DialReady(p.dialer),
+		Reload: rl.reload,
+		Token:  cfg.AdminToken(),
+		Logger: log,
 	}
 	if p.control != nil {
-		p.control.ForgetLimits()
+		opts.Ready = admin.PingReady(p.control)
 	}
-	p.limits.SetRules(cfg, cfg.Limits.ServerLimits, cfg.Limits.LimitsCacheTTL.Value())
-	log.Info("reloaded limits and policies for new logins", "server_limits_cache", "cleared")
+	if p.limits != nil {
+		opts.Limiter = p.limits.Limiter.Snapshot
+	}
+	h := admin.New(opts)
+	log.Info("admin HTTP server started", "listen", ln.Addr().String(), "token", opts.Token != "")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := h.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("admin HTTP server stopped", "err", err)
+		}
+	}()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := h.Shutdown(ctx); err != nil {
+			_ = h.Close()
+		}
+		<-done
+	}, nil
+}
+
+// reloader re-reads the configuration for new logins: limits and policies,
+// on SIGHUP and for the admin API, one at a time.
+type reloader struct {
+	mu   sync.Mutex
+	path string
+	p    *parts
+	log  *slog.Logger
+}
+
+// reload re-reads the file; by says who asked. A bad file keeps the old
+// configuration and is returned; no session is touched either way. Each
+// reload is one log line.
+func (r *reloader) reload(by string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cfg, err := config.Load(r.path)
+	if err != nil {
+		r.log.Error("reload failed; keeping the previous configuration", "by", by, "err", err)
+		return err
+	}
+	if r.p.limits == nil {
+		r.log.Info("reloaded; no limits are enforced (limits, and the settings other than limits, take effect on restart)", "by", by)
+		return nil
+	}
+	if r.p.control != nil {
+		r.p.control.ForgetLimits()
+	}
+	r.p.limits.SetRules(cfg, cfg.Limits.ServerLimits, cfg.Limits.LimitsCacheTTL.Value())
+	r.log.Info("reloaded limits and policies for new logins", "by", by, "server_limits_cache", "cleared")
+	return nil
 }
 
 func waitServe(served <-chan error) error {

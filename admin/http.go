@@ -1,0 +1,364 @@
+package admin
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
+)
+
+// Proxy is what admin needs from the proxy (proxy.Server implements it):
+// copied snapshots of the sessions and the recent events, and kills.
+type Proxy interface {
+	Sessions() []proxy.SessionInfo
+	Events() []proxy.Event
+	Kill(ctx context.Context, pid uint32, by string) (bool, error)
+}
+
+// Options are an HTTP server's parts. Proxy is required; the rest may be nil.
+type Options struct {
+	Proxy Proxy
+	// Limiter returns a snapshot of the limiter (limiter.Limiter.Snapshot);
+	// nil when no limits are enforced.
+	Limiter func() limiter.Snapshot
+	// Ready reports whether rolegate can serve logins: nil error is ready.
+	// See PingReady and DialReady. Nil: always ready.
+	Ready func(ctx context.Context) error
+	// Reload re-reads the configuration; by says who asked, for the log
+	// line Reload writes. An error means the old configuration stays.
+	// Nil: POST /api/reload answers 501.
+	Reload func(by string) error
+	// Token is the bearer token the mutating endpoints require; "" refuses
+	// them all with 403.
+	Token  string
+	Logger *slog.Logger
+}
+
+// ReadyTimeout bounds one readiness check.
+const ReadyTimeout = 5 * time.Second
+
+// PingReady is a readiness check through the control connection
+// (upstream.Control implements the interface).
+func PingReady(c interface{ Ping(context.Context) error }) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := c.Ping(ctx); err != nil {
+			return fmt.Errorf("control connection: %w", err)
+		}
+		return nil
+	}
+}
+
+// DialReady is the readiness check without a control connection: a TCP (and,
+// per sslmode, TLS) connection to the server, closed at once
+// (upstream.Dialer implements the interface).
+func DialReady(d interface {
+	Dial(context.Context) (net.Conn, bool, error)
+}) func(context.Context) error {
+	return func(ctx context.Context) error {
+		conn, _, err := d.Dial(ctx)
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	}
+}
+
+// HTTP is the admin HTTP server. Its lifecycle is net/http.Server's: Serve
+// returns http.ErrServerClosed after Shutdown or Close.
+type HTTP struct {
+	opts  Options
+	log   *slog.Logger
+	token [sha256.Size]byte // hash of opts.Token, compared in constant time
+	srv   *http.Server
+
+	// Refused requests are logged at most once per refusedLogEvery, with
+	// the number left out since the last line.
+	refusedMu      sync.Mutex
+	refusedLogged  time.Time
+	refusedSkipped int
+}
+
+const refusedLogEvery = 10 * time.Second
+
+// New builds the server; it serves once Serve is called.
+func New(opts Options) *HTTP {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token))}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	mux := http.NewServeMux()
+	// A pattern with a method answers 405 (with Allow) to the others; GET
+	// patterns also serve HEAD.
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { text(w, http.StatusOK, "ok") })
+	mux.HandleFunc("GET /readyz", h.readyz)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
+		ErrorLog: slog.NewLogLogger(h.log.Handler(), slog.LevelWarn),
+	}))
+	mux.HandleFunc("GET /api/sessions", h.sessions)
+	mux.HandleFunc("GET /api/evictions", h.evictions)
+	mux.HandleFunc("GET /api/roles", h.roles)
+	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
+	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
+
+	h.srv = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       time.Minute,
+		ErrorLog:          slog.NewLogLogger(h.log.Handler(), slog.LevelWarn),
+	}
+	return h
+}
+
+// Serve accepts connections on ln until Shutdown or Close, and then returns
+// http.ErrServerClosed.
+func (h *HTTP) Serve(ln net.Listener) error { return h.srv.Serve(ln) }
+
+// Shutdown stops accepting and waits for requests in flight, up to ctx.
+func (h *HTTP) Shutdown(ctx context.Context) error { return h.srv.Shutdown(ctx) }
+
+// Close stops at once. It is safe to call more than once.
+func (h *HTTP) Close() error { return h.srv.Close() }
+
+func (h *HTTP) readyz(w http.ResponseWriter, r *http.Request) {
+	if h.opts.Ready == nil {
+		text(w, http.StatusOK, "ready")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), ReadyTimeout)
+	defer cancel()
+	if err := h.opts.Ready(ctx); err != nil {
+		text(w, http.StatusServiceUnavailable, "not ready: "+err.Error())
+		return
+	}
+	text(w, http.StatusOK, "ready")
+}
+
+// session is one session in /api/sessions.
+type session struct {
+	ID              uint64    `json:"id"`
+	PID             uint32    `json:"pid"` // the server's backend pid; 0 before login completes
+	Role            string    `json:"role"`
+	Database        string    `json:"database"`
+	ApplicationName string    `json:"application_name"`
+	ClientAddr      string    `json:"client_addr"`
+	ClientTLS       bool      `json:"client_tls"`
+	ServerTLS       bool      `json:"server_tls"`
+	Replication     bool      `json:"replication"`
+	State           string    `json:"state"`
+	Started         time.Time `json:"started"`
+	LastActivity    time.Time `json:"last_activity"`
+	BytesIn         int64     `json:"bytes_in"`
+	BytesOut        int64     `json:"bytes_out"`
+}
+
+func (h *HTTP) sessions(w http.ResponseWriter, _ *http.Request) {
+	infos := h.opts.Proxy.Sessions()
+	slices.SortFunc(infos, func(a, b proxy.SessionInfo) int { return a.Start.Compare(b.Start) })
+	out := make([]session, 0, len(infos))
+	for _, s := range infos {
+		out = append(out, session{
+			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
+			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
+			State: s.State.String(), Started: s.Start, LastActivity: s.LastActivity,
+			BytesIn: s.BytesIn, BytesOut: s.BytesOut,
+		})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// event is one eviction, rejection or kill in /api/evictions.
+type event struct {
+	Time         time.Time `json:"time"`
+	Kind         string    `json:"kind"` // eviction | rejection | kill
+	Role         string    `json:"role,omitempty"`
+	Database     string    `json:"database,omitempty"`
+	Client       string    `json:"client,omitempty"`
+	Policy       string    `json:"policy,omitempty"`
+	Scope        string    `json:"scope,omitempty"`
+	VictimPID    uint32    `json:"victim_pid,omitempty"`
+	VictimRole   string    `json:"victim_role,omitempty"`
+	VictimClient string    `json:"victim_client,omitempty"`
+	ViaRolegate  bool      `json:"via_rolegate"`
+	Reason       string    `json:"reason,omitempty"`
+}
+
+func (h *HTTP) evictions(w http.ResponseWriter, _ *http.Request) {
+	events := h.opts.Proxy.Events() // newest first
+	out := make([]event, 0, len(events))
+	for _, e := range events {
+		out = append(out, event{
+			Time: e.Time, Kind: e.Kind, Role: e.Role, Database: e.Database, Client: e.Client,
+			Policy: e.Policy, Scope: e.Scope, VictimPID: e.VictimPID, VictimRole: e.VictimRole,
+			VictimClient: e.VictimClient, ViaRolegate: e.ViaRolegate, Reason: e.Reason,
+		})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// role is one role in /api/roles: its sessions through rolegate, its waiting
+// logins, and the limiter's counters under each policy that decided for it.
+type role struct {
+	Role     string    `json:"role"`
+	Sessions int       `json:"sessions"` // held through this rolegate now
+	Waiting  int       `json:"waiting"`
+	Policies []counter `json:"policies"`
+}
+
+type counter struct {
+	Policy        string `json:"policy"`
+	Admitted      uint64 `json:"admitted"`
+	Evictions     uint64 `json:"evictions"`
+	EvictFailures uint64 `json:"evict_failures"`
+	Rejections    uint64 `json:"rejections"`
+	Waits         uint64 `json:"waits"`
+	WaitTimeouts  uint64 `json:"wait_timeouts"`
+}
+
+func (h *HTTP) roles(w http.ResponseWriter, _ *http.Request) {
+	byName := map[string]*role{}
+	get := func(name string) *role {
+		r := byName[name]
+		if r == nil {
+			r = &role{Role: name, Policies: []counter{}}
+			byName[name] = r
+		}
+		return r
+	}
+	for _, s := range h.opts.Proxy.Sessions() {
+		if s.User != "" {
+			get(s.User).Sessions++
+		}
+	}
+	if h.opts.Limiter != nil {
+		snap := h.opts.Limiter()
+		for name, n := range snap.WaitingByRole {
+			get(name).Waiting = n
+		}
+		for _, k := range counterKeys(snap) {
+			c := snap.Counters[k]
+			r := get(k.Role)
+			r.Policies = append(r.Policies, counter{
+				Policy: string(k.Policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
+				Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts,
+			})
+		}
+	}
+	out := make([]role, 0, len(byName))
+	for _, r := range byName {
+		out = append(out, *r)
+	}
+	slices.SortFunc(out, func(a, b role) int { return strings.Compare(a.Role, b.Role) })
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (h *HTTP) terminate(w http.ResponseWriter, r *http.Request) {
+	pid, err := strconv.ParseUint(r.PathValue("pid"), 10, 32)
+	if err != nil || pid == 0 {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("invalid pid %q", r.PathValue("pid")))
+		return
+	}
+	// proxy.Server.Kill writes the log line: pid, who asked, and the session.
+	ok, err := h.opts.Proxy.Kill(r.Context(), uint32(pid), "http api from "+r.RemoteAddr)
+	switch {
+	case errors.Is(err, proxy.ErrNoControl):
+		writeError(w, http.StatusServiceUnavailable, err.Error())
+	case err != nil:
+		writeError(w, http.StatusBadGateway, err.Error())
+	case !ok:
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no server backend with pid %d", pid))
+	default:
+		writeJSON(w, http.StatusOK, map[string]any{"terminated": true, "pid": pid})
+	}
+}
+
+func (h *HTTP) reload(w http.ResponseWriter, r *http.Request) {
+	if h.opts.Reload == nil {
+		writeError(w, http.StatusNotImplemented, "reload is not available")
+		return
+	}
+	// Reload writes the log line, success or failure, with who asked.
+	if err := h.opts.Reload("http api from " + r.RemoteAddr); err != nil {
+		writeError(w, http.StatusUnprocessableEntity, "reload failed; keeping the previous configuration: "+err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"reloaded": true})
+}
+
+// authorized wraps a mutating endpoint: it needs "Authorization: Bearer
+// <token>". The token is compared in constant time and never logged.
+func (h *HTTP) authorized(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if h.opts.Token == "" {
+			writeError(w, http.StatusForbidden, "no admin token configured ([admin] token or ROLEGATE_ADMIN_TOKEN)")
+			return
+		}
+		scheme, given, found := strings.Cut(r.Header.Get("Authorization"), " ")
+		sum := sha256.Sum256([]byte(strings.TrimSpace(given)))
+		if !found || !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(sum[:], h.token[:]) != 1 {
+			h.logRefused(r)
+			w.Header().Set("WWW-Authenticate", `Bearer realm="rolegate"`)
+			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
+			return
+		}
+		next(w, r)
+	}
+}
+
+// logRefused logs a request refused for its token, rate-limited; the
+// Authorization header is never logged.
+func (h *HTTP) logRefused(r *http.Request) {
+	h.refusedMu.Lock()
+	now := time.Now()
+	if now.Sub(h.refusedLogged) < refusedLogEvery {
+		h.refusedSkipped++
+		h.refusedMu.Unlock()
+		return
+	}
+	skipped := h.refusedSkipped
+	h.refusedLogged, h.refusedSkipped = now, 0
+	h.refusedMu.Unlock()
+	h.log.Warn("admin request refused: missing or wrong bearer token",
+		"method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "skipped_since_last", skipped)
+}
+
+func text(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	fmt.Fprintln(w, msg)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v) // a client that went away is not our error
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"error": msg})
+}
