@@ -1,7 +1,6 @@
 package admin
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -25,6 +23,7 @@ import (
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
 	"github.com/rolegate/rolegate/upstream"
@@ -46,24 +45,6 @@ func (r rules) RoleRule(role string) limiter.Rule {
 
 func (rules) DatabaseRule(string) limiter.Rule { return limiter.NoLimit() }
 
-// syncBuffer collects log output written from many goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // rig is a real proxy in proxy-auth mode with limits in front of a throwaway
 // cluster, with the control connection it uses.
 type rig struct {
@@ -72,7 +53,7 @@ type rig struct {
 	limits  *proxy.Limits
 	srv     *proxy.Server
 	addr    string
-	logs    *syncBuffer
+	logs    *testutil.SyncBuffer
 	logger  *slog.Logger
 }
 
@@ -90,7 +71,7 @@ func startRig(t *testing.T, roleRules rules) *rig {
 	}
 	lim := &proxy.Limits{Limiter: limiter.New(time.Now), Server: ctl}
 	lim.SetRules(roleRules, true, 0)
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	srv := proxy.New(proxy.Config{
 		Upstream:       d,

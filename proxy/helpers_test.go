@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/upstream"
 )
 
@@ -111,7 +111,7 @@ type testProxy struct {
 	*Server
 	Host string
 	Port int
-	logs *syncBuffer
+	logs *testutil.SyncBuffer
 	done chan error
 }
 
@@ -136,7 +136,7 @@ func startProxy(t testing.TB, o proxyOpts) *testProxy {
 	if err != nil {
 		t.Fatalf("upstream dialer: %v", err)
 	}
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	srv := New(Config{
 		Upstream:       d,
 		TLS:            o.clientTLS,
@@ -221,24 +221,6 @@ func redact(dsn string) string {
 		return dsn[:i] + "password=***"
 	}
 	return dsn
-}
-
-// syncBuffer is a bytes.Buffer that the logger and the test may use at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // superControl is a control pool on c as its superuser, with the default auth

@@ -10,13 +10,15 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/rolegate/rolegate/internal/testutil"
 )
 
 // A panic inside one session must be logged with its stack, end only that
 // session, and leave the server accepting. A Server without an upstream dialer
 // panics on the first login, which is a real panic path without test hooks.
 func TestPanicInSessionIsContained(t *testing.T) {
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	srv := New(Config{StartupTimeout: 5 * time.Second,
 		Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -158,31 +158,13 @@ func TestRunListenFails(t *testing.T) {
 	}
 }
 
-// syncBuffer collects a process's output while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // proc is a running rolegate binary.
 type proc struct {
 	cmd    *exec.Cmd
 	addr   string
 	server string // the cluster's address
 	path   string // the configuration file; configure rewrites it
-	stderr *syncBuffer
+	stderr *testutil.SyncBuffer
 	exited chan struct{} // closed once the process has been reaped
 }
 
@@ -213,7 +195,7 @@ func freeAddr(t *testing.T) string {
 // until it accepts connections.
 func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), server: c.Addr(), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &proc{addr: freeAddr(t), server: c.Addr(), stderr: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	p.path = writeFile(t, "proxy.toml", p.config(extraTOML))
 	p.cmd = exec.Command(bin, "-config", p.path)
 	p.cmd.Stderr = p.stderr
