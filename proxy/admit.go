@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,6 +46,53 @@ type Limits struct {
 	Server  ServerView
 
 	rules atomic.Pointer[rulesBox]
+
+	mu        sync.Mutex
+	overrides map[string]Override // by role; cleared by SetRules (a reload)
+}
+
+// Override is an operator's runtime change to one role's rule (the console's
+// SET LIMIT and SET POLICY); it lasts until the next reload.
+type Override struct {
+	MaxSessions *int
+	Policy      *limiter.Policy
+}
+
+// Override sets or changes role's override; nil leaves a field as it is.
+func (l *Limits) Override(role string, maxSessions *int, policy *limiter.Policy) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.overrides == nil {
+		l.overrides = make(map[string]Override)
+	}
+	o := l.overrides[role]
+	if maxSessions != nil {
+		n := *maxSessions
+		o.MaxSessions = &n
+	}
+	if policy != nil {
+		p := *policy
+		o.Policy = &p
+	}
+	l.overrides[role] = o
+}
+
+// Overrides returns a copy of the overrides in force.
+func (l *Limits) Overrides() map[string]Override {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[string]Override, len(l.overrides))
+	for role, o := range l.overrides {
+		out[role] = o
+	}
+	return out
+}
+
+func (l *Limits) override(role string) (Override, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	o, ok := l.overrides[role]
+	return o, ok
 }
 
 // rulesBox is one configuration of the limits, swapped whole on reload.
@@ -58,6 +106,9 @@ type rulesBox struct {
 // the server's own limits count too, and how long those are cached. Sessions
 // already in are not touched.
 func (l *Limits) SetRules(r Rules, serverLimits bool, ttl time.Duration) {
+	l.mu.Lock()
+	l.overrides = nil // a reload ends the operators' runtime changes
+	l.mu.Unlock()
 	l.rules.Store(&rulesBox{Rules: r, serverLimits: serverLimits, ttl: ttl})
 }
 
@@ -216,6 +267,14 @@ func (a *admission) rules(ctx context.Context) error {
 		return nil
 	}
 	a.role, a.db = box.RoleRule(a.sess.user), box.DatabaseRule(a.sess.database)
+	if o, ok := a.lim.override(a.sess.user); ok {
+		if o.MaxSessions != nil {
+			a.role.MaxSessions = *o.MaxSessions
+		}
+		if o.Policy != nil {
+			a.role.Policy = *o.Policy
+		}
+	}
 	if !box.serverLimits && !a.role.Limited() && !a.db.Limited() {
 		return nil
 	}

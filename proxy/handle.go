@@ -292,6 +292,7 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 			log.Warn("SCRAM channel binding cannot pass through rolegate when both sides use TLS; " +
 				"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
 		}
+	case errors.Is(err, errConsoleDone):
 	case errors.Is(err, errClientClosed):
 		log.Debug("client left during login")
 	default:
@@ -318,7 +319,13 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 			return nil, errClientClosed
 		}
 	}
+	console := sess.database == s.cfg.ConsoleDatabase
 	if s.cfg.Auth == nil {
+		if console {
+			msg := "the rolegate console needs proxy authentication ([auth] mode = \"proxy\")"
+			sendFatal(client, "28000", msg)
+			return nil, &authFailure{code: "28000", msg: msg, class: "console refused"}
+		}
 		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
@@ -328,6 +335,9 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	cancel()
 	if err != nil {
 		return nil, err
+	}
+	if console {
+		return nil, s.serveConsole(ctx, sess, client, cr, log)
 	}
 	for attempt := 1; ; attempt++ {
 		done, err := s.admit(ctx, sess, client, cr, log, admitFor{})

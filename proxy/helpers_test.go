@@ -119,6 +119,12 @@ type testProxy struct {
 // and checks that Serve returned ErrServerClosed.
 func startProxy(t testing.TB, o proxyOpts) *testProxy {
 	t.Helper()
+	return startProxyWith(t, o, nil)
+}
+
+// startProxyWith is startProxy with a last word on the Config.
+func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy {
+	t.Helper()
 	if o.server == nil {
 		o.server = shared
 	}
@@ -137,14 +143,18 @@ func startProxy(t testing.TB, o proxyOpts) *testProxy {
 		t.Fatalf("upstream dialer: %v", err)
 	}
 	logs := &testutil.SyncBuffer{}
-	srv := New(Config{
+	cfg := Config{
 		Upstream:       d,
 		TLS:            o.clientTLS,
 		Auth:           o.auth,
 		Limits:         o.limits,
 		StartupTimeout: o.startupTimeout,
 		Logger:         slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
+	}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	srv := New(cfg)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -1257,3 +1257,43 @@ func TestKill(t *testing.T) {
 		t.Errorf("Kill without a control connection: %v", err)
 	}
 }
+
+// SET LIMIT and SET POLICY of the console: runtime overrides until a reload.
+func TestLimitOverrides(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	if err := shared.Exec(ctx, "create role lim_over login password 'over_pw'"); err != nil {
+		t.Fatal(err)
+	}
+	ctl := superControl(t, shared)
+	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
+	lim.SetRules(mapRules{}, true, 0)
+	p := startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim})
+	one, reject, newest := 1, limiter.PolicyReject, limiter.PolicyNewestWins
+	lim.Override("lim_over", &one, &reject)
+	first := connect(t, p.DSN("lim_over", "over_pw", "app"))
+	_, errOut, err := psql(t, p.DSN("lim_over", "over_pw", "app"), "", "-c", "select 1")
+	if err == nil || !strings.Contains(errOut, `too many connections for role "lim_over"`) {
+		t.Fatalf("override limit 1 reject: %v, %q", err, errOut)
+	}
+	lim.Override("lim_over", nil, &newest)
+	if o := lim.Overrides()["lim_over"]; o.MaxSessions == nil || *o.MaxSessions != 1 || o.Policy == nil || *o.Policy != newest {
+		t.Fatalf("overrides: %+v", lim.Overrides())
+	}
+	if _, errOut, err := psql(t, p.DSN("lim_over", "over_pw", "app"), "", "-c", "select 1"); err != nil {
+		t.Fatalf("override newest-wins: %v, %q", err, errOut)
+	}
+	if _, err := first.Exec(ctx, "select 1"); err == nil {
+		t.Fatal("the first session survived newest-wins")
+	}
+	lim.SetRules(mapRules{}, true, 0) // a reload ends the overrides
+	if len(lim.Overrides()) != 0 {
+		t.Fatalf("overrides after a reload: %+v", lim.Overrides())
+	}
+	a := connect(t, p.DSN("lim_over", "over_pw", "app"))
+	b := connect(t, p.DSN("lim_over", "over_pw", "app"))
+	if err := a.Ping(ctx); err != nil {
+		t.Fatalf("no limit after the reload, yet: %v", err)
+	}
+	_ = b
+}

@@ -5,6 +5,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -38,6 +39,11 @@ type Config struct {
 	// Limits, when not nil, enforces connection limits per role and database.
 	// It needs Auth: only a client that proved who it is may count or evict.
 	Limits *Limits
+	// ConsoleDatabase is the database name that opens the admin console
+	// instead of a server session ("rolegate" by default), for the roles in
+	// ConsoleUsers; the console itself is installed with SetConsole.
+	ConsoleDatabase string
+	ConsoleUsers    []string
 	// StartupTimeout bounds startup and authentication of a client.
 	StartupTimeout time.Duration
 	// Logger receives one line per login, session end and failure. nil: slog.Default().
@@ -50,6 +56,7 @@ type Server struct {
 	log      *slog.Logger
 	registry *registry
 	events   eventLog
+	console  atomic.Pointer[consoleBox]
 
 	ctx    context.Context // parent of every connection's context; cancelled by Close
 	cancel context.CancelCauseFunc
@@ -69,6 +76,9 @@ func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.ConsoleDatabase == "" {
+		cfg.ConsoleDatabase = "rolegate"
+	}
 	if cfg.TLS != nil {
 		cfg.TLS = cfg.TLS.Clone()
 		// PostgreSQL 17 direct TLS requires ALPN "postgresql"; clients using
@@ -85,6 +95,20 @@ func New(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 	}
 }
+
+// Console serves the admin console on a connection rolegate has authenticated
+// (package admin implements it). It owns the conversation until the client
+// leaves or ctx ends; r holds what the client sent ahead. The greeting, up to
+// the first ReadyForQuery, has been sent.
+type Console interface {
+	ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Reader, user string) error
+}
+
+type consoleBox struct{ Console }
+
+// SetConsole installs the admin console; it is separate from New because the
+// console reads the Server's own snapshots.
+func (s *Server) SetConsole(c Console) { s.console.Store(&consoleBox{c}) }
 
 // Events returns the most recent evictions and rejections, newest first.
 func (s *Server) Events() []Event { return s.events.recent() }
