@@ -99,6 +99,11 @@ type Admin struct {
 	// ROLEGATE_ADMIN_TOKEN wins over it (see AdminToken). Empty: mutating
 	// endpoints are refused.
 	Token string `toml:"token"`
+	// Users may open the psql admin console (database Database on rolegate's
+	// own listener), authenticated like any login (proxy mode).
+	Users []string `toml:"users"`
+	// Database is the database name that opens the console.
+	Database string `toml:"database"`
 }
 
 // AdminToken is the admin bearer token: ROLEGATE_ADMIN_TOKEN when set and
@@ -269,7 +274,7 @@ func Default() *Config {
 			CacheTTL:  "60s",
 		},
 		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631"},
+		Admin: Admin{HTTP: "127.0.0.1:9631", Users: []string{}, Database: "rolegate"},
 		Limits: Limits{
 			Policy:         string(limiter.PolicyReject),
 			Fallback:       string(limiter.PolicyReject),
@@ -359,6 +364,9 @@ func (c *Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return bad("listen", "want host:port: %v", err)
+	}
+	if c.Admin.Database == "" {
+		return bad("admin.database", "must not be empty (the console's database name)")
 	}
 	if c.Admin.HTTP != "" {
 		if _, _, err := net.SplitHostPort(c.Admin.HTTP); err != nil {

@@ -42,7 +42,7 @@ func TestDefaults(t *testing.T) {
 		// Mode "" until Parse resolves it from the verifier sources.
 		Auth:  Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
 		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631"},
+		Admin: Admin{HTTP: "127.0.0.1:9631", Users: []string{}, Database: "rolegate"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
 			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
 	}
@@ -118,6 +118,8 @@ format = "json"
 [admin]
 http = "0.0.0.0:9700"
 token = "s3cret"
+users = ["admin", "ops"]
+database = "pgadmin"
 
 [limits]
 policy = "evict-idle"
@@ -157,7 +159,7 @@ min_session_age = "1s"
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
 		Log:   Log{Level: "debug", Format: "json"},
-		Admin: Admin{HTTP: "0.0.0.0:9700", Token: "s3cret"},
+		Admin: Admin{HTTP: "0.0.0.0:9700", Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
@@ -242,7 +244,8 @@ func TestErrors(t *testing.T) {
 		{"auth mode proxy, source empty", "[control]\ndsn = \"\"\n[auth]\nuserlist = \"\"\nmode = \"proxy\"\n", "auth.mode", 5,
 			"needs a verifier source"},
 		{"bad admin http", "[admin]\nhttp = \"9631\"\n", "admin.http", 2, "want host:port"},
-		{"unknown key in admin", "[admin]\nusers = [\"x\"]\n", "admin.users", 2, "unknown key"},
+		{"unknown key in admin", "[admin]\nuser = [\"x\"]\n", "admin.user", 2, "unknown key"},
+		{"empty console database", "[admin]\ndatabase = \"\"\n", "admin.database", 2, "must not be empty"},
 		{"bad auth method", "[auth]\nmethod = \"scram\"\n", "auth.method", 2, `invalid method "scram"`},
 		{"auth method of the wrong case", "[auth]\n\nmethod = \"MD5\"\n", "auth.method", 3, `invalid method "MD5"`},
 		{"cleartext_without_tls as a string", "[auth]\ncleartext_without_tls = \"yes\"\n", "auth.cleartext_without_tls", 2,
