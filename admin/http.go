@@ -49,6 +49,21 @@ type Options struct {
 	// them all with 403.
 	Token  string
 	Logger *slog.Logger
+
+	// The admin console (Console) also uses these; the HTTP server does not.
+
+	// ConfigText returns the configuration as SHOW CONFIG prints it, secrets
+	// already redacted. Nil: SHOW CONFIG answers 55000.
+	ConfigText func() string
+	// Version is what SHOW VERSION prints after "rolegate ".
+	Version string
+	// Override sets runtime overrides of a role's limit and policy until the
+	// next reload (proxy.Limits.Override); a nil pointer leaves that part as
+	// it is. Nil when no limits are enforced: SET answers 55000.
+	Override func(role string, maxSessions *int, policy *limiter.Policy)
+	// Overrides returns a copy of the overrides in force (proxy.Limits.Overrides),
+	// for SHOW ROLES. May be nil.
+	Overrides func() map[string]proxy.Override
 }
 
 // ReadyTimeout bounds one readiness check.

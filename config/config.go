@@ -10,7 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -627,4 +629,38 @@ func firstKeyLine(p *unstable.Parser, n *unstable.Node) int {
 		return 0
 	}
 	return p.Shape(it.Node().Raw).Start.Line
+}
+
+// Redacted returns the configuration in force as TOML, for operators (the
+// console's SHOW CONFIG), with the admin token and any password in the
+// control DSN replaced: secrets never leave the process.
+func (c *Config) Redacted() string {
+	cp := *c
+	if cp.Admin.Token != "" {
+		cp.Admin.Token = "[redacted]"
+	}
+	cp.Control.DSN = redactDSN(cp.Control.DSN)
+	b, err := toml.Marshal(&cp)
+	if err != nil {
+		return "# configuration could not be shown: " + err.Error()
+	}
+	return string(b)
+}
+
+var dsnPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+
+// redactDSN removes the password from a URL or keyword/value connection string.
+func redactDSN(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		if _, ok := u.User.Password(); ok {
+			u.User = url.UserPassword(u.User.Username(), "[redacted]")
+		}
+		q := u.Query()
+		if q.Has("password") {
+			q.Set("password", "[redacted]")
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	return dsnPassword.ReplaceAllString(dsn, "${1}[redacted]")
 }

@@ -737,3 +737,20 @@ func TestAdmin(t *testing.T) {
 		t.Errorf("AdminToken() = %q, want the environment's", got)
 	}
 }
+
+func TestRedacted(t *testing.T) {
+	for _, dsn := range []string{
+		"postgres://rolegate:hunter2@db:5432/postgres?sslmode=verify-full",
+		"postgres://rolegate@db/postgres?password=hunter2",
+		"host=db user=rolegate password=hunter2 dbname=postgres",
+		"host=db user=rolegate password='hunter2 x' dbname=postgres",
+	} {
+		cfg := Default()
+		cfg.Control.DSN = dsn
+		cfg.Admin.Token = "hunter2"
+		out := cfg.Redacted()
+		if strings.Contains(out, "hunter2") || !strings.Contains(out, "[redacted]") || !strings.Contains(out, "rolegate") {
+			t.Errorf("Redacted with dsn %q:\n%s", dsn, out)
+		}
+	}
+}

@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -159,12 +160,14 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	srv := proxy.New(proxy.Config{
-		Upstream:       p.dialer,
-		TLS:            p.tls,
-		Auth:           p.auth,
-		Limits:         p.limits,
-		StartupTimeout: cfg.StartupTimeout.Value(),
-		Logger:         log,
+		Upstream:        p.dialer,
+		TLS:             p.tls,
+		Auth:            p.auth,
+		Limits:          p.limits,
+		ConsoleDatabase: cfg.Admin.Database,
+		ConsoleUsers:    cfg.Admin.Users,
+		StartupTimeout:  cfg.StartupTimeout.Value(),
+		Logger:          log,
 	})
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
@@ -178,6 +181,8 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	defer signal.Stop(sigs)
 
 	rl := &reloader{path: cfgPath, p: p, log: log}
+	rl.cur.Store(cfg)
+	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, log)))
 	stopAdmin, err := startAdmin(cfg, p, srv, rl, log)
 	if err != nil {
 		ln.Close()
@@ -229,6 +234,17 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	}
 }
 
+// consoleOptions are what the psql admin console reads and steers.
+func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger) admin.Options {
+	o := admin.Options{Proxy: srv, Reload: rl.reload, ConfigText: rl.configText, Version: buildVersion(), Logger: log}
+	if p.limits != nil {
+		o.Limiter = p.limits.Limiter.Snapshot
+		o.Override = p.limits.Override
+		o.Overrides = p.limits.Overrides
+	}
+	return o
+}
+
 // startAdmin starts the admin HTTP server when [admin] http is set, and
 // returns the function that stops it and waits for its goroutine. An address
 // it cannot listen on stops rolegate, as the proxy's own listen address does:
@@ -241,18 +257,11 @@ func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, l
 	if err != nil {
 		return nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
 	}
-	opts := admin.Options{
-		Proxy:  srv,
-		Ready:  admin.DialReady(p.dialer),
-		Reload: rl.reload,
-		Token:  cfg.AdminToken(),
-		Logger: log,
-	}
+	opts := consoleOptions(p, srv, rl, log)
+	opts.Ready = admin.DialReady(p.dialer)
+	opts.Token = cfg.AdminToken()
 	if p.control != nil {
 		opts.Ready = admin.PingReady(p.control)
-	}
-	if p.limits != nil {
-		opts.Limiter = p.limits.Limiter.Snapshot
 	}
 	h := admin.New(opts)
 	log.Info("admin HTTP server started", "listen", ln.Addr().String(), "token", opts.Token != "")
@@ -280,7 +289,11 @@ type reloader struct {
 	path string
 	p    *parts
 	log  *slog.Logger
+	cur  atomic.Pointer[config.Config] // the configuration last loaded, for SHOW CONFIG
 }
+
+// configText is the configuration in force, secrets redacted.
+func (r *reloader) configText() string { return r.cur.Load().Redacted() }
 
 // reload re-reads the file; by says who asked. A bad file keeps the old
 // configuration and is returned; no session is touched either way. Each
@@ -294,6 +307,7 @@ func (r *reloader) reload(by string) error {
 		return err
 	}
 	if r.p.limits == nil {
+		r.cur.Store(cfg)
 		r.log.Info("reloaded; no limits are enforced (limits, and the settings other than limits, take effect on restart)", "by", by)
 		return nil
 	}
@@ -301,6 +315,7 @@ func (r *reloader) reload(by string) error {
 		r.p.control.ForgetLimits()
 	}
 	r.p.limits.SetRules(cfg, cfg.Limits.ServerLimits, cfg.Limits.LimitsCacheTTL.Value())
+	r.cur.Store(cfg)
 	r.log.Info("reloaded limits and policies for new logins", "by", by, "server_limits_cache", "cleared")
 	return nil
 }

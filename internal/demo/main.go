@@ -209,6 +209,9 @@ auth_query = %s
 # some_user has connection limit 1 on the server; here the newest login wins.
 [roles.some_user]
 policy = "newest-wins"
+
+[admin]
+users = ["postgres"]   # the superuser may open the console: database "rolegate"
 `, tomlString(listen), tomlString(c.Addr()), tomlString(dsn.String()), tomlString(authQuery))
 }
 
@@ -311,6 +314,12 @@ The same happens to a session opened straight against the server:
 
   psql "host=%[5]s port=%[6]d user=some_user dbname=some_db password=some_password"   # directly, not through rolegate
   psql "host=%[5]s port=%[6]d user=%[7]s dbname=postgres password=%[8]s"   # the server directly, as superuser
+
+The operator console (SHOW SESSIONS, SHOW EVICTIONS, KILL <pid>, SET POLICY ...),
+and the HTTP API on 127.0.0.1:9631 (/api/sessions, /api/evictions, /metrics):
+
+  psql "host=%[3]s port=%[4]s user=%[7]s dbname=rolegate password=%[8]s" -c "show sessions"
+  curl -s http://127.0.0.1:9631/api/evictions
 
 Press Ctrl-C to stop and remove everything.
 

@@ -1,0 +1,586 @@
+package admin
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rolegate/rolegate/internal/wire"
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
+)
+
+// Console is rolegate's admin console: the conversation with a psql (or pgx)
+// client that connected to the console database, after the proxy has
+// authenticated it and sent the greeting. It speaks the simple query protocol
+// only and answers each command with real RowDescription and DataRow
+// messages, so psql prints tables and drivers can scan them.
+//
+// Commands (case-insensitive, several per query separated by ';'):
+//
+//	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | CONFIG | STATS | VERSION
+//	KILL <pid>
+//	SET LIMIT <role> <n>
+//	SET POLICY <role> <policy>
+//	RELOAD
+//
+// Role names are taken as written; double quotes allow spaces and ';'.
+type Console struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// NewConsole builds a console from the same Options as the HTTP server
+// (Proxy is required; Limiter, Reload, ConfigText, Override and Overrides
+// may be nil).
+func NewConsole(opts Options) *Console {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Console{opts: opts, log: opts.Logger.With("component", "admin-console")}
+}
+
+// maxConsoleQuery bounds one message from a console client.
+const maxConsoleQuery = 1 << 20
+
+// consoleHint lists the commands, for syntax errors.
+const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | CONFIG | STATS | VERSION; " +
+	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy>; RELOAD"
+
+// ServeConsole owns the conversation until the client leaves (Terminate or a
+// closed socket: nil) or ctx ends (the client is told with a FATAL 57P01 and
+// ctx's cause is returned). r holds bytes the client sent ahead; the greeting
+// up to the first ReadyForQuery has been sent. conn is not closed here.
+func (c *Console) ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Reader, user string) error {
+	if r == nil {
+		r = bufio.NewReader(conn)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	s := &consoleSession{c: c, conn: conn, user: user, by: "console user " + user}
+	skipping := false // after an extended-protocol error, until Sync
+	for {
+		m, err := wire.ReadMessage(r, maxConsoleQuery)
+		if err != nil {
+			if ctx.Err() != nil {
+				s.out = wire.Encode(s.out[:0], wire.Error("FATAL", "57P01", "terminating connection due to administrator command"))
+				_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+				_ = s.flush()
+				return context.Cause(ctx)
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+				errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil
+			}
+			// A length PostgreSQL would refuse: the stream cannot be followed.
+			s.out = wire.Encode(s.out[:0], wire.Error("FATAL", "08P01", err.Error()))
+			_ = s.flush()
+			return fmt.Errorf("console: %w", err)
+		}
+		switch m.Type {
+		case 'X':
+			return nil
+		case 'S':
+			skipping = false
+			s.ready()
+		case 'P', 'B', 'D', 'E', 'C', 'H':
+			if !skipping {
+				skipping = true
+				s.error("0A000", "the rolegate console accepts only simple queries", "")
+				if err := s.flush(); err != nil {
+					return nil
+				}
+			}
+			continue
+		case 'Q':
+			if skipping {
+				continue
+			}
+			q := m.Body
+			if n := len(q); n > 0 && q[n-1] == 0 {
+				q = q[:n-1]
+			}
+			s.query(ctx, string(q))
+			s.ready()
+		default:
+			if skipping {
+				continue
+			}
+			s.error("08P01", fmt.Sprintf("unexpected message type %q on the rolegate console", m.Type), "")
+			s.ready()
+		}
+		if err := s.flush(); err != nil {
+			return nil // the client went away
+		}
+	}
+}
+
+// consoleSession is one console conversation: its output waits in out until
+// the next flush (at ReadyForQuery).
+type consoleSession struct {
+	c    *Console
+	conn net.Conn
+	user string
+	by   string // "console user <user>", for kills and log lines
+	out  []byte
+}
+
+func (s *consoleSession) flush() error {
+	if len(s.out) == 0 {
+		return nil
+	}
+	_, err := s.conn.Write(s.out)
+	s.out = s.out[:0]
+	return err
+}
+
+func (s *consoleSession) send(m pgproto3.Message) { s.out = wire.Encode(s.out, m) }
+
+func (s *consoleSession) ready() { s.send(&pgproto3.ReadyForQuery{TxStatus: 'I'}) }
+
+func (s *consoleSession) error(code, msg, hint string) {
+	e := wire.Error("ERROR", code, msg)
+	e.Hint = hint
+	s.send(e)
+}
+
+func (s *consoleSession) notice(msg string) {
+	s.send(&pgproto3.NoticeResponse{Severity: "NOTICE", SeverityUnlocalized: "NOTICE", Code: "00000", Message: msg})
+}
+
+// consoleError is a command's failure, sent as an ErrorResponse.
+type consoleError struct{ code, msg, hint string }
+
+func (e *consoleError) Error() string { return e.msg }
+
+func errorf(code, format string, args ...any) *consoleError {
+	return &consoleError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+func syntaxError() *consoleError {
+	return &consoleError{code: "42601", msg: "syntax error in rolegate console command", hint: consoleHint}
+}
+
+// query runs each statement of one Query message; the first error ends it, as
+// in PostgreSQL.
+func (s *consoleSession) query(ctx context.Context, q string) {
+	stmts, err := splitStatements(q)
+	if err != nil {
+		s.error(err.code, err.msg, err.hint)
+		return
+	}
+	if len(stmts) == 0 {
+		s.send(&pgproto3.EmptyQueryResponse{})
+		return
+	}
+	for _, words := range stmts {
+		if err := s.run(ctx, words); err != nil {
+			s.error(err.code, err.msg, err.hint)
+			return
+		}
+	}
+}
+
+// splitStatements splits a query into statements on ';' and each statement
+// into words on white space; double quotes keep spaces and ';' in a word ("" is
+// a quote inside). Empty statements are dropped.
+func splitStatements(q string) ([][]string, *consoleError) {
+	var stmts [][]string
+	var words []string
+	var word strings.Builder
+	inWord, quoted := false, false
+	endWord := func() {
+		if inWord {
+			words = append(words, word.String())
+			word.Reset()
+			inWord = false
+		}
+	}
+	for i := 0; i < len(q); i++ {
+		ch := q[i]
+		switch {
+		case quoted:
+			if ch == '"' {
+				if i+1 < len(q) && q[i+1] == '"' {
+					word.WriteByte('"')
+					i++
+				} else {
+					quoted = false
+				}
+			} else {
+				word.WriteByte(ch)
+			}
+		case ch == '"':
+			quoted, inWord = true, true
+		case ch == ';':
+			endWord()
+			if len(words) > 0 {
+				stmts = append(stmts, words)
+			}
+			words = nil
+		case ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v':
+			endWord()
+		default:
+			word.WriteByte(ch)
+			inWord = true
+		}
+	}
+	if quoted {
+		return nil, &consoleError{code: "42601", msg: "unterminated quoted identifier", hint: consoleHint}
+	}
+	endWord()
+	if len(words) > 0 {
+		stmts = append(stmts, words)
+	}
+	return stmts, nil
+}
+
+func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
+	kw := func(i int, want string) bool { return i < len(w) && strings.EqualFold(w[i], want) }
+	switch {
+	case kw(0, "SHOW") && len(w) == 2:
+		switch strings.ToUpper(w[1]) {
+		case "SESSIONS":
+			s.showSessions()
+		case "ROLES":
+			s.showRoles()
+		case "DATABASES":
+			s.showDatabases()
+		case "EVICTIONS":
+			s.showEvictions()
+		case "CONFIG":
+			return s.showConfig()
+		case "STATS":
+			s.showStats()
+		case "VERSION":
+			s.showVersion()
+		default:
+			return syntaxError()
+		}
+		return nil
+	case kw(0, "KILL") && len(w) == 2:
+		return s.kill(ctx, w[1])
+	case kw(0, "SET") && kw(1, "LIMIT") && len(w) == 4:
+		return s.setLimit(w[2], w[3])
+	case kw(0, "SET") && kw(1, "POLICY") && len(w) == 4:
+		return s.setPolicy(w[2], w[3])
+	case kw(0, "RELOAD") && len(w) == 1:
+		return s.reload()
+	}
+	return syntaxError()
+}
+
+// Column types.
+const (
+	oidText = 25
+	oidInt4 = 23
+	oidInt8 = 20
+)
+
+type column struct {
+	name string
+	oid  uint32
+}
+
+// table sends a result: RowDescription, DataRows (nil values are NULL) and
+// CommandComplete with tag.
+func (s *consoleSession) table(tag string, cols []column, rows [][][]byte) {
+	rd := &pgproto3.RowDescription{Fields: make([]pgproto3.FieldDescription, len(cols))}
+	for i, c := range cols {
+		size := int16(-1)
+		switch c.oid {
+		case oidInt4:
+			size = 4
+		case oidInt8:
+			size = 8
+		}
+		rd.Fields[i] = pgproto3.FieldDescription{Name: []byte(c.name), DataTypeOID: c.oid, DataTypeSize: size, TypeModifier: -1}
+	}
+	s.send(rd)
+	for _, r := range rows {
+		s.send(&pgproto3.DataRow{Values: r})
+	}
+	s.send(&pgproto3.CommandComplete{CommandTag: []byte(tag)})
+}
+
+func txt(v string) []byte { return []byte(v) }
+
+// txtOrNull is NULL for "".
+func txtOrNull(v string) []byte {
+	if v == "" {
+		return nil
+	}
+	return []byte(v)
+}
+
+func num[T ~int | ~int64 | ~uint32 | ~uint64](v T) []byte {
+	return []byte(strconv.FormatInt(int64(v), 10))
+}
+
+func boolean(v bool) []byte { return []byte(strconv.FormatBool(v)) }
+
+func ts(t time.Time) []byte {
+	if t.IsZero() {
+		return nil
+	}
+	return []byte(t.Format("2006-01-02 15:04:05.000Z07:00"))
+}
+
+func pidOrNull(pid uint32) []byte {
+	if pid == 0 {
+		return nil
+	}
+	return num(pid)
+}
+
+func (s *consoleSession) showSessions() {
+	infos := s.c.opts.Proxy.Sessions()
+	slices.SortFunc(infos, func(a, b proxy.SessionInfo) int { return a.Start.Compare(b.Start) })
+	cols := []column{{"pid", oidInt4}, {"role", oidText}, {"database", oidText}, {"application_name", oidText},
+		{"client_addr", oidText}, {"state", oidText}, {"started", oidText}, {"idle_since", oidText},
+		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}}
+	rows := make([][][]byte, 0, len(infos))
+	for _, i := range infos {
+		rows = append(rows, [][]byte{pidOrNull(i.BackendPID), txtOrNull(i.User), txtOrNull(i.Database),
+			txt(i.ApplicationName), txt(i.ClientAddr), txt(i.State.String()), ts(i.Start), ts(i.LastActivity),
+			boolean(true), num(i.BytesIn), num(i.BytesOut)})
+	}
+	s.table("SHOW", cols, rows)
+}
+
+// snapshot is the limiter's, or an empty one without limits.
+func (s *consoleSession) snapshot() limiter.Snapshot {
+	if s.c.opts.Limiter == nil {
+		return limiter.Snapshot{}
+	}
+	return s.c.opts.Limiter()
+}
+
+func (s *consoleSession) overrides() map[string]proxy.Override {
+	if s.c.opts.Overrides == nil {
+		return nil
+	}
+	return s.c.opts.Overrides()
+}
+
+func (s *consoleSession) showRoles() {
+	type roleRow struct {
+		sessions, waiting                                              int
+		admitted, evictions, evictFailures, rejections, waits, timeout uint64
+	}
+	byRole := map[string]*roleRow{}
+	get := func(name string) *roleRow {
+		r := byRole[name]
+		if r == nil {
+			r = &roleRow{}
+			byRole[name] = r
+		}
+		return r
+	}
+	for _, i := range s.c.opts.Proxy.Sessions() {
+		if i.User != "" {
+			get(i.User).sessions++
+		}
+	}
+	snap := s.snapshot()
+	for name, n := range snap.WaitingByRole {
+		get(name).waiting = n
+	}
+	for k, c := range snap.Counters {
+		r := get(k.Role)
+		r.admitted += c.Admitted
+		r.evictions += c.Evictions
+		r.evictFailures += c.EvictFailures
+		r.rejections += c.Rejections
+		r.waits += c.Waits
+		r.timeout += c.WaitTimeouts
+	}
+	ovr := s.overrides()
+	for name := range ovr {
+		get(name)
+	}
+	cols := []column{{"role", oidText}, {"sessions_via_rolegate", oidInt4}, {"waiting", oidInt4},
+		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
+		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText}}
+	var rows [][][]byte
+	for _, name := range slices.Sorted(maps.Keys(byRole)) {
+		r := byRole[name]
+		var maxS, pol []byte
+		if o, ok := ovr[name]; ok {
+			if o.MaxSessions != nil {
+				maxS = num(*o.MaxSessions)
+			}
+			if o.Policy != nil {
+				pol = txt(o.Policy.String())
+			}
+		}
+		rows = append(rows, [][]byte{txt(name), num(r.sessions), num(r.waiting), num(r.admitted), num(r.evictions),
+			num(r.evictFailures), num(r.rejections), num(r.waits), num(r.timeout), maxS, pol})
+	}
+	s.table("SHOW", cols, rows)
+}
+
+func (s *consoleSession) showDatabases() {
+	type dbRow struct{ sessions, waiting int }
+	byDB := map[string]*dbRow{}
+	get := func(name string) *dbRow {
+		r := byDB[name]
+		if r == nil {
+			r = &dbRow{}
+			byDB[name] = r
+		}
+		return r
+	}
+	for _, i := range s.c.opts.Proxy.Sessions() {
+		if i.Database != "" {
+			get(i.Database).sessions++
+		}
+	}
+	for name, n := range s.snapshot().WaitingByDatabase {
+		get(name).waiting = n
+	}
+	cols := []column{{"database", oidText}, {"sessions_via_rolegate", oidInt4}, {"waiting", oidInt4}}
+	var rows [][][]byte
+	for _, name := range slices.Sorted(maps.Keys(byDB)) {
+		r := byDB[name]
+		rows = append(rows, [][]byte{txt(name), num(r.sessions), num(r.waiting)})
+	}
+	s.table("SHOW", cols, rows)
+}
+
+func (s *consoleSession) showEvictions() {
+	cols := []column{{"time", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
+		{"client", oidText}, {"victim_pid", oidInt4}, {"victim_role", oidText}, {"victim_client", oidText},
+		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText}}
+	var rows [][][]byte
+	for _, e := range s.c.opts.Proxy.Events() { // newest first
+		rows = append(rows, [][]byte{ts(e.Time), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
+			txtOrNull(e.Client), pidOrNull(e.VictimPID), txtOrNull(e.VictimRole), txtOrNull(e.VictimClient),
+			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason)})
+	}
+	s.table("SHOW", cols, rows)
+}
+
+func (s *consoleSession) showConfig() *consoleError {
+	if s.c.opts.ConfigText == nil {
+		return errorf("55000", "the configuration is not available on this console")
+	}
+	text := strings.TrimRight(s.c.opts.ConfigText(), "\n")
+	var rows [][][]byte
+	if text != "" {
+		for line := range strings.SplitSeq(text, "\n") {
+			rows = append(rows, [][]byte{txt(strings.TrimRight(line, "\r"))})
+		}
+	}
+	s.table("SHOW", []column{{"line", oidText}}, rows)
+	return nil
+}
+
+func (s *consoleSession) showStats() {
+	infos := s.c.opts.Proxy.Sessions()
+	var in, out int64
+	for _, i := range infos {
+		in += i.BytesIn
+		out += i.BytesOut
+	}
+	snap := s.snapshot()
+	var waiting int
+	for _, n := range snap.WaitingByRole {
+		waiting += n
+	}
+	var t limiter.Counters
+	for _, c := range snap.Counters {
+		t.Admitted += c.Admitted
+		t.Evictions += c.Evictions
+		t.EvictFailures += c.EvictFailures
+		t.Rejections += c.Rejections
+		t.Waits += c.Waits
+		t.WaitTimeouts += c.WaitTimeouts
+	}
+	cols := []column{{"sessions", oidInt4}, {"waiting", oidInt4}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8},
+		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
+		{"waits", oidInt8}, {"wait_timeouts", oidInt8}}
+	s.table("SHOW", cols, [][][]byte{{num(len(infos)), num(waiting), num(in), num(out), num(t.Admitted),
+		num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts)}})
+}
+
+func (s *consoleSession) showVersion() {
+	v := s.c.opts.Version
+	if v == "" {
+		v = "(devel)"
+	}
+	s.table("SHOW", []column{{"version", oidText}}, [][][]byte{{txt("rolegate " + v)}})
+}
+
+func (s *consoleSession) kill(ctx context.Context, arg string) *consoleError {
+	pid, err := strconv.ParseUint(arg, 10, 32)
+	if err != nil || pid == 0 {
+		return errorf("22P02", "invalid pid %q", arg)
+	}
+	// proxy.Server.Kill writes the log line: pid, who asked, the session.
+	ok, err := s.c.opts.Proxy.Kill(ctx, uint32(pid), s.by)
+	switch {
+	case errors.Is(err, proxy.ErrNoControl):
+		return errorf("55000", "%s", err.Error())
+	case err != nil:
+		return errorf("58000", "%s", err.Error())
+	case !ok:
+		return errorf("42704", "no session with pid %d", pid)
+	}
+	s.table("KILL", []column{{"pid", oidInt4}, {"terminated", oidText}}, [][][]byte{{num(pid), boolean(true)}})
+	return nil
+}
+
+func (s *consoleSession) setLimit(role, arg string) *consoleError {
+	if s.c.opts.Override == nil {
+		return errorf("55000", "limits are not enabled")
+	}
+	n, err := strconv.Atoi(arg)
+	if err != nil || n < 0 {
+		return errorf("22023", "invalid limit %q: want an integer >= 0", arg)
+	}
+	s.c.opts.Override(role, &n, nil)
+	s.c.log.Info("console: role limit overridden until the next reload", "by", s.by, "role", role, "max_sessions", n)
+	s.notice(fmt.Sprintf("role %q: max_sessions %d until the next reload", role, n))
+	s.send(&pgproto3.CommandComplete{CommandTag: []byte("SET")})
+	return nil
+}
+
+func (s *consoleSession) setPolicy(role, arg string) *consoleError {
+	if s.c.opts.Override == nil {
+		return errorf("55000", "limits are not enabled")
+	}
+	p, err := limiter.ParsePolicy(strings.ToLower(arg))
+	if err != nil {
+		return errorf("22023", "invalid policy %q: valid policies are reject, wait, newest-wins and evict-idle", arg)
+	}
+	s.c.opts.Override(role, nil, &p)
+	s.c.log.Info("console: role policy overridden until the next reload", "by", s.by, "role", role, "policy", p.String())
+	s.notice(fmt.Sprintf("role %q: policy %s until the next reload", role, p))
+	s.send(&pgproto3.CommandComplete{CommandTag: []byte("SET")})
+	return nil
+}
+
+func (s *consoleSession) reload() *consoleError {
+	if s.c.opts.Reload == nil {
+		return errorf("55000", "reload is not available on this console")
+	}
+	// Reload writes the log line, success or failure, with who asked.
+	if err := s.c.opts.Reload(s.by); err != nil {
+		return errorf("F0000", "reload failed; keeping the previous configuration: %v", err)
+	}
+	s.send(&pgproto3.CommandComplete{CommandTag: []byte("RELOAD")})
+	return nil
+}
