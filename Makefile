@@ -11,10 +11,11 @@ all: build
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/rolegate
 
-# Installs the PostgreSQL server binaries when they are missing (as root), or
-# says exactly what to install.
+# Installs the PostgreSQL server binaries and Chromium (for the live page's
+# browser test) when they are missing (as root), or says exactly what to install.
 tools:
 	@scripts/ensure-postgres.sh
+	@scripts/ensure-chromium.sh
 
 test: tools vet unit fuzz
 
@@ -37,7 +38,8 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) ./$$pkg; \
 	done
 
-demo: tools build
+demo: build
+	@scripts/ensure-postgres.sh
 	$(GO) run ./internal/demo -rolegate $(BIN)
 
 bench: tools

@@ -49,6 +49,8 @@ type Options struct {
 	// them all with 403.
 	Token  string
 	Logger *slog.Logger
+	// Metrics, when not nil, adds the proxy's Observer counts to /metrics.
+	Metrics *Metrics
 
 	// The admin console (Console) also uses these; the HTTP server does not.
 
@@ -120,7 +122,7 @@ func New(opts Options) *HTTP {
 	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token))}
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter},
+	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter, metrics: opts.Metrics},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	mux := http.NewServeMux()
@@ -136,6 +138,7 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/roles", h.roles)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
+	h.registerPage(mux) // the live page at / (page.go)
 
 	h.srv = &http.Server{
 		Handler:           mux,

@@ -3,22 +3,26 @@ package admin
 import (
 	"cmp"
 	"slices"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
 )
 
-// Every metric rolegate exports is defined here, in one place. Values are read
-// from snapshots at scrape time (proxy.Server.Sessions, limiter.Snapshot):
-// nothing is counted twice, and nothing keeps state of its own.
+// Every metric rolegate exports is defined here, in one place. Gauges and the
+// limiter's counters are read from snapshots at scrape time
+// (proxy.Server.Sessions, limiter.Snapshot); what no snapshot holds (logins,
+// failures, latencies, bytes of finished sessions) is counted by Metrics, the
+// proxy's Observer. Nothing is counted twice.
 var (
 	descSessions = prometheus.NewDesc("rolegate_sessions",
 		"Client sessions rolegate holds now, by role, database and state (startup, authenticating, idle, active, ...).",
 		[]string{"role", "database", "state"}, nil)
 	descSessionBytes = prometheus.NewDesc("rolegate_session_bytes",
 		"Bytes relayed so far by the sessions open now, by role and direction (in: client to server, out: server to client). "+
-			"It falls when a session ends.",
+			"It falls when a session ends, whose bytes then move to rolegate_relayed_bytes_total.",
 		[]string{"role", "direction"}, nil)
 	descWaiting = prometheus.NewDesc("rolegate_waiting_logins",
 		"Logins waiting for a slot now, by role.",
@@ -51,12 +55,16 @@ var (
 type collector struct {
 	proxy   Proxy
 	limiter func() limiter.Snapshot // nil without limits
+	metrics *Metrics                // nil: no Observer counts
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSessions, descSessionBytes, descWaiting, descEvicting,
 		descAdmitted, descEvictions, descEvictFailures, descRejections, descWaits, descWaitTimeouts} {
 		ch <- d
+	}
+	if c.metrics != nil {
+		c.metrics.Describe(ch)
 	}
 }
 
@@ -69,6 +77,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		sessions[sessionKey{s.User, s.Database, s.State.String()}]++
 		bytes[bytesKey{s.User, "in"}] += s.BytesIn
 		bytes[bytesKey{s.User, "out"}] += s.BytesOut
+	}
+	if c.metrics != nil {
+		c.metrics.Collect(ch)
 	}
 	for k, n := range sessions {
 		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(n), k.role, k.database, k.state)
@@ -112,4 +123,115 @@ func counterKeys(s limiter.Snapshot) []limiter.CounterKey {
 		return cmp.Or(cmp.Compare(a.Role, b.Role), cmp.Compare(a.Policy, b.Policy))
 	})
 	return keys
+}
+
+// Metrics counts what the proxy reports through proxy.Observer. Pass it as
+// proxy.Config.Observer and as Options.Metrics, so that /metrics serves it.
+// Histograms carry no role label, and failures name a role only once it is
+// known to exist: label values stay few whatever clients send.
+type Metrics struct {
+	logins        *prometheus.CounterVec
+	loginFailures *prometheus.CounterVec
+	loginDuration prometheus.Histogram
+	dialDuration  prometheus.Histogram
+	dialFailures  prometheus.Counter
+	waitDuration  *prometheus.HistogramVec
+	relayedBytes  *prometheus.CounterVec
+}
+
+var _ proxy.Observer = (*Metrics)(nil)
+
+// NewMetrics returns Metrics at zero.
+func NewMetrics() *Metrics {
+	return &Metrics{
+		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rolegate_logins_total",
+			Help: "Logins that reached ReadyForQuery, by role.",
+		}, []string{"role"}),
+		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rolegate_login_failures_total",
+			Help: "Logins that did not get in, by role and reason (wrong password, unknown role, role has no password, " +
+				"refused by server, too many connections, server error, client left, authentication timeout, ...). " +
+				`role is "unknown" until the role is known to exist (found by rolegate's authentication, or the client ` +
+				"authenticated), so that unauthenticated clients cannot invent label values.",
+		}, []string{"role", "reason"}),
+		loginDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "rolegate_login_duration_seconds",
+			Help:    "Time from accepting a client to its first ReadyForQuery, waits for a slot included, of logins that got in.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 12), // 1 ms .. ~60 s
+		}),
+		dialDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "rolegate_server_dial_duration_seconds",
+			Help:    "Time to open a server connection (TCP, and TLS per sslmode), failed attempts included.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 10), // 0.5 ms .. ~2 s
+		}),
+		dialFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rolegate_server_dial_failures_total",
+			Help: "Server connections that could not be opened.",
+		}),
+		waitDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "rolegate_wait_duration_seconds",
+			Help: "Time logins spent waiting for a slot, by outcome (admitted, or not: rejected at wait_timeout, " +
+				"client left, error). Logins that did not wait are not observed.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 10), // 10 ms .. ~38 s
+		}, []string{"outcome"}),
+		relayedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rolegate_relayed_bytes_total",
+			Help: "Bytes relayed by sessions that have ended, by direction (in: client to server, out: server to client). " +
+				"Sessions still open are in rolegate_session_bytes; the sum of both is everything relayed.",
+		}, []string{"direction"}),
+	}
+}
+
+func (m *Metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.logins, m.loginFailures, m.loginDuration, m.dialDuration, m.dialFailures,
+		m.waitDuration, m.relayedBytes}
+}
+
+// Describe implements prometheus.Collector.
+func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, c := range m.collectors() {
+		c.Describe(ch)
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
+	for _, c := range m.collectors() {
+		c.Collect(ch)
+	}
+}
+
+// LoginDone implements proxy.Observer.
+func (m *Metrics) LoginDone(role, _ string, d time.Duration) {
+	m.logins.WithLabelValues(role).Inc()
+	m.loginDuration.Observe(d.Seconds())
+}
+
+// LoginFailed implements proxy.Observer.
+func (m *Metrics) LoginFailed(role, reason string) {
+	m.loginFailures.WithLabelValues(role, reason).Inc()
+}
+
+// ServerDialed implements proxy.Observer.
+func (m *Metrics) ServerDialed(d time.Duration, err error) {
+	m.dialDuration.Observe(d.Seconds())
+	if err != nil {
+		m.dialFailures.Inc()
+	}
+}
+
+// Waited implements proxy.Observer.
+func (m *Metrics) Waited(_ string, d time.Duration, admitted bool) {
+	outcome := "admitted"
+	if !admitted {
+		outcome = "not admitted"
+	}
+	m.waitDuration.WithLabelValues(outcome).Observe(d.Seconds())
+}
+
+// SessionEnded implements proxy.Observer.
+func (m *Metrics) SessionEnded(_, _ string, bytesIn, bytesOut int64) {
+	m.relayedBytes.WithLabelValues("in").Add(float64(bytesIn))
+	m.relayedBytes.WithLabelValues("out").Add(float64(bytesOut))
 }

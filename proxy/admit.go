@@ -185,6 +185,11 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 	started := time.Now()
 	waiting := false
 	defer func() { a.login.Ticket.Leave() }()
+	defer func() {
+		if waiting { // counted once per login, however many rounds it waited
+			s.obs.Waited(sess.user, time.Since(started), err == nil)
+		}
+	}()
 	for {
 		if a.unlock, err = a.lock(ctx); err != nil {
 			return nil, err

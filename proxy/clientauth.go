@@ -34,6 +34,8 @@ type ClientAuth struct {
 type authFailure struct {
 	code, msg string
 	class     string // for the log: wrong password, unknown role, ...
+	// roleExists: the role was found (a wrong password), so metrics may name it.
+	roleExists bool
 }
 
 func (e *authFailure) Error() string { return e.msg }
@@ -74,7 +76,9 @@ func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
 	if err != nil {
 		var ae *auth.Error
 		if errors.As(err, &ae) {
-			return nil, a.fail(ae, failureClass(ae, secret, found))
+			f := a.fail(ae, failureClass(ae, secret, found))
+			f.roleExists = found
+			return nil, f
 		}
 		return nil, err
 	}
@@ -234,7 +238,7 @@ func decodePassword(body []byte) (string, error) {
 }
 
 // fail sends PostgreSQL's error for a refused login and returns it as an authFailure.
-func (a *clientAuth) fail(e *auth.Error, class string) error {
+func (a *clientAuth) fail(e *auth.Error, class string) *authFailure {
 	msg := e.Message
 	if e.Detail != "" {
 		msg += ": " + e.Detail

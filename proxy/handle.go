@@ -133,6 +133,7 @@ func (s *Server) handle(raw net.Conn) {
 		return
 	}
 	sess.loggedIn = true
+	s.obs.LoginDone(sess.user, sess.database, time.Since(sess.start))
 	log = log.With("pid", sess.backendPID)
 	_ = client.SetDeadline(time.Time{})
 	_ = lg.server.SetDeadline(time.Time{})
@@ -145,6 +146,7 @@ func (s *Server) handle(raw net.Conn) {
 
 	why := s.relay(ctx, cancel, sess, client, cr, lg.server, lg.reader)
 	sess.setState(StateClosing)
+	s.obs.SessionEnded(sess.user, sess.database, sess.bytesIn.Load(), sess.bytesOut.Load())
 	log.Info("session ended", "reason", why.Error(), "duration", time.Since(sess.start).Round(time.Millisecond),
 		"bytes_in", sess.bytesIn.Load(), "bytes_out", sess.bytesOut.Load())
 }
@@ -274,18 +276,30 @@ func (e *loginError) Error() string {
 	return fmt.Sprintf("server refused login: %s (%s)", e.msg, e.code)
 }
 
-// loginFailed writes the one log line of a failed login.
+// loginFailed writes the one log line of a failed login and tells the Observer.
 func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 	var refused *loginError
 	var failed *authFailure
 	var tooMany *tooManyError
+	// Label a failure with its role only once the role is known to exist:
+	// a client that has not proved who it is may send any name.
+	role := RoleUnknown
+	if sess.verified {
+		role = sess.user
+	}
 	switch {
 	case errors.As(err, &tooMany):
 		// Admission logged the rejection, once, with its reason.
+		s.obs.LoginFailed(role, ReasonTooMany)
 	case errors.As(err, &failed):
 		log.Info("login failed", "sqlstate", failed.code, "reason", failed.class, "detail", failed.msg)
+		if failed.roleExists {
+			role = sess.user
+		}
+		s.obs.LoginFailed(role, failed.class)
 	case errors.As(err, &refused):
 		log.Info("login failed", "sqlstate", refused.code, "reason", "refused by server", "detail", refused.msg)
+		s.obs.LoginFailed(role, ReasonRefusedByServer)
 		if sess.clientTLS && sess.serverTLS && strings.Contains(refused.msg, "channel binding") {
 			// A passthrough SCRAM exchange is bound to rolegate's certificate
 			// by the client but checked against the server's by the server.
@@ -295,8 +309,13 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 	case errors.Is(err, errConsoleDone):
 	case errors.Is(err, errClientClosed):
 		log.Debug("client left during login")
+		s.obs.LoginFailed(role, ReasonClientLeft)
+	case errors.Is(err, errShutdown):
+		log.Debug("login ended by shutdown")
+		s.obs.LoginFailed(role, ReasonShutdown)
 	default:
 		log.Warn("login failed", "err", err)
+		s.obs.LoginFailed(role, ReasonServerError)
 	}
 }
 
@@ -336,6 +355,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	if err != nil {
 		return nil, err
 	}
+	sess.verified = true
 	if console {
 		return nil, s.serveConsole(ctx, sess, client, cr, log)
 	}
@@ -370,7 +390,9 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 	var out []byte // to the client, flushed before rolegate waits for it
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
+	dialStart := time.Now()
 	server, useTLS, err := s.cfg.Upstream.Dial(dctx)
+	s.obs.ServerDialed(time.Since(dialStart), err)
 	if err != nil {
 		sendFatal(client, "08006", err.Error())
 		return nil, err
@@ -395,6 +417,7 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 			}
 			return nil, err
 		}
+		sess.verified = true
 		// Passthrough: the server has authenticated the client and holds a
 		// backend for it; limits from proxy.toml apply from here, before the
 		// client hears AuthenticationOk, with the new backend left out of the count.

@@ -48,12 +48,16 @@ type Config struct {
 	StartupTimeout time.Duration
 	// Logger receives one line per login, session end and failure. nil: slog.Default().
 	Logger *slog.Logger
+	// Observer is told of logins, failures, waits, server dials and finished
+	// sessions, for metrics. nil: nothing is observed.
+	Observer Observer
 }
 
 // Server accepts and serves client connections.
 type Server struct {
 	cfg      Config
 	log      *slog.Logger
+	obs      Observer // never nil
 	registry *registry
 	events   eventLog
 	console  atomic.Pointer[consoleBox]
@@ -85,10 +89,15 @@ func New(cfg Config) *Server {
 		// SSLRequest may send it too.
 		cfg.TLS.NextProtos = []string{"postgresql"}
 	}
+	obs := cfg.Observer
+	if obs == nil {
+		obs = nopObserver{}
+	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
+		obs:       obs,
 		registry:  newRegistry(),
 		ctx:       ctx,
 		cancel:    cancel,

@@ -71,6 +71,7 @@ type session struct {
 	serverTLS   bool
 
 	loggedIn   bool // set by handle once the session holds its server slot
+	verified   bool // the client proved who it is (rolegate's or the server's authentication)
 	backendPID uint32
 	backendKey []byte
 	cancelKey  cancelKey // the key rolegate gave the client

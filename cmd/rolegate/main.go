@@ -159,6 +159,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
+	metrics := admin.NewMetrics() // the proxy counts into it; /metrics serves it
 	srv := proxy.New(proxy.Config{
 		Upstream:        p.dialer,
 		TLS:             p.tls,
@@ -168,6 +169,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		ConsoleUsers:    cfg.Admin.Users,
 		StartupTimeout:  cfg.StartupTimeout.Value(),
 		Logger:          log,
+		Observer:        metrics,
 	})
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
@@ -183,7 +185,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	rl := &reloader{path: cfgPath, p: p, log: log}
 	rl.cur.Store(cfg)
 	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, log)))
-	stopAdmin, err := startAdmin(cfg, p, srv, rl, log)
+	stopAdmin, err := startAdmin(cfg, p, srv, rl, metrics, log)
 	if err != nil {
 		ln.Close()
 		return err
@@ -249,7 +251,7 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger)
 // returns the function that stops it and waits for its goroutine. An address
 // it cannot listen on stops rolegate, as the proxy's own listen address does:
 // an operator who configured it expects to find it.
-func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger) (stop func(), err error) {
+func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Metrics, log *slog.Logger) (stop func(), err error) {
 	if cfg.Admin.HTTP == "" {
 		return func() {}, nil
 	}
@@ -258,6 +260,7 @@ func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, l
 		return nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
 	}
 	opts := consoleOptions(p, srv, rl, log)
+	opts.Metrics = metrics
 	opts.Ready = admin.DialReady(p.dialer)
 	opts.Token = cfg.AdminToken()
 	if p.control != nil {

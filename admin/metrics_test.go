@@ -1,0 +1,182 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
+	"github.com/rolegate/rolegate/upstream"
+)
+
+// observedRig is startRig with Metrics as the proxy's Observer, served on /metrics.
+func observedRig(t *testing.T, roleRules rules) (r *rig, base string) {
+	t.Helper()
+	c := pgtest.Start(t, pgtest.Options{})
+	ctl, err := upstream.NewControl(t.Context(), config.Control{DSN: c.SuperDSN(), MaxConns: 2}, config.DefaultAuthQuery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctl.Close)
+	d, err := upstream.NewDialer(config.Server{Address: c.Addr(), SSLMode: config.SSLDisable, ConnectTimeout: "5s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lim := &proxy.Limits{Limiter: limiter.New(time.Now), Server: ctl}
+	lim.SetRules(roleRules, true, 0)
+	logs := &testutil.SyncBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	m := NewMetrics()
+	srv := proxy.New(proxy.Config{
+		Upstream:       d,
+		Auth:           &proxy.ClientAuth{Store: auth.NewStore(100, time.Minute, auth.SourceFunc(ctl.Secret)), Method: "scram-sha-256"},
+		Limits:         lim,
+		StartupTimeout: 10 * time.Second,
+		Logger:         logger,
+		Observer:       m,
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-done; !errors.Is(err, proxy.ErrServerClosed) {
+			t.Errorf("proxy Serve returned %v", err)
+		}
+		if t.Failed() {
+			t.Logf("log:\n%s", logs.String())
+		}
+	})
+	r = &rig{cluster: c, control: ctl, limits: lim, srv: srv, addr: ln.Addr().String(), logs: logs, logger: logger}
+	base = startHTTP(t, Options{Proxy: srv, Limiter: lim.Limiter.Snapshot, Logger: logger, Metrics: m})
+	return r, base
+}
+
+// histogramCount is the number of observations of a histogram (summed over
+// the series whose labels include the given ones); 0 when there is none.
+func histogramCount(t *testing.T, base, name string, labels ...string) uint64 {
+	t.Helper()
+	body := want(t, http.MethodGet, base+"/metrics", "", http.StatusOK, "")
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("/metrics does not parse: %v", err)
+	}
+	var n uint64
+next:
+	for _, m := range families[name].GetMetric() {
+		have := map[string]string{}
+		for _, l := range m.GetLabel() {
+			have[l.GetName()] = l.GetValue()
+		}
+		for i := 0; i+1 < len(labels); i += 2 {
+			if have[labels[i]] != labels[i+1] {
+				continue next
+			}
+		}
+		n += m.GetHistogram().GetSampleCount()
+	}
+	return n
+}
+
+// The Observer's series move on /metrics as logins succeed, fail, wait and
+// end: logins, failures by reason, latencies, waits, bytes of ended sessions.
+func TestObserverMetrics(t *testing.T) {
+	r, base := observedRig(t, rules{
+		"obs_wait": {MaxSessions: 1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyReject, WaitTimeout: 20 * time.Second},
+	})
+	for _, q := range []string{"create role obs_user login password 'obs_pw'", "create role obs_wait login password 'wait_pw'"} {
+		if err := r.cluster.Exec(t.Context(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"rolegate_logins_total", "rolegate_login_failures_total", "rolegate_relayed_bytes_total"} {
+		if n := metric(t, base, name); n != 0 {
+			t.Errorf("%s = %v before any login", name, n)
+		}
+	}
+
+	c := r.connect(t, "obs_user", "obs_pw")
+	if _, err := c.Exec(t.Context(), "select repeat('x', 5000)"); err != nil {
+		t.Fatal(err)
+	}
+	if n := metric(t, base, "rolegate_logins_total", "role", "obs_user"); n != 1 {
+		t.Errorf("rolegate_logins_total{role=obs_user} = %v, want 1", n)
+	}
+	if n := histogramCount(t, base, "rolegate_login_duration_seconds"); n != 1 {
+		t.Errorf("rolegate_login_duration_seconds count = %v, want 1", n)
+	}
+	if n := histogramCount(t, base, "rolegate_server_dial_duration_seconds"); n != 1 {
+		t.Errorf("rolegate_server_dial_duration_seconds count = %v, want 1", n)
+	}
+	if n := metric(t, base, "rolegate_server_dial_failures_total"); n != 0 {
+		t.Errorf("rolegate_server_dial_failures_total = %v, want 0", n)
+	}
+	c.Close(t.Context())
+	waitFor(t, "the ended session's bytes in rolegate_relayed_bytes_total", func() bool {
+		return metric(t, base, "rolegate_relayed_bytes_total", "direction", "out") >= 5000 &&
+			metric(t, base, "rolegate_relayed_bytes_total", "direction", "in") > 0
+	})
+
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer cancel()
+	for _, login := range [][2]string{{"obs_user", "wrong"}, {"obs_nobody", "wrong"}} {
+		if c, err := pgx.Connect(ctx, r.dsn(login[0], login[1])); err == nil {
+			c.Close(ctx)
+			t.Fatalf("%s got in with a wrong password", login[0])
+		}
+	}
+	if n := metric(t, base, "rolegate_login_failures_total", "role", "obs_user", "reason", "wrong password"); n != 1 {
+		t.Errorf(`rolegate_login_failures_total{role="obs_user",reason="wrong password"} = %v, want 1`, n)
+	}
+	if n := metric(t, base, "rolegate_login_failures_total", "role", proxy.RoleUnknown, "reason", "unknown role"); n != 1 {
+		t.Errorf(`rolegate_login_failures_total{role="unknown",reason="unknown role"} = %v, want 1`, n)
+	}
+	if n := metric(t, base, "rolegate_login_failures_total", "role", "obs_nobody"); n != 0 {
+		t.Errorf("a role that does not exist became a label value")
+	}
+	if n := metric(t, base, "rolegate_logins_total"); n != 1 {
+		t.Errorf("rolegate_logins_total = %v after failed logins, want 1", n)
+	}
+
+	// A wait, admitted when the holder leaves.
+	holder := r.connect(t, "obs_wait", "wait_pw")
+	waited := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, r.dsn("obs_wait", "wait_pw"))
+		if err == nil {
+			c.Close(ctx)
+		}
+		waited <- err
+	}()
+	waitFor(t, "a waiting login", func() bool { return metric(t, base, "rolegate_waiting_logins", "role", "obs_wait") == 1 })
+	holder.Close(t.Context())
+	if err := <-waited; err != nil {
+		t.Fatalf("the waiting login: %v", err)
+	}
+	if n := histogramCount(t, base, "rolegate_wait_duration_seconds", "outcome", "admitted"); n != 1 {
+		t.Errorf(`rolegate_wait_duration_seconds{outcome="admitted"} count = %v, want 1`, n)
+	}
+	if n := metric(t, base, "rolegate_logins_total", "role", "obs_wait"); n != 2 {
+		t.Errorf("rolegate_logins_total{role=obs_wait} = %v, want 2", n)
+	}
+}

@@ -1,0 +1,250 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
+)
+
+const chromiumPath = "/usr/bin/chromium"
+
+var (
+	chromiumOnce sync.Once
+	chromiumErr  error
+)
+
+// needChromium returns Debian's chromium, installing it with apt-get (once
+// per test process) when it is missing and we are root. The test fails, and
+// does not skip, when it cannot be had.
+func needChromium(t *testing.T) string {
+	t.Helper()
+	chromiumOnce.Do(func() {
+		if _, err := os.Stat(chromiumPath); err == nil {
+			return
+		}
+		if os.Geteuid() != 0 {
+			chromiumErr = errors.New(chromiumPath + " is missing and the test is not root, so it cannot run apt-get install -y chromium")
+			return
+		}
+		t.Logf("%s is missing: installing Debian's chromium with apt-get (this takes a while)", chromiumPath)
+		for _, args := range [][]string{{"update"}, {"install", "-y", "--no-install-recommends", "chromium"}} {
+			cmd := exec.Command("apt-get", args...)
+			cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				chromiumErr = errors.New("apt-get " + strings.Join(args, " ") + ": " + err.Error() + "\n" + lastLines(string(out), 20))
+				return
+			}
+		}
+		if _, err := os.Stat(chromiumPath); err != nil {
+			chromiumErr = errors.New("apt-get install chromium left no " + chromiumPath)
+		}
+	})
+	if chromiumErr != nil {
+		t.Fatalf("Chromium cannot be installed, so the browser test cannot run: %v", chromiumErr)
+	}
+	return chromiumPath
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// The live page in a real headless Chromium, against a real proxy and a real
+// server: a new session appears, its eviction by a newer login shows up, a
+// screenshot is saved, and the page says "disconnected" once the admin HTTP
+// server is gone.
+func TestLivePage(t *testing.T) {
+	chromium := needChromium(t)
+	r := startRig(t, rules{"page_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
+	for _, q := range []string{"create role page_user login password 'page_pw'", "create role report_user login password 'report_pw'"} {
+		if err := r.cluster.Exec(t.Context(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	limit := 1
+	r.limits.Override("page_user", &limit, nil) // so the page has a limit to draw
+
+	// The admin HTTP server, stopped by hand halfway through.
+	h := New(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides, Logger: r.logger})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- h.Serve(ln) }()
+	stopHTTP := sync.OnceFunc(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := h.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want http.ErrServerClosed", err)
+		}
+	})
+	t.Cleanup(stopHTTP)
+	base := "http://" + ln.Addr().String()
+
+	// This machine's network is closed: without these flags Chromium hangs
+	// on connections of its own.
+	opts := []chromedp.ExecAllocatorOption{
+		chromedp.ExecPath(chromium),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.NoDefaultBrowserCheck,
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.UserDataDir(filepath.Join(t.TempDir(), "chromium")),
+		chromedp.WindowSize(1280, 800),
+	}
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	defer cancelAlloc() // waits for the browser process to exit
+	ctx, cancelBrowser := chromedp.NewContext(allocCtx, chromedp.WithErrorf(t.Logf))
+	defer func() {
+		if err := chromedp.Cancel(ctx); err != nil { // closes the browser gracefully
+			t.Logf("closing the browser: %v", err)
+		}
+		cancelBrowser()
+	}()
+	// The first Run starts the browser: its context must carry no timeout
+	// (one would stop the browser), so the deadlines are per query below.
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/")); err != nil {
+		t.Fatalf("open the page: %v", err)
+	}
+	waitText(t, ctx, "#status", "live")
+
+	first := r.connect(t, "page_user", "page_pw")
+	firstPID := backendPID(t, first)
+	pidText := itoa(firstPID)
+	waitText(t, ctx, "#sessions tbody", pidText, "page_user", "postgres", "idle")
+	waitText(t, ctx, "#roles", "page_user", "1 of 1 (override) via rolegate")
+
+	second := r.connect(t, "page_user", "page_pw") // newest wins: first is evicted
+	wantTerminated(t, first, "the evicted session")
+	secondPID := backendPID(t, second)
+	waitText(t, ctx, "#events tbody", "eviction", "page_user", "pid "+pidText, "newest-wins")
+	waitText(t, ctx, "#sessions tbody", itoa(secondPID))
+	// A role without a limit is drawn too, with counts only.
+	r.connect(t, "report_user", "report_pw")
+	waitText(t, ctx, "#roles", "report_user", "1 via rolegate, 0 waiting", "no limit")
+	got := pageText(t, ctx, "#sessions tbody")
+	for line := range strings.Lines(got) {
+		if strings.HasPrefix(line, pidText+"\t") {
+			t.Errorf("the evicted pid %d is still listed: %q", firstPID, got)
+		}
+	}
+
+	shotCtx, cancelShot := context.WithTimeout(ctx, 20*time.Second)
+	defer cancelShot()
+	png, err := chromedp.Run(shotCtx, chromedp.FullScreenshot(100)) // 100: PNG; lower is JPEG
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	shot := filepath.Join(t.TempDir(), "live-page.png")
+	if err := os.WriteFile(shot, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot: %s (%d bytes)", shot, len(png))
+	if p := os.Getenv("ROLEGATE_SCREENSHOT"); p != "" {
+		if err := os.WriteFile(p, png, 0o644); err != nil {
+			t.Fatalf("ROLEGATE_SCREENSHOT: %v", err)
+		}
+		t.Logf("screenshot also saved to %s", p)
+	}
+
+	stopHTTP()
+	waitText(t, ctx, "#status", "disconnected")
+}
+
+func itoa(n uint32) string { return strconv.FormatUint(uint64(n), 10) }
+
+// pageText is the visible text of the first element matching sel.
+func pageText(t *testing.T, ctx context.Context, sel string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		t.Fatalf("read %s: %v", sel, err)
+	}
+	return s
+}
+
+// waitText polls the page until sel's text holds every part, or fails after
+// a deadline with what the page showed.
+func waitText(t *testing.T, ctx context.Context, sel string, parts ...string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := pageText(t, ctx, sel)
+		missing := ""
+		for _, p := range parts {
+			if !strings.Contains(got, p) {
+				missing = p
+				break
+			}
+		}
+		if missing == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the page's %s never showed %q; it shows %q", sel, missing, got)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// The page and its assets are served from the embedded files, and /api/page
+// carries an override's limit; other paths stay 404.
+func TestPageServed(t *testing.T) {
+	limit := 3
+	policy := limiter.PolicyReject
+	base := startHTTP(t, Options{
+		Proxy:   proxy.New(proxy.Config{}),
+		Limiter: limiter.New(time.Now).Snapshot,
+		Overrides: func() map[string]proxy.Override {
+			return map[string]proxy.Override{"ov_user": {MaxSessions: &limit, Policy: &policy}}
+		},
+	})
+	want(t, http.MethodGet, base+"/", "", http.StatusOK, "<title>rolegate</title>")
+	want(t, http.MethodGet, base+"/static/page.js", "", http.StatusOK, "/api/page")
+	want(t, http.MethodGet, base+"/static/page.css", "", http.StatusOK, ".status.disconnected")
+	want(t, http.MethodGet, base+"/static/nothing.js", "", http.StatusNotFound, "")
+	want(t, http.MethodGet, base+"/index", "", http.StatusNotFound, "")
+	if got, _ := call(t, http.MethodPost, base+"/", ""); got != http.StatusMethodNotAllowed {
+		t.Errorf("POST /: %d, want 405", got)
+	}
+	p := getJSON[struct {
+		Limits   bool       `json:"limits"`
+		Roles    []pageRole `json:"roles"`
+		Sessions []session  `json:"sessions"`
+		Events   []event    `json:"events"`
+	}](t, base+"/api/page")
+	if !p.Limits || len(p.Roles) != 1 || p.Roles[0].Role != "ov_user" || p.Roles[0].Limit == nil || *p.Roles[0].Limit != 3 ||
+		p.Roles[0].LimitSource != "override" || p.Roles[0].Policy != "reject" || p.Sessions == nil || p.Events == nil {
+		t.Errorf("/api/page = %+v", p)
+	}
+}

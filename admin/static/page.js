@@ -1,0 +1,121 @@
+// rolegate's live page: polls /api/page every second and redraws. No build
+// step, no external assets.
+"use strict";
+
+const POLL_MS = 1000;
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "style") e.style.cssText = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
+  return e;
+}
+
+function fmtTime(s) {
+  if (!s || s.startsWith("0001-")) return "";
+  const d = new Date(s);
+  const pad = (n) => String(n).padStart(2, "0");
+  return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+    d.toLocaleTimeString([], { hour12: false });
+}
+
+function ago(s, now) {
+  const sec = Math.max(0, Math.round((now - new Date(s)) / 1000));
+  if (sec < 60) return sec + "s ago";
+  if (sec < 3600) return Math.floor(sec / 60) + "m ago";
+  return Math.floor(sec / 3600) + "h " + Math.floor((sec % 3600) / 60) + "m ago";
+}
+
+function setStatus(kind, text) {
+  const s = $("status");
+  s.className = "status " + kind;
+  s.textContent = text;
+  document.body.classList.toggle("disconnected", kind === "disconnected");
+}
+
+function renderRoles(roles) {
+  const box = $("roles");
+  if (!roles.length) { box.replaceChildren(el("p", { class: "muted" }, "No roles yet.")); return; }
+  // A role without a known limit is drawn on a common scale (at least 10
+  // sessions) over a striped track, so a full bar always means a full limit.
+  const scale = Math.max(10, ...roles.map((r) => r.sessions + r.waiting));
+  box.replaceChildren(...roles.map((r) => {
+    const total = r.limit != null ? Math.max(r.limit, r.sessions + r.waiting, 1) : scale;
+    const pct = (n) => (100 * n / total).toFixed(2) + "%";
+    const bar = el("div", { class: r.limit != null ? "bar" : "bar unlimited",
+      title: r.role + (r.limit != null ? "" : ": no limit known") });
+    if (r.sessions) bar.append(el("div", { class: "held", style: "width:" + pct(r.sessions) }, r.sessions));
+    if (r.waiting) bar.append(el("div", { class: "waiting", style: "width:" + pct(r.waiting) }, r.waiting));
+    if (r.limit != null && r.limit > r.sessions + r.waiting)
+      bar.append(el("div", { class: "free", style: "width:" + pct(r.limit - r.sessions - r.waiting) }));
+    const ev = r.policies.reduce((a, p) => a + p.evictions, 0);
+    const rej = r.policies.reduce((a, p) => a + p.rejections, 0);
+    const policies = r.policy ? r.policy + " (override)" : r.policies.map((p) => p.policy).join(", ");
+    const limit = r.limit != null ? " of " + r.limit + " (" + r.limit_source + ")" : "";
+    return el("div", { class: "role", "data-role": r.role },
+      el("div", { class: "name", title: r.role }, r.role),
+      bar,
+      el("div", { class: "nums" },
+        r.sessions + limit + " via rolegate, " + r.waiting + " waiting",
+        el("br"),
+        el("span", { class: "muted" }, (policies || "no limit") + " · " + ev + " evicted · " + rej + " rejected")));
+  }));
+}
+
+function renderSessions(sessions, now) {
+  $("session-count").textContent = "(" + sessions.length + ")";
+  const body = $("sessions").tBodies[0];
+  if (!sessions.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No sessions."))); return; }
+  body.replaceChildren(...sessions.map((s) => el("tr", { "data-pid": s.pid },
+    el("td", { class: "num" }, s.pid || "—"), el("td", {}, s.role), el("td", {}, s.database),
+    el("td", {}, s.client_addr + (s.client_tls ? " (TLS)" : "")), el("td", {}, s.state),
+    el("td", { title: fmtTime(s.started) }, ago(s.started, now)))));
+}
+
+function renderEvents(events) {
+  const body = $("events").tBodies[0];
+  if (!events.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "None yet."))); return; }
+  body.replaceChildren(...events.map((e) => {
+    let victim = "";
+    if (e.victim_pid) {
+      victim = "pid " + e.victim_pid + (e.victim_role ? " (" + e.victim_role + ")" : "");
+      victim += e.via_rolegate ? (e.victim_client ? " " + e.victim_client : "") : " outside rolegate";
+    }
+    return el("tr", { "data-kind": e.kind },
+      el("td", { class: "time" }, fmtTime(e.time)), el("td", { class: "kind " + e.kind }, e.kind),
+      el("td", {}, e.role || ""), el("td", {}, victim),
+      el("td", {}, (e.policy || "") + (e.scope ? " (" + e.scope + ")" : "")), el("td", {}, e.reason || ""));
+  }));
+}
+
+let failures = 0;
+
+async function poll() {
+  const ctl = new AbortController();
+  const timer = setTimeout(() => ctl.abort(), 3000);
+  try {
+    const resp = await fetch("/api/page", { cache: "no-store", signal: ctl.signal });
+    if (!resp.ok) throw new Error("HTTP " + resp.status);
+    const p = await resp.json();
+    const now = new Date(p.taken);
+    renderRoles(p.roles || []);
+    renderSessions(p.sessions || [], now);
+    renderEvents(p.events || []);
+    failures = 0;
+    setStatus("live", "live");
+    $("updated").textContent = "updated " + now.toLocaleTimeString([], { hour12: false }) +
+      (p.limits ? "" : " · no limits enforced");
+  } catch (err) {
+    failures++;
+    setStatus("disconnected", "disconnected — " + (err.name === "AbortError" ? "timed out" : err.message) +
+      " (retrying)");
+  } finally {
+    clearTimeout(timer);
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();
