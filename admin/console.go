@@ -43,8 +43,8 @@ type Console struct {
 }
 
 // NewConsole builds a console from the same Options as the HTTP server
-// (Proxy is required; Limiter, Reload, ConfigText, Override and Overrides
-// may be nil).
+// (Proxy is required; Limiter, Reload, ConfigText, Override, Overrides,
+// Effective, ServerSessions and ConfiguredRoles may be nil).
 func NewConsole(opts Options) *Console {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -253,11 +253,11 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 	case kw(0, "SHOW") && len(w) == 2:
 		switch strings.ToUpper(w[1]) {
 		case "SESSIONS":
-			s.showSessions()
+			s.showSessions(ctx)
 		case "ROLES":
-			s.showRoles()
+			s.showRoles(ctx)
 		case "DATABASES":
-			s.showDatabases()
+			s.showDatabases(ctx)
 		case "EVICTIONS":
 			s.showEvictions()
 		case "CONFIG":
@@ -345,17 +345,20 @@ func pidOrNull(pid uint32) []byte {
 	return num(pid)
 }
 
-func (s *consoleSession) showSessions() {
-	infos := s.c.opts.Proxy.Sessions()
-	slices.SortFunc(infos, func(a, b proxy.SessionInfo) int { return a.Start.Compare(b.Start) })
+func (s *consoleSession) showSessions(ctx context.Context) {
+	all := s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions())
 	cols := []column{{"pid", oidInt4}, {"role", oidText}, {"database", oidText}, {"application_name", oidText},
 		{"client_addr", oidText}, {"state", oidText}, {"started", oidText}, {"idle_since", oidText},
 		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}}
-	rows := make([][][]byte, 0, len(infos))
-	for _, i := range infos {
-		rows = append(rows, [][]byte{pidOrNull(i.BackendPID), txtOrNull(i.User), txtOrNull(i.Database),
-			txt(i.ApplicationName), txt(i.ClientAddr), txt(i.State.String()), ts(i.Start), ts(i.LastActivity),
-			boolean(true), num(i.BytesIn), num(i.BytesOut)})
+	rows := make([][][]byte, 0, len(all))
+	for _, i := range all {
+		var in, out []byte // NULL: rolegate does not relay it
+		if i.ViaRolegate {
+			in, out = num(i.BytesIn), num(i.BytesOut)
+		}
+		rows = append(rows, [][]byte{pidOrNull(i.PID), txtOrNull(i.Role), txtOrNull(i.Database),
+			txt(i.ApplicationName), txt(i.ClientAddr), txtOrNull(i.State), ts(i.Started), ts(i.LastActivity),
+			boolean(i.ViaRolegate), in, out})
 	}
 	s.table("SHOW", cols, rows)
 }
@@ -375,50 +378,36 @@ func (s *consoleSession) overrides() map[string]proxy.Override {
 	return s.c.opts.Overrides()
 }
 
-func (s *consoleSession) showRoles() {
-	type roleRow struct {
-		sessions, waiting                                              int
-		admitted, evictions, evictFailures, rejections, waits, timeout uint64
+// limitCells are a limit's columns: limit (NULL for none), source, policy.
+func limitCells(li limitInfo) [][]byte {
+	var lim []byte
+	if li.Limit != nil {
+		lim = num(*li.Limit)
 	}
-	byRole := map[string]*roleRow{}
-	get := func(name string) *roleRow {
-		r := byRole[name]
-		if r == nil {
-			r = &roleRow{}
-			byRole[name] = r
-		}
-		return r
-	}
-	for _, i := range s.c.opts.Proxy.Sessions() {
-		if i.User != "" {
-			get(i.User).sessions++
-		}
-	}
-	snap := s.snapshot()
-	for name, n := range snap.WaitingByRole {
-		get(name).waiting = n
-	}
-	for k, c := range snap.Counters {
-		r := get(k.Role)
-		r.admitted += c.Admitted
-		r.evictions += c.Evictions
-		r.evictFailures += c.EvictFailures
-		r.rejections += c.Rejections
-		r.waits += c.Waits
-		r.timeout += c.WaitTimeouts
-	}
+	return [][]byte{lim, txtOrNull(li.Source), txtOrNull(li.Policy)}
+}
+
+func (s *consoleSession) showRoles(ctx context.Context) {
+	infos := s.c.opts.Proxy.Sessions()
+	views := s.c.opts.roleViews(ctx, infos, s.c.opts.allSessions(ctx, infos))
 	ovr := s.overrides()
-	for name := range ovr {
-		get(name)
-	}
-	cols := []column{{"role", oidText}, {"sessions_via_rolegate", oidInt4}, {"waiting", oidInt4},
+	cols := []column{{"role", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
+		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4},
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
 		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText}}
-	var rows [][][]byte
-	for _, name := range slices.Sorted(maps.Keys(byRole)) {
-		r := byRole[name]
+	rows := make([][][]byte, 0, len(views))
+	for _, r := range views {
+		var t counter
+		for _, c := range r.Policies {
+			t.Admitted += c.Admitted
+			t.Evictions += c.Evictions
+			t.EvictFailures += c.EvictFailures
+			t.Rejections += c.Rejections
+			t.Waits += c.Waits
+			t.WaitTimeouts += c.WaitTimeouts
+		}
 		var maxS, pol []byte
-		if o, ok := ovr[name]; ok {
+		if o, ok := ovr[r.Role]; ok {
 			if o.MaxSessions != nil {
 				maxS = num(*o.MaxSessions)
 			}
@@ -426,14 +415,15 @@ func (s *consoleSession) showRoles() {
 				pol = txt(o.Policy.String())
 			}
 		}
-		rows = append(rows, [][]byte{txt(name), num(r.sessions), num(r.waiting), num(r.admitted), num(r.evictions),
-			num(r.evictFailures), num(r.rejections), num(r.waits), num(r.timeout), maxS, pol})
+		row := append([][]byte{txt(r.Role)}, limitCells(limitInfo{Limit: r.Limit, Source: r.LimitSource, Policy: r.Policy})...)
+		rows = append(rows, append(row, num(r.Sessions), num(r.SessionsElsewhere), num(r.Waiting), num(t.Admitted),
+			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol))
 	}
 	s.table("SHOW", cols, rows)
 }
 
-func (s *consoleSession) showDatabases() {
-	type dbRow struct{ sessions, waiting int }
+func (s *consoleSession) showDatabases(ctx context.Context) {
+	type dbRow struct{ sessions, elsewhere, waiting int }
 	byDB := map[string]*dbRow{}
 	get := func(name string) *dbRow {
 		r := byDB[name]
@@ -443,19 +433,26 @@ func (s *consoleSession) showDatabases() {
 		}
 		return r
 	}
-	for _, i := range s.c.opts.Proxy.Sessions() {
-		if i.Database != "" {
+	for _, i := range s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()) {
+		if i.Database == "" {
+			continue
+		}
+		if i.ViaRolegate {
 			get(i.Database).sessions++
+		} else {
+			get(i.Database).elsewhere++
 		}
 	}
 	for name, n := range s.snapshot().WaitingByDatabase {
 		get(name).waiting = n
 	}
-	cols := []column{{"database", oidText}, {"sessions_via_rolegate", oidInt4}, {"waiting", oidInt4}}
+	cols := []column{{"database", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
+		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4}}
 	var rows [][][]byte
 	for _, name := range slices.Sorted(maps.Keys(byDB)) {
 		r := byDB[name]
-		rows = append(rows, [][]byte{txt(name), num(r.sessions), num(r.waiting)})
+		row := append([][]byte{txt(name)}, limitCells(s.c.opts.databaseLimit(ctx, name))...)
+		rows = append(rows, append(row, num(r.sessions), num(r.elsewhere), num(r.waiting)))
 	}
 	s.table("SHOW", cols, rows)
 }

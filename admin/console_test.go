@@ -5,9 +5,11 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -547,14 +549,16 @@ func startConsoleRig(t *testing.T, roleRules rules) *rig {
 		Logger:          logger,
 	})
 	srv.SetConsole(NewConsole(Options{
-		Proxy:      srv,
-		Limiter:    lim.Limiter.Snapshot,
-		Reload:     func(string) error { return nil },
-		ConfigText: func() string { return "[admin]\nusers = [\"opsadmin\"]\n" },
-		Version:    "test",
-		Override:   lim.Override,
-		Overrides:  lim.Overrides,
-		Logger:     logger,
+		Proxy:          srv,
+		Limiter:        lim.Limiter.Snapshot,
+		Reload:         func(string) error { return nil },
+		ConfigText:     func() string { return "[admin]\nusers = [\"opsadmin\"]\n" },
+		Version:        "test",
+		Override:       lim.Override,
+		Overrides:      lim.Overrides,
+		Effective:      lim.Effective,
+		ServerSessions: ctl.Sessions,
+		Logger:         logger,
 	}))
 	for _, q := range []string{"create role opsadmin login password 'ops_pw'", "create role lim_user login password 'lim_pw'"} {
 		if err := c.Exec(t.Context(), q); err != nil {
@@ -656,7 +660,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 		}
 		var maxS int32
 		var pol string
-		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol); err != nil || maxS != 1 || pol != "newest-wins" {
+		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol); err != nil || maxS != 1 || pol != "newest-wins" {
 			t.Fatalf("show roles: %d %q %v", maxS, pol, err)
 		}
 	})
@@ -675,7 +679,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 		if out, err := run("show version"); err != nil || strings.TrimSpace(out) != "rolegate test" {
 			t.Fatalf("psql show version: %q %v", out, err)
 		}
-		if out, err := run("show databases"); err != nil || !strings.Contains(out, "postgres|1|0") {
+		if out, err := run("show databases"); err != nil || !strings.Contains(out, "postgres||none|reject|1|0|0") {
 			t.Fatalf("psql show databases: %q %v", out, err)
 		}
 		out, err := run("show nothing")
@@ -695,4 +699,160 @@ func TestConsoleThroughProxy(t *testing.T) {
 			t.Fatalf("got %v, want 28000", err)
 		}
 	})
+}
+
+// Sessions opened directly against the server show in SHOW SESSIONS and
+// /api/sessions, and SHOW ROLES / SHOW DATABASES / /api/roles give each limit
+// with its source: proxy.toml, server, override.
+func TestServerSessionsAndLimits(t *testing.T) {
+	roleRules := rules{"lim_user": {MaxSessions: 2, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}}
+	r := startRig(t, roleRules)
+	for _, q := range []string{
+		"create role lim_user login password 'lim_pw'",
+		"create role srv_user login password 'srv_pw' connection limit 1",
+		"create role ovr_user login password 'ovr_pw'",
+	} {
+		if err := r.cluster.Exec(t.Context(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := Options{
+		Proxy:           r.srv,
+		Limiter:         r.limits.Limiter.Snapshot,
+		Override:        r.limits.Override,
+		Overrides:       r.limits.Overrides,
+		Effective:       r.limits.Effective,
+		ServerSessions:  r.control.Sessions,
+		ConfiguredRoles: func() []string { return slices.Sorted(maps.Keys(roleRules)) },
+		Logger:          r.logger,
+	}
+	cc := startConsole(t, opts, "opsadmin")
+	base := startHTTP(t, opts)
+
+	via := r.connect(t, "srv_user", "srv_pw") // known through its session via rolegate
+	viaPID := backendPID(t, via)
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer cancel()
+	direct, err := pgx.Connect(ctx, r.cluster.DSN("lim_user", "lim_pw", "postgres")+"&application_name=direct_app")
+	if err != nil {
+		t.Fatalf("direct connection: %v", err)
+	}
+	t.Cleanup(func() { direct.Close(context.Background()) })
+	directPID := backendPID(t, direct)
+
+	t.Run("show sessions", func(t *testing.T) {
+		res := cc.ok(t, "show sessions", "SHOW")
+		seen := map[string]bool{}
+		for i := range res.rows {
+			switch res.cell(t, i, "pid") {
+			case strconv.Itoa(int(directPID)):
+				seen["direct"] = true
+				if res.cell(t, i, "via_rolegate") != "false" || res.cell(t, i, "role") != "lim_user" ||
+					res.cell(t, i, "database") != "postgres" || res.cell(t, i, "application_name") != "direct_app" ||
+					res.cell(t, i, "state") != "idle" || res.cell(t, i, "started") == "NULL" ||
+					!strings.HasPrefix(res.cell(t, i, "client_addr"), "127.0.0.1:") || res.cell(t, i, "bytes_in") != "NULL" {
+					t.Errorf("direct session row %v %+v", res.columns, res.rows[i])
+				}
+			case strconv.Itoa(int(viaPID)):
+				seen["via"] = true
+				if res.cell(t, i, "via_rolegate") != "true" || res.cell(t, i, "bytes_out") == "NULL" {
+					t.Errorf("rolegate session row %+v", res.rows[i])
+				}
+			}
+		}
+		if !seen["direct"] || !seen["via"] || len(res.rows) != 2 {
+			t.Fatalf("sessions %+v (direct pid %d, via pid %d)", res.rows, directPID, viaPID)
+		}
+	})
+
+	t.Run("api sessions", func(t *testing.T) {
+		got := getJSON[[]session](t, base+"/api/sessions")
+		n := 0
+		for _, s := range got {
+			if s.PID == directPID {
+				n++
+				if s.ViaRolegate || s.Role != "lim_user" || s.ApplicationName != "direct_app" {
+					t.Errorf("direct session %+v", s)
+				}
+			}
+			if s.PID == viaPID && !s.ViaRolegate {
+				t.Errorf("rolegate's session %+v", s)
+			}
+		}
+		if n != 1 || len(got) != 2 {
+			t.Fatalf("sessions %+v", got)
+		}
+	})
+
+	roleRow := func(t *testing.T, res result, name string) int {
+		t.Helper()
+		for i := range res.rows {
+			if res.cell(t, i, "role") == name {
+				return i
+			}
+		}
+		t.Fatalf("%s not in %+v", name, res.rows)
+		return -1
+	}
+	t.Run("show roles", func(t *testing.T) {
+		res := cc.ok(t, "show roles", "SHOW")
+		i := roleRow(t, res, "lim_user")
+		if res.cell(t, i, "limit") != "2" || res.cell(t, i, "limit_source") != "proxy.toml" || res.cell(t, i, "policy") != "newest-wins" ||
+			res.cell(t, i, "sessions_via_rolegate") != "0" || res.cell(t, i, "sessions_elsewhere") != "1" {
+			t.Errorf("lim_user %v %+v", res.columns, res.rows[i])
+		}
+		i = roleRow(t, res, "srv_user")
+		if res.cell(t, i, "limit") != "1" || res.cell(t, i, "limit_source") != "server" || res.cell(t, i, "policy") != "reject" ||
+			res.cell(t, i, "sessions_via_rolegate") != "1" || res.cell(t, i, "sessions_elsewhere") != "0" {
+			t.Errorf("srv_user %v %+v", res.columns, res.rows[i])
+		}
+
+		cc.ok(t, "set limit ovr_user 4; set limit srv_user 5", "SET")
+		res = cc.ok(t, "show roles", "SHOW")
+		i = roleRow(t, res, "ovr_user")
+		if res.cell(t, i, "limit") != "4" || res.cell(t, i, "limit_source") != "override" {
+			t.Errorf("ovr_user %+v", res.rows[i])
+		}
+		i = roleRow(t, res, "srv_user") // the server's 1 is still smaller
+		if res.cell(t, i, "limit") != "1" || res.cell(t, i, "limit_source") != "server" || res.cell(t, i, "override_max_sessions") != "5" {
+			t.Errorf("srv_user after SET LIMIT %+v", res.rows[i])
+		}
+	})
+
+	t.Run("api roles", func(t *testing.T) {
+		got := getJSON[[]role](t, base+"/api/roles")
+		found := 0
+		for _, r := range got {
+			switch r.Role {
+			case "srv_user":
+				found++
+				if r.Limit == nil || *r.Limit != 1 || r.LimitSource != "server" || r.Sessions != 1 {
+					t.Errorf("srv_user %+v", r)
+				}
+			case "lim_user":
+				found++
+				if r.Limit == nil || *r.Limit != 2 || r.LimitSource != "proxy.toml" || r.SessionsElsewhere != 1 {
+					t.Errorf("lim_user %+v", r)
+				}
+			}
+		}
+		if found != 2 {
+			t.Fatalf("roles %+v", got)
+		}
+	})
+
+	t.Run("show databases", func(t *testing.T) {
+		if err := r.cluster.Exec(t.Context(), "alter database postgres connection limit 50"); err != nil {
+			t.Fatal(err)
+		}
+		res := cc.ok(t, "show databases", "SHOW")
+		if len(res.rows) != 1 || res.cell(t, 0, "database") != "postgres" || res.cell(t, 0, "limit") != "50" ||
+			res.cell(t, 0, "limit_source") != "server" || res.cell(t, 0, "sessions_via_rolegate") != "1" ||
+			res.cell(t, 0, "sessions_elsewhere") != "1" {
+			t.Errorf("databases %v %+v", res.columns, res.rows)
+		}
+	})
+	cc.send(t, &pgproto3.Terminate{})
+	_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _ = cc.fe.Receive()
 }

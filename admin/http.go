@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
+	"github.com/rolegate/rolegate/upstream"
 )
 
 // Proxy is what admin needs from the proxy (proxy.Server implements it):
@@ -66,6 +66,19 @@ type Options struct {
 	// Overrides returns a copy of the overrides in force (proxy.Limits.Overrides),
 	// for SHOW ROLES. May be nil.
 	Overrides func() map[string]proxy.Override
+
+	// ServerSessions lists the server's client backends of roles, however
+	// they were opened (upstream.Control.Sessions), so that sessions opened
+	// outside rolegate show too. Nil without a control connection: only
+	// rolegate's own sessions show.
+	ServerSessions func(ctx context.Context, roles []string) ([]upstream.Backend, error)
+	// Effective returns the rules admission applies to role and database,
+	// with the source of each limit (proxy.Limits.Effective). Nil when no
+	// limits are enforced.
+	Effective func(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, err error)
+	// ConfiguredRoles names the roles with a rule in proxy.toml, so that
+	// they show even before anyone logs in. May be nil.
+	ConfiguredRoles func() []string
 }
 
 // ReadyTimeout bounds one readiness check.
@@ -189,21 +202,11 @@ type session struct {
 	LastActivity    time.Time `json:"last_activity"`
 	BytesIn         int64     `json:"bytes_in"`
 	BytesOut        int64     `json:"bytes_out"`
+	ViaRolegate     bool      `json:"via_rolegate"` // false: opened directly against the server (or another instance)
 }
 
-func (h *HTTP) sessions(w http.ResponseWriter, _ *http.Request) {
-	infos := h.opts.Proxy.Sessions()
-	slices.SortFunc(infos, func(a, b proxy.SessionInfo) int { return a.Start.Compare(b.Start) })
-	out := make([]session, 0, len(infos))
-	for _, s := range infos {
-		out = append(out, session{
-			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
-			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
-			State: s.State.String(), Started: s.Start, LastActivity: s.LastActivity,
-			BytesIn: s.BytesIn, BytesOut: s.BytesOut,
-		})
-	}
-	writeJSON(w, http.StatusOK, out)
+func (h *HTTP) sessions(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, h.opts.allSessions(r.Context(), h.opts.Proxy.Sessions()))
 }
 
 // event is one eviction, rejection or kill in /api/evictions.
@@ -238,10 +241,14 @@ func (h *HTTP) evictions(w http.ResponseWriter, _ *http.Request) {
 // role is one role in /api/roles: its sessions through rolegate, its waiting
 // logins, and the limiter's counters under each policy that decided for it.
 type role struct {
-	Role     string    `json:"role"`
-	Sessions int       `json:"sessions"` // held through this rolegate now
-	Waiting  int       `json:"waiting"`
-	Policies []counter `json:"policies"`
+	Role              string    `json:"role"`
+	Sessions          int       `json:"sessions"`           // held through this rolegate now
+	SessionsElsewhere int       `json:"sessions_elsewhere"` // opened outside rolegate (needs a control connection)
+	Waiting           int       `json:"waiting"`
+	Limit             *int      `json:"limit"`                  // effective limit; null: none (or unknown)
+	LimitSource       string    `json:"limit_source,omitempty"` // proxy.toml | server | override | none
+	Policy            string    `json:"policy,omitempty"`       // the policy a login at the limit meets
+	Policies          []counter `json:"policies"`
 }
 
 type counter struct {
@@ -254,41 +261,9 @@ type counter struct {
 	WaitTimeouts  uint64 `json:"wait_timeouts"`
 }
 
-func (h *HTTP) roles(w http.ResponseWriter, _ *http.Request) {
-	byName := map[string]*role{}
-	get := func(name string) *role {
-		r := byName[name]
-		if r == nil {
-			r = &role{Role: name, Policies: []counter{}}
-			byName[name] = r
-		}
-		return r
-	}
-	for _, s := range h.opts.Proxy.Sessions() {
-		if s.User != "" {
-			get(s.User).Sessions++
-		}
-	}
-	if h.opts.Limiter != nil {
-		snap := h.opts.Limiter()
-		for name, n := range snap.WaitingByRole {
-			get(name).Waiting = n
-		}
-		for _, k := range counterKeys(snap) {
-			c := snap.Counters[k]
-			r := get(k.Role)
-			r.Policies = append(r.Policies, counter{
-				Policy: string(k.Policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
-				Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts,
-			})
-		}
-	}
-	out := make([]role, 0, len(byName))
-	for _, r := range byName {
-		out = append(out, *r)
-	}
-	slices.SortFunc(out, func(a, b role) int { return strings.Compare(a.Role, b.Role) })
-	writeJSON(w, http.StatusOK, out)
+func (h *HTTP) roles(w http.ResponseWriter, r *http.Request) {
+	infos := h.opts.Proxy.Sessions()
+	writeJSON(w, http.StatusOK, h.opts.roleViews(r.Context(), infos, h.opts.allSessions(r.Context(), infos)))
 }
 
 func (h *HTTP) terminate(w http.ResponseWriter, r *http.Request) {

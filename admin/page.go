@@ -1,16 +1,11 @@
 package admin
 
 import (
-	"cmp"
 	"embed"
 	"io/fs"
-	"maps"
 	"net/http"
-	"slices"
-	"strings"
 	"time"
 
-	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
 )
 
@@ -29,15 +24,11 @@ type page struct {
 	Events   []event    `json:"events"` // newest first
 }
 
-// pageRole is a role in /api/page: /api/roles' fields and, when an operator
-// override (SET LIMIT / SET POLICY) is in force, its limit and policy. The
-// limiter snapshot does not carry the configured limits, so without an
-// override Limit is null.
+// pageRole is a role in /api/page: /api/roles' fields (with its effective
+// limit, its source and its policy) and where the policy comes from
+// ("override" while a SET POLICY is in force).
 type pageRole struct {
 	role
-	Limit        *int   `json:"limit"`
-	LimitSource  string `json:"limit_source,omitempty"` // "override" when Limit is set
-	Policy       string `json:"policy,omitempty"`       // the override's; the counters name the policies that decided
 	PolicySource string `json:"policy_source,omitempty"`
 }
 
@@ -63,65 +54,21 @@ func (h *HTTP) registerPage(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/page", h.page)
 }
 
-func (h *HTTP) page(w http.ResponseWriter, _ *http.Request) {
+func (h *HTTP) page(w http.ResponseWriter, r *http.Request) {
 	infos := h.opts.Proxy.Sessions()
-	slices.SortFunc(infos, func(a, b proxy.SessionInfo) int { return a.Start.Compare(b.Start) })
-	p := page{Taken: time.Now(), Limits: h.opts.Limiter != nil, Roles: []pageRole{}, Sessions: make([]session, 0, len(infos))}
-
-	byName := map[string]*pageRole{}
-	get := func(name string) *pageRole {
-		r := byName[name]
-		if r == nil {
-			r = &pageRole{role: role{Role: name, Policies: []counter{}}}
-			byName[name] = r
-		}
-		return r
-	}
-	for _, s := range infos {
-		p.Sessions = append(p.Sessions, session{
-			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
-			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
-			State: s.State.String(), Started: s.Start, LastActivity: s.LastActivity,
-			BytesIn: s.BytesIn, BytesOut: s.BytesOut,
-		})
-		if s.User != "" {
-			get(s.User).Sessions++
-		}
-	}
-	if h.opts.Limiter != nil {
-		snap := h.opts.Limiter()
-		for name, n := range snap.WaitingByRole {
-			get(name).Waiting = n
-		}
-		keys := slices.Collect(maps.Keys(snap.Counters))
-		slices.SortFunc(keys, func(a, b limiter.CounterKey) int {
-			return cmp.Or(cmp.Compare(a.Role, b.Role), cmp.Compare(a.Policy, b.Policy))
-		})
-		for _, k := range keys {
-			c := snap.Counters[k]
-			r := get(k.Role)
-			r.Policies = append(r.Policies, counter{
-				Policy: string(k.Policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
-				Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts,
-			})
-		}
-	}
+	p := page{Taken: time.Now(), Limits: h.opts.Limiter != nil, Roles: []pageRole{}}
+	p.Sessions = h.opts.allSessions(r.Context(), infos)
+	var ovr map[string]proxy.Override
 	if h.opts.Overrides != nil {
-		for name, o := range h.opts.Overrides() {
-			r := get(name)
-			if o.MaxSessions != nil {
-				n := *o.MaxSessions
-				r.Limit, r.LimitSource = &n, "override"
-			}
-			if o.Policy != nil {
-				r.Policy, r.PolicySource = string(*o.Policy), "override"
-			}
+		ovr = h.opts.Overrides()
+	}
+	for _, rv := range h.opts.roleViews(r.Context(), infos, p.Sessions) {
+		pr := pageRole{role: rv}
+		if o, ok := ovr[rv.Role]; ok && o.Policy != nil {
+			pr.PolicySource = "override"
 		}
+		p.Roles = append(p.Roles, pr)
 	}
-	for _, r := range byName {
-		p.Roles = append(p.Roles, *r)
-	}
-	slices.SortFunc(p.Roles, func(a, b pageRole) int { return strings.Compare(a.Role, b.Role) })
 
 	events := h.opts.Proxy.Events()
 	p.Events = make([]event, 0, len(events))

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
@@ -74,16 +75,15 @@ func lastLines(s string, n int) string {
 func TestLivePage(t *testing.T) {
 	chromium := needChromium(t)
 	r := startRig(t, rules{"page_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
-	for _, q := range []string{"create role page_user login password 'page_pw'", "create role report_user login password 'report_pw'"} {
+	for _, q := range []string{"create role page_user login password 'page_pw'",
+		"create role report_user login password 'report_pw' connection limit 3"} {
 		if err := r.cluster.Exec(t.Context(), q); err != nil {
 			t.Fatal(err)
 		}
 	}
-	limit := 1
-	r.limits.Override("page_user", &limit, nil) // so the page has a limit to draw
-
 	// The admin HTTP server, stopped by hand halfway through.
-	h := New(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides, Logger: r.logger})
+	h := New(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
+		Effective: r.limits.Effective, ServerSessions: r.control.Sessions, Logger: r.logger})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -140,16 +140,25 @@ func TestLivePage(t *testing.T) {
 	firstPID := backendPID(t, first)
 	pidText := itoa(firstPID)
 	waitText(t, ctx, "#sessions tbody", pidText, "page_user", "postgres", "idle")
-	waitText(t, ctx, "#roles", "page_user", "1 of 1 (override) via rolegate")
+	waitText(t, ctx, "#roles", "page_user", "1 via rolegate + 0 elsewhere of 1 (proxy.toml)", "newest-wins")
 
 	second := r.connect(t, "page_user", "page_pw") // newest wins: first is evicted
 	wantTerminated(t, first, "the evicted session")
 	secondPID := backendPID(t, second)
 	waitText(t, ctx, "#events tbody", "eviction", "page_user", "pid "+pidText, "newest-wins")
 	waitText(t, ctx, "#sessions tbody", itoa(secondPID))
-	// A role without a limit is drawn too, with counts only.
+	// A role limited by the server only, with a session opened directly
+	// against the server.
 	r.connect(t, "report_user", "report_pw")
-	waitText(t, ctx, "#roles", "report_user", "1 via rolegate, 0 waiting", "no limit")
+	dctx, dcancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer dcancel()
+	direct, err := pgx.Connect(dctx, r.cluster.DSN("report_user", "report_pw", "postgres"))
+	if err != nil {
+		t.Fatalf("direct connection: %v", err)
+	}
+	defer direct.Close(context.Background())
+	waitText(t, ctx, "#roles", "report_user", "1 via rolegate + 1 elsewhere of 3 (server), 0 waiting")
+	waitText(t, ctx, "#sessions tbody", itoa(backendPID(t, direct)), "elsewhere")
 	got := pageText(t, ctx, "#sessions tbody")
 	for line := range strings.Lines(got) {
 		if strings.HasPrefix(line, pidText+"\t") {

@@ -266,35 +266,74 @@ func (a *admission) lock(ctx context.Context) (unlock func(), err error) {
 
 // rules resolves the effective rules of the login's role and database.
 func (a *admission) rules(ctx context.Context) error {
-	box := a.lim.rules.Load()
+	var err error
+	a.role, a.db, _, _, a.login.Superuser, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
+	return err
+}
+
+// Limit sources, as Effective reports them.
+const (
+	SourceNone     = "none"
+	SourceConfig   = "proxy.toml"
+	SourceServer   = "server"
+	SourceOverride = "override"
+)
+
+// Effective returns the rules admission applies to a login of role to
+// database now: proxy.toml's, a runtime override's, and the server's own
+// limits (rolconnlimit, datconnlimit) when server_limits is on, the smaller
+// limit winning. Each source says where the limit comes from: "proxy.toml",
+// "override", "server" or "none" (no limit). Without limits configured at all
+// both rules are limiter.NoLimit().
+func (l *Limits) Effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, err error) {
+	roleRule, dbRule, roleSource, dbSource, _, err = l.effective(ctx, role, database)
+	return roleRule, dbRule, roleSource, dbSource, err
+}
+
+// effective is Effective and whether role is a superuser (known only when
+// some limit made it ask the server).
+func (l *Limits) effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, super bool, err error) {
+	box := l.rules.Load()
 	if box == nil {
-		a.role, a.db = limiter.NoLimit(), limiter.NoLimit()
-		return nil
+		return limiter.NoLimit(), limiter.NoLimit(), SourceNone, SourceNone, false, nil
 	}
-	a.role, a.db = box.RoleRule(a.sess.user), box.DatabaseRule(a.sess.database)
-	if o, ok := a.lim.override(a.sess.user); ok {
+	roleRule, dbRule = box.RoleRule(role), box.DatabaseRule(database)
+	roleSource, dbSource = sourceOf(roleRule, SourceConfig), sourceOf(dbRule, SourceConfig)
+	if o, ok := l.override(role); ok {
 		if o.MaxSessions != nil {
-			a.role.MaxSessions = *o.MaxSessions
+			roleRule.MaxSessions = *o.MaxSessions
+			roleSource = sourceOf(roleRule, SourceOverride)
 		}
 		if o.Policy != nil {
-			a.role.Policy = *o.Policy
+			roleRule.Policy = *o.Policy
 		}
 	}
-	if !box.serverLimits && !a.role.Limited() && !a.db.Limited() {
-		return nil
+	if !box.serverLimits && !roleRule.Limited() && !dbRule.Limited() {
+		return roleRule, dbRule, roleSource, dbSource, false, nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	roleLimit, super, dbLimit, err := a.lim.Server.ServerLimits(cctx, a.sess.user, a.sess.database, box.ttl)
+	roleLimit, super, dbLimit, err := l.Server.ServerLimits(cctx, role, database, box.ttl)
 	if err != nil {
-		return fmt.Errorf("read limits of role %q: %w", a.sess.user, err)
+		return roleRule, dbRule, roleSource, dbSource, false, fmt.Errorf("read limits of role %q: %w", role, err)
 	}
-	a.login.Superuser = super
 	if box.serverLimits {
-		a.role.MaxSessions = limiter.Effective(a.role.MaxSessions, roleLimit)
-		a.db.MaxSessions = limiter.Effective(a.db.MaxSessions, dbLimit)
+		if e := limiter.Effective(roleRule.MaxSessions, roleLimit); e != roleRule.MaxSessions {
+			roleRule.MaxSessions, roleSource = e, SourceServer
+		}
+		if e := limiter.Effective(dbRule.MaxSessions, dbLimit); e != dbRule.MaxSessions {
+			dbRule.MaxSessions, dbSource = e, SourceServer
+		}
 	}
-	return nil
+	return roleRule, dbRule, roleSource, dbSource, super, nil
+}
+
+// sourceOf is source for a rule with a limit, "none" for one without.
+func sourceOf(r limiter.Rule, source string) string {
+	if r.Limited() {
+		return source
+	}
+	return SourceNone
 }
 
 // decide takes the census and asks the limiter until the answer is not Evict,

@@ -502,3 +502,66 @@ func (s *census) drop() {
 	defer cancel()
 	_ = conn.Close(ctx)
 }
+
+// Backend is one client backend of the server, as Sessions lists it: a
+// session opened through rolegate or directly against the server.
+type Backend struct {
+	PID             uint32
+	Role            string
+	Database        string
+	ApplicationName string
+	ClientAddr      string // host:port, "local" for a Unix socket, "" when hidden
+	State           string // "" when the control role may not see it
+	BackendStart    time.Time
+	StateChange     time.Time
+}
+
+const sessionsQuery = `SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
+	coalesce(a.application_name, ''),
+	CASE WHEN a.client_addr IS NOT NULL THEN pg_catalog.host(a.client_addr) || ':' || a.client_port::text
+		WHEN a.client_port = -1 THEN 'local' ELSE '' END,
+	coalesce(a.state, ''), a.backend_start, a.state_change
+FROM pg_catalog.pg_stat_activity a
+WHERE a.backend_type = 'client backend'
+	AND a.usename = ANY($1::text[])
+	AND a.pid <> pg_catalog.pg_backend_pid()
+ORDER BY a.backend_start, a.pid`
+
+// Sessions returns the client backends (pg_stat_activity rows with
+// backend_type 'client backend') whose usename is one of roles, however they
+// were opened, except the connection that runs the query. Without
+// pg_read_all_stats the control role sees no state, client or times of other
+// roles' sessions: those fields are then empty or zero.
+func (c *Control) Sessions(ctx context.Context, roles []string) ([]Backend, error) {
+	if len(roles) == 0 {
+		return nil, nil
+	}
+	rows, err := c.pool.Query(ctx, sessionsQuery, roles)
+	if err != nil {
+		return nil, fmt.Errorf("sessions: %w", err)
+	}
+	defer rows.Close()
+	var out []Backend
+	for rows.Next() {
+		var (
+			b          Backend
+			pid        int32
+			start, chg *time.Time
+		)
+		if err := rows.Scan(&pid, &b.Role, &b.Database, &b.ApplicationName, &b.ClientAddr, &b.State, &start, &chg); err != nil {
+			return nil, fmt.Errorf("sessions: %w", err)
+		}
+		b.PID = uint32(pid)
+		if start != nil {
+			b.BackendStart = *start
+		}
+		if chg != nil {
+			b.StateChange = *chg
+		}
+		out = append(out, b)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("sessions: %w", err)
+	}
+	return out, nil
+}

@@ -36,6 +36,9 @@ func TestServerView(t *testing.T) {
 		"create role census_repl replication login password '" + rolePW + "'",
 		"create role limits_r login password '" + rolePW + "' connection limit 2",
 		"create role term_r login password '" + rolePW + "'",
+		"create role sessions_r login password '" + rolePW + "'",
+		"create role sessions_s login password '" + rolePW + "'",
+		"create database sessions_db",
 		"create database census_db",
 		"create database census_elsewhere",
 		"create database limits_db",
@@ -53,6 +56,39 @@ func TestServerView(t *testing.T) {
 	control := func(t *testing.T, maxConns int) *Control {
 		return newControl(t, config.Control{DSN: controlDSN, MaxConns: maxConns}, "SELECT rolegate.get_secret($1)")
 	}
+
+	t.Run("sessions", func(t *testing.T) {
+		t.Parallel()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		a := connect(t, c.DSN("sessions_r", rolePW, "sessions_db")+"&application_name=app_a")
+		b := connect(t, c.DSN("sessions_s", rolePW, "sessions_db"))
+		connect(t, c.DSN("census_other", rolePW, "sessions_db")) // not asked for
+		pidOf := func(conn *pgx.Conn) uint32 { return conn.PgConn().PID() }
+		ctl := control(t, 2)
+		got, err := ctl.Sessions(ctx, []string{"sessions_r", "sessions_s", "nobody"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 2 {
+			t.Fatalf("sessions %+v", got)
+		}
+		byPID := map[uint32]Backend{}
+		for _, s := range got {
+			byPID[s.PID] = s
+		}
+		sa, sb := byPID[pidOf(a)], byPID[pidOf(b)]
+		if sa.Role != "sessions_r" || sa.Database != "sessions_db" || sa.ApplicationName != "app_a" || sa.State != "idle" ||
+			sa.BackendStart.IsZero() || sa.StateChange.IsZero() || sa.ClientAddr == "" {
+			t.Errorf("session a %+v", sa)
+		}
+		if sb.Role != "sessions_s" || sb.Database != "sessions_db" {
+			t.Errorf("session b %+v", sb)
+		}
+		if got, err := ctl.Sessions(ctx, nil); err != nil || len(got) != 0 {
+			t.Errorf("no roles: %+v %v", got, err)
+		}
+	})
 
 	t.Run("census", func(t *testing.T) {
 		t.Parallel()

@@ -41,37 +41,42 @@ function renderRoles(roles) {
   if (!roles.length) { box.replaceChildren(el("p", { class: "muted" }, "No roles yet.")); return; }
   // A role without a known limit is drawn on a common scale (at least 10
   // sessions) over a striped track, so a full bar always means a full limit.
-  const scale = Math.max(10, ...roles.map((r) => r.sessions + r.waiting));
+  const used = (r) => r.sessions + (r.sessions_elsewhere || 0) + r.waiting;
+  const scale = Math.max(10, ...roles.map(used));
   box.replaceChildren(...roles.map((r) => {
-    const total = r.limit != null ? Math.max(r.limit, r.sessions + r.waiting, 1) : scale;
+    const elsewhere = r.sessions_elsewhere || 0;
+    const total = r.limit != null ? Math.max(r.limit, used(r), 1) : scale;
     const pct = (n) => (100 * n / total).toFixed(2) + "%";
     const bar = el("div", { class: r.limit != null ? "bar" : "bar unlimited",
-      title: r.role + (r.limit != null ? "" : ": no limit known") });
+      title: r.role + (r.limit != null ? ": limit " + r.limit + " from " + r.limit_source : ": no limit known") });
     if (r.sessions) bar.append(el("div", { class: "held", style: "width:" + pct(r.sessions) }, r.sessions));
+    if (elsewhere) bar.append(el("div", { class: "elsewhere", style: "width:" + pct(elsewhere) }, elsewhere));
     if (r.waiting) bar.append(el("div", { class: "waiting", style: "width:" + pct(r.waiting) }, r.waiting));
-    if (r.limit != null && r.limit > r.sessions + r.waiting)
-      bar.append(el("div", { class: "free", style: "width:" + pct(r.limit - r.sessions - r.waiting) }));
+    if (r.limit != null && r.limit > used(r))
+      bar.append(el("div", { class: "free", style: "width:" + pct(r.limit - used(r)) }));
     const ev = r.policies.reduce((a, p) => a + p.evictions, 0);
     const rej = r.policies.reduce((a, p) => a + p.rejections, 0);
-    const policies = r.policy ? r.policy + " (override)" : r.policies.map((p) => p.policy).join(", ");
+    const policy = r.limit != null && r.policy ? r.policy + (r.policy_source ? " (" + r.policy_source + ")" : "")
+      : "no limit";
     const limit = r.limit != null ? " of " + r.limit + " (" + r.limit_source + ")" : "";
     return el("div", { class: "role", "data-role": r.role },
       el("div", { class: "name", title: r.role }, r.role),
       bar,
       el("div", { class: "nums" },
-        r.sessions + limit + " via rolegate, " + r.waiting + " waiting",
+        r.sessions + " via rolegate + " + elsewhere + " elsewhere" + limit + ", " + r.waiting + " waiting",
         el("br"),
-        el("span", { class: "muted" }, (policies || "no limit") + " · " + ev + " evicted · " + rej + " rejected")));
+        el("span", { class: "muted" }, policy + " · " + ev + " evicted · " + rej + " rejected")));
   }));
 }
 
 function renderSessions(sessions, now) {
   $("session-count").textContent = "(" + sessions.length + ")";
   const body = $("sessions").tBodies[0];
-  if (!sessions.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No sessions."))); return; }
-  body.replaceChildren(...sessions.map((s) => el("tr", { "data-pid": s.pid },
+  if (!sessions.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No sessions."))); return; }
+  body.replaceChildren(...sessions.map((s) => el("tr", { "data-pid": s.pid, "data-via": s.via_rolegate ? "rolegate" : "elsewhere" },
     el("td", { class: "num" }, s.pid || "—"), el("td", {}, s.role), el("td", {}, s.database),
-    el("td", {}, s.client_addr + (s.client_tls ? " (TLS)" : "")), el("td", {}, s.state),
+    el("td", {}, s.client_addr + (s.client_tls ? " (TLS)" : "")),
+    el("td", { class: s.via_rolegate ? "" : "muted" }, s.via_rolegate ? "rolegate" : "elsewhere"), el("td", {}, s.state),
     el("td", { title: fmtTime(s.started) }, ago(s.started, now)))));
 }
 

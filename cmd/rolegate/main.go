@@ -17,11 +17,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -243,6 +245,16 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger)
 		o.Limiter = p.limits.Limiter.Snapshot
 		o.Override = p.limits.Override
 		o.Overrides = p.limits.Overrides
+		o.Effective = p.limits.Effective
+	}
+	if p.control != nil {
+		o.ServerSessions = p.control.Sessions
+	}
+	o.ConfiguredRoles = func() []string {
+		if cfg := rl.cur.Load(); cfg != nil {
+			return slices.Sorted(maps.Keys(cfg.Roles))
+		}
+		return nil
 	}
 	return o
 }

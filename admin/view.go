@@ -1,0 +1,202 @@
+package admin
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/proxy"
+)
+
+// viewTimeout bounds the control-connection queries one view makes.
+const viewTimeout = 5 * time.Second
+
+// knownRoles are the roles rolegate knows: those with a rule in proxy.toml,
+// a runtime override, a session through rolegate, or a limiter counter.
+func (o *Options) knownRoles(infos []proxy.SessionInfo) []string {
+	set := map[string]bool{}
+	if o.ConfiguredRoles != nil {
+		for _, r := range o.ConfiguredRoles() {
+			set[r] = true
+		}
+	}
+	if o.Overrides != nil {
+		for r := range o.Overrides() {
+			set[r] = true
+		}
+	}
+	for _, i := range infos {
+		if i.User != "" {
+			set[i.User] = true
+		}
+	}
+	if o.Limiter != nil {
+		snap := o.Limiter()
+		for r := range snap.WaitingByRole {
+			set[r] = true
+		}
+		for k := range snap.Counters {
+			set[k.Role] = true
+		}
+	}
+	delete(set, "")
+	out := make([]string, 0, len(set))
+	for r := range set {
+		out = append(out, r)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// allSessions is rolegate's sessions and, with ServerSessions, every other
+// client backend of the known roles (ViaRolegate false), merged by pid:
+// rolegate's own rows win. Sorted by start.
+func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []session {
+	out := make([]session, 0, len(infos))
+	own := map[uint32]bool{}
+	for _, s := range infos {
+		out = append(out, session{
+			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
+			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
+			State: s.State.String(), Started: s.Start, LastActivity: s.LastActivity,
+			BytesIn: s.BytesIn, BytesOut: s.BytesOut, ViaRolegate: true,
+		})
+		if s.BackendPID != 0 {
+			own[s.BackendPID] = true
+		}
+	}
+	if o.ServerSessions != nil {
+		cctx, cancel := context.WithTimeout(ctx, viewTimeout)
+		backends, err := o.ServerSessions(cctx, o.knownRoles(infos))
+		cancel()
+		if err != nil {
+			o.Logger.Warn("admin: cannot list the server's sessions", "err", err)
+		}
+		for _, b := range backends {
+			if own[b.PID] {
+				continue
+			}
+			out = append(out, session{
+				PID: b.PID, Role: b.Role, Database: b.Database, ApplicationName: b.ApplicationName,
+				ClientAddr: b.ClientAddr, State: b.State, Started: b.BackendStart, LastActivity: b.StateChange,
+			})
+		}
+	}
+	slices.SortStableFunc(out, func(a, b session) int { return a.Started.Compare(b.Started) })
+	return out
+}
+
+// limitInfo is a role's or database's effective limit, where it comes from,
+// and its policy.
+type limitInfo struct {
+	Limit  *int   // nil: no limit
+	Source string // "proxy.toml", "server", "override" or "none"; "" when unknown
+	Policy string
+}
+
+// roleLimit is role's effective limit (Effective), or a zero limitInfo
+// without one or on an error (logged).
+func (o *Options) roleLimit(ctx context.Context, role string) limitInfo {
+	if o.Effective == nil && o.Overrides != nil { // the overrides are all there is to show
+		var li limitInfo
+		if ov, ok := o.Overrides()[role]; ok {
+			if ov.MaxSessions != nil {
+				n := *ov.MaxSessions
+				li.Limit, li.Source = &n, "override"
+			}
+			if ov.Policy != nil {
+				li.Policy = ov.Policy.String()
+			}
+		}
+		return li
+	}
+	r, _, src, _, ok := o.effective(ctx, role, "")
+	if !ok {
+		return limitInfo{}
+	}
+	return info(r, src)
+}
+
+// databaseLimit is database's effective limit.
+func (o *Options) databaseLimit(ctx context.Context, database string) limitInfo {
+	_, d, _, src, ok := o.effective(ctx, "", database)
+	if !ok {
+		return limitInfo{}
+	}
+	return info(d, src)
+}
+
+func (o *Options) effective(ctx context.Context, role, database string) (limiter.Rule, limiter.Rule, string, string, bool) {
+	if o.Effective == nil {
+		return limiter.Rule{}, limiter.Rule{}, "", "", false
+	}
+	cctx, cancel := context.WithTimeout(ctx, viewTimeout)
+	defer cancel()
+	r, d, rs, ds, err := o.Effective(cctx, role, database)
+	if err != nil {
+		o.Logger.Warn("admin: cannot resolve limits", "role", role, "database", database, "err", err)
+		return limiter.Rule{}, limiter.Rule{}, "", "", false
+	}
+	return r, d, rs, ds, true
+}
+
+func info(r limiter.Rule, src string) limitInfo {
+	li := limitInfo{Source: src, Policy: r.Policy.String()}
+	if r.Limited() {
+		n := r.MaxSessions
+		li.Limit = &n
+	}
+	return li
+}
+
+// roleViews is every known role: its sessions through rolegate and elsewhere
+// (from sessions, allSessions' answer), waiting logins, effective limit and
+// policy, and the limiter's counters by policy. Sorted by name.
+func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sessions []session) []role {
+	byName := map[string]*role{}
+	get := func(name string) *role {
+		r := byName[name]
+		if r == nil {
+			r = &role{Role: name, Policies: []counter{}}
+			byName[name] = r
+		}
+		return r
+	}
+	for _, name := range o.knownRoles(infos) {
+		get(name)
+	}
+	for _, s := range sessions {
+		if s.Role == "" {
+			continue
+		}
+		if s.ViaRolegate {
+			get(s.Role).Sessions++
+		} else {
+			get(s.Role).SessionsElsewhere++
+		}
+	}
+	if o.Limiter != nil {
+		snap := o.Limiter()
+		for name, n := range snap.WaitingByRole {
+			get(name).Waiting = n
+		}
+		for _, k := range counterKeys(snap) {
+			c := snap.Counters[k]
+			r := get(k.Role)
+			r.Policies = append(r.Policies, counter{
+				Policy: string(k.Policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
+				Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts,
+			})
+		}
+	}
+	out := make([]role, 0, len(byName))
+	for _, r := range byName {
+		li := o.roleLimit(ctx, r.Role)
+		r.Limit, r.LimitSource, r.Policy = li.Limit, li.Source, li.Policy
+		out = append(out, *r)
+	}
+	slices.SortFunc(out, func(a, b role) int { return strings.Compare(a.Role, b.Role) })
+	return out
+}
