@@ -506,10 +506,17 @@ func (s *consoleSession) showStats() {
 		t.Waits += c.Waits
 		t.WaitTimeouts += c.WaitTimeouts
 	}
-	cols := []column{{"sessions", oidInt4}, {"waiting", oidInt4}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8},
+	var tot Totals
+	if s.c.opts.Metrics != nil {
+		tot = s.c.opts.Metrics.Totals()
+	}
+	// Bytes of the sessions open now and of those that have ended.
+	cols := []column{{"sessions", oidInt4}, {"waiting", oidInt4}, {"logins", oidInt8}, {"login_failures", oidInt8},
+		{"bytes_in", oidInt8}, {"bytes_out", oidInt8},
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
 		{"waits", oidInt8}, {"wait_timeouts", oidInt8}}
-	s.table("SHOW", cols, [][][]byte{{num(len(infos)), num(waiting), num(in), num(out), num(t.Admitted),
+	s.table("SHOW", cols, [][][]byte{{num(len(infos)), num(waiting), num(tot.Logins), num(tot.LoginFailures),
+		num(in + tot.BytesIn), num(out + tot.BytesOut), num(t.Admitted),
 		num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts)}})
 }
 

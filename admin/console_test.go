@@ -856,3 +856,41 @@ func TestServerSessionsAndLimits(t *testing.T) {
 	_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, _ = cc.fe.Receive()
 }
+
+// SHOW STATS reads the login, failure and byte totals the metrics keep.
+func TestConsoleStatsFromMetrics(t *testing.T) {
+	m := NewMetrics()
+	m.LoginDone("r", "d", time.Millisecond)
+	m.LoginDone("r", "d", time.Millisecond)
+	m.LoginFailed(proxyUnknownRole, "unknown role")
+	m.SessionEnded("r", "d", 10, 20)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	done := make(chan error, 1)
+	go func() { done <- NewConsole(Options{Proxy: &fakeProxy{}, Metrics: m}).ServeConsole(t.Context(), server, nil, "ops") }()
+	cc := &consoleClient{conn: client, fe: pgproto3.NewFrontend(client, client)}
+	res := cc.ok(t, "show stats", "SHOW")
+	if len(res.rows) != 1 || res.cell(t, 0, "logins") != "2" || res.cell(t, 0, "login_failures") != "1" ||
+		res.cell(t, 0, "bytes_in") != "10" || res.cell(t, 0, "bytes_out") != "20" {
+		t.Errorf("stats %v %+v", res.columns, res.rows)
+	}
+	cc.send(t, &pgproto3.Terminate{})
+	if err := <-done; err != nil {
+		t.Errorf("ServeConsole: %v", err)
+	}
+}
+
+const proxyUnknownRole = "unknown"

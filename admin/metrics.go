@@ -3,6 +3,7 @@ package admin
 import (
 	"cmp"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -137,6 +138,22 @@ type Metrics struct {
 	dialFailures  prometheus.Counter
 	waitDuration  *prometheus.HistogramVec
 	relayedBytes  *prometheus.CounterVec
+
+	// Totals for the console's SHOW STATS, which reads them without a scrape.
+	nLogins, nFailures, nBytesIn, nBytesOut atomic.Int64
+}
+
+// Totals are the Metrics' counts since start, for SHOW STATS.
+type Totals struct {
+	Logins, LoginFailures int64
+	// BytesIn and BytesOut are of sessions that have ended.
+	BytesIn, BytesOut int64
+}
+
+// Totals returns the counts since start.
+func (m *Metrics) Totals() Totals {
+	return Totals{Logins: m.nLogins.Load(), LoginFailures: m.nFailures.Load(),
+		BytesIn: m.nBytesIn.Load(), BytesOut: m.nBytesOut.Load()}
 }
 
 var _ proxy.Observer = (*Metrics)(nil)
@@ -204,12 +221,14 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 
 // LoginDone implements proxy.Observer.
 func (m *Metrics) LoginDone(role, _ string, d time.Duration) {
+	m.nLogins.Add(1)
 	m.logins.WithLabelValues(role).Inc()
 	m.loginDuration.Observe(d.Seconds())
 }
 
 // LoginFailed implements proxy.Observer.
 func (m *Metrics) LoginFailed(role, reason string) {
+	m.nFailures.Add(1)
 	m.loginFailures.WithLabelValues(role, reason).Inc()
 }
 
@@ -232,6 +251,8 @@ func (m *Metrics) Waited(_ string, d time.Duration, admitted bool) {
 
 // SessionEnded implements proxy.Observer.
 func (m *Metrics) SessionEnded(_, _ string, bytesIn, bytesOut int64) {
+	m.nBytesIn.Add(bytesIn)
+	m.nBytesOut.Add(bytesOut)
 	m.relayedBytes.WithLabelValues("in").Add(float64(bytesIn))
 	m.relayedBytes.WithLabelValues("out").Add(float64(bytesOut))
 }

@@ -186,7 +186,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 
 	rl := &reloader{path: cfgPath, p: p, log: log}
 	rl.cur.Store(cfg)
-	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, log)))
+	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, metrics, log)))
 	stopAdmin, err := startAdmin(cfg, p, srv, rl, metrics, log)
 	if err != nil {
 		ln.Close()
@@ -239,8 +239,9 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 }
 
 // consoleOptions are what the psql admin console reads and steers.
-func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, log *slog.Logger) admin.Options {
-	o := admin.Options{Proxy: srv, Reload: rl.reload, ConfigText: rl.configText, Version: buildVersion(), Logger: log}
+func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Metrics, log *slog.Logger) admin.Options {
+	o := admin.Options{Proxy: srv, Reload: rl.reload, ConfigText: rl.configText, Version: buildVersion(), Logger: log,
+		Metrics: metrics}
 	if p.limits != nil {
 		o.Limiter = p.limits.Limiter.Snapshot
 		o.Override = p.limits.Override
@@ -271,8 +272,7 @@ func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, m
 	if err != nil {
 		return nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
 	}
-	opts := consoleOptions(p, srv, rl, log)
-	opts.Metrics = metrics
+	opts := consoleOptions(p, srv, rl, metrics, log)
 	opts.Ready = admin.DialReady(p.dialer)
 	opts.Token = cfg.AdminToken()
 	if p.control != nil {
