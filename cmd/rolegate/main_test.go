@@ -232,8 +232,12 @@ func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) 
 // config is the whole configuration file for extraTOML, which comes right
 // after listen (so it may hold top-level keys and tables of its own).
 func (p *proc) config(extraTOML string) string {
-	return fmt.Sprintf("listen = %q\n%s\n[server]\naddress = %q\nsslmode = \"disable\"\n[log]\nlevel = \"debug\"\n[admin]\nhttp = \"\"\n",
-		p.addr, extraTOML, p.server)
+	admin := "[admin]\nhttp = \"\"\n" // several binaries run at once; the default port would clash
+	if strings.Contains(extraTOML, "[admin]") {
+		admin = ""
+	}
+	return fmt.Sprintf("listen = %q\n%s\n[server]\naddress = %q\nsslmode = \"disable\"\n[log]\nlevel = \"debug\"\n%s",
+		p.addr, extraTOML, p.server, admin)
 }
 
 // configure rewrites the configuration file with extraTOML (see config) and
