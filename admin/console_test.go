@@ -473,24 +473,7 @@ func TestConsoleWithoutLimits(t *testing.T) {
 	p := &fakeProxy{}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
-	done := make(chan error, 1)
-	go func() { done <- NewConsole(Options{Proxy: p}).ServeConsole(ctx, server, nil, "ops") }()
-	cc := &consoleClient{conn: client, fe: pgproto3.NewFrontend(client, client)}
+	cc, done := serveConsolePair(t, ctx, Options{Proxy: p})
 
 	cc.fails(t, "set limit app 1", "55000", "limits are not enabled")
 	cc.fails(t, "set policy app wait", "55000", "limits are not enabled")
@@ -502,7 +485,7 @@ func TestConsoleWithoutLimits(t *testing.T) {
 	}
 
 	cancel()
-	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	m, err := cc.fe.Receive()
 	if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Code != "57P01" || e.Severity != "FATAL" {
 		t.Fatalf("after cancel: %#v %v, want FATAL 57P01", m, err)
@@ -864,24 +847,7 @@ func TestConsoleStatsFromMetrics(t *testing.T) {
 	m.LoginDone("r", "d", time.Millisecond)
 	m.LoginFailed(proxyUnknownRole, "unknown role")
 	m.SessionEnded("r", "d", 10, 20)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
-	done := make(chan error, 1)
-	go func() { done <- NewConsole(Options{Proxy: &fakeProxy{}, Metrics: m}).ServeConsole(t.Context(), server, nil, "ops") }()
-	cc := &consoleClient{conn: client, fe: pgproto3.NewFrontend(client, client)}
+	cc, done := serveConsolePair(t, t.Context(), Options{Proxy: &fakeProxy{}, Metrics: m})
 	res := cc.ok(t, "show stats", "SHOW")
 	if len(res.rows) != 1 || res.cell(t, 0, "logins") != "2" || res.cell(t, 0, "login_failures") != "1" ||
 		res.cell(t, 0, "bytes_in") != "10" || res.cell(t, 0, "bytes_out") != "20" {
@@ -894,3 +860,28 @@ func TestConsoleStatsFromMetrics(t *testing.T) {
 }
 
 const proxyUnknownRole = "unknown"
+
+// serveConsolePair serves a console for user "ops" on one end of a loopback
+// TCP pair and returns a client on the other; done receives ServeConsole's
+// result. Both ends are closed at cleanup.
+func serveConsolePair(t *testing.T, ctx context.Context, opts Options) (*consoleClient, <-chan error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	done := make(chan error, 1)
+	go func() { done <- NewConsole(opts).ServeConsole(ctx, server, nil, "ops") }()
+	return &consoleClient{conn: client, fe: pgproto3.NewFrontend(client, client)}, done
+}
