@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"log/slog"
 	"maps"
 	"net"
 	"os"
@@ -20,13 +19,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rolegate/rolegate/auth"
-	"github.com/rolegate/rolegate/config"
-	"github.com/rolegate/rolegate/internal/pgtest"
-	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
-	"github.com/rolegate/rolegate/upstream"
 )
 
 // consoleClient is a console conversation seen from the client's side: a
@@ -508,62 +502,28 @@ func (fakeProxy) Kill(context.Context, uint32, string) (bool, error) {
 // role opsadmin (password ops_pw), wired the way cmd/rolegate wires it.
 func startConsoleRig(t *testing.T, roleRules rules) *rig {
 	t.Helper()
-	c := pgtest.Start(t, pgtest.Options{})
-	ctl, err := upstream.NewControl(t.Context(), config.Control{DSN: c.SuperDSN(), MaxConns: 2}, config.DefaultAuthQuery)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ctl.Close)
-	d, err := upstream.NewDialer(config.Server{Address: c.Addr(), SSLMode: config.SSLDisable, ConnectTimeout: "5s"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lim := &proxy.Limits{Limiter: limiter.New(time.Now), Server: ctl}
-	lim.SetRules(roleRules, true, 0)
-	logs := &testutil.SyncBuffer{}
-	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	srv := proxy.New(proxy.Config{
-		Upstream:        d,
-		Auth:            &proxy.ClientAuth{Store: auth.NewStore(100, time.Minute, auth.SourceFunc(ctl.Secret)), Method: "scram-sha-256"},
-		Limits:          lim,
-		ConsoleDatabase: "rolegate",
-		ConsoleUsers:    []string{"opsadmin"},
-		StartupTimeout:  10 * time.Second,
-		Logger:          logger,
+	r := startRigWith(t, roleRules, func(c *proxy.Config) {
+		c.ConsoleDatabase = "rolegate"
+		c.ConsoleUsers = []string{"opsadmin"}
 	})
-	srv.SetConsole(NewConsole(Options{
-		Proxy:          srv,
-		Limiter:        lim.Limiter.Snapshot,
+	r.srv.SetConsole(NewConsole(Options{
+		Proxy:          r.srv,
+		Limiter:        r.limits.Limiter.Snapshot,
 		Reload:         func(string) error { return nil },
 		ConfigText:     func() string { return "[admin]\nusers = [\"opsadmin\"]\n" },
 		Version:        "test",
-		Override:       lim.Override,
-		Overrides:      lim.Overrides,
-		Effective:      lim.Effective,
-		ServerSessions: ctl.Sessions,
-		Logger:         logger,
+		Override:       r.limits.Override,
+		Overrides:      r.limits.Overrides,
+		Effective:      r.limits.Effective,
+		ServerSessions: r.control.Sessions,
+		Logger:         r.logger,
 	}))
 	for _, q := range []string{"create role opsadmin login password 'ops_pw'", "create role lim_user login password 'lim_pw'"} {
-		if err := c.Exec(t.Context(), q); err != nil {
+		if err := r.cluster.Exec(t.Context(), q); err != nil {
 			t.Fatal(err)
 		}
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-done; !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("proxy Serve returned %v", err)
-		}
-		if t.Failed() {
-			t.Logf("log:\n%s", logs.String())
-		}
-	})
-	return &rig{cluster: c, control: ctl, limits: lim, srv: srv, addr: ln.Addr().String(), logs: logs, logger: logger}
+	return r
 }
 
 func (r *rig) consoleDSN(user, password string) string {

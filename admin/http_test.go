@@ -59,6 +59,12 @@ type rig struct {
 
 func startRig(t *testing.T, roleRules rules) *rig {
 	t.Helper()
+	return startRigWith(t, roleRules, nil)
+}
+
+// startRigWith is startRig with a last word on the proxy's Config.
+func startRigWith(t *testing.T, roleRules rules, adjust func(*proxy.Config)) *rig {
+	t.Helper()
 	c := pgtest.Start(t, pgtest.Options{})
 	ctl, err := upstream.NewControl(t.Context(), config.Control{DSN: c.SuperDSN(), MaxConns: 2}, config.DefaultAuthQuery)
 	if err != nil {
@@ -73,13 +79,17 @@ func startRig(t *testing.T, roleRules rules) *rig {
 	lim.SetRules(roleRules, true, 0)
 	logs := &testutil.SyncBuffer{}
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	srv := proxy.New(proxy.Config{
+	cfg := proxy.Config{
 		Upstream:       d,
 		Auth:           &proxy.ClientAuth{Store: auth.NewStore(100, time.Minute, auth.SourceFunc(ctl.Secret)), Method: "scram-sha-256"},
 		Limits:         lim,
 		StartupTimeout: 10 * time.Second,
 		Logger:         logger,
-	})
+	}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	srv := proxy.New(cfg)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

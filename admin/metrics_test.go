@@ -2,9 +2,6 @@ package admin
 
 import (
 	"context"
-	"errors"
-	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -14,58 +11,16 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
-	"github.com/rolegate/rolegate/auth"
-	"github.com/rolegate/rolegate/config"
-	"github.com/rolegate/rolegate/internal/pgtest"
-	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/proxy"
-	"github.com/rolegate/rolegate/upstream"
 )
 
 // observedRig is startRig with Metrics as the proxy's Observer, served on /metrics.
 func observedRig(t *testing.T, roleRules rules) (r *rig, base string) {
 	t.Helper()
-	c := pgtest.Start(t, pgtest.Options{})
-	ctl, err := upstream.NewControl(t.Context(), config.Control{DSN: c.SuperDSN(), MaxConns: 2}, config.DefaultAuthQuery)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ctl.Close)
-	d, err := upstream.NewDialer(config.Server{Address: c.Addr(), SSLMode: config.SSLDisable, ConnectTimeout: "5s"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lim := &proxy.Limits{Limiter: limiter.New(time.Now), Server: ctl}
-	lim.SetRules(roleRules, true, 0)
-	logs := &testutil.SyncBuffer{}
-	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	m := NewMetrics()
-	srv := proxy.New(proxy.Config{
-		Upstream:       d,
-		Auth:           &proxy.ClientAuth{Store: auth.NewStore(100, time.Minute, auth.SourceFunc(ctl.Secret)), Method: "scram-sha-256"},
-		Limits:         lim,
-		StartupTimeout: 10 * time.Second,
-		Logger:         logger,
-		Observer:       m,
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-done; !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("proxy Serve returned %v", err)
-		}
-		if t.Failed() {
-			t.Logf("log:\n%s", logs.String())
-		}
-	})
-	r = &rig{cluster: c, control: ctl, limits: lim, srv: srv, addr: ln.Addr().String(), logs: logs, logger: logger}
-	base = startHTTP(t, Options{Proxy: srv, Limiter: lim.Limiter.Snapshot, Logger: logger, Metrics: m})
+	r = startRigWith(t, roleRules, func(c *proxy.Config) { c.Observer = m })
+	base = startHTTP(t, Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Logger: r.logger, Metrics: m})
 	return r, base
 }
 
