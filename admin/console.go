@@ -397,15 +397,7 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText}}
 	rows := make([][][]byte, 0, len(views))
 	for _, r := range views {
-		var t counter
-		for _, c := range r.Policies {
-			t.Admitted += c.Admitted
-			t.Evictions += c.Evictions
-			t.EvictFailures += c.EvictFailures
-			t.Rejections += c.Rejections
-			t.Waits += c.Waits
-			t.WaitTimeouts += c.WaitTimeouts
-		}
+		t := sum(r.Policies)
 		var maxS, pol []byte
 		if o, ok := ovr[r.Role]; ok {
 			if o.MaxSessions != nil {
@@ -497,15 +489,11 @@ func (s *consoleSession) showStats() {
 	for _, n := range snap.WaitingByRole {
 		waiting += n
 	}
-	var t limiter.Counters
-	for _, c := range snap.Counters {
-		t.Admitted += c.Admitted
-		t.Evictions += c.Evictions
-		t.EvictFailures += c.EvictFailures
-		t.Rejections += c.Rejections
-		t.Waits += c.Waits
-		t.WaitTimeouts += c.WaitTimeouts
+	all := make([]counter, 0, len(snap.Counters))
+	for k, c := range snap.Counters {
+		all = append(all, counterOf(k.Policy, c))
 	}
+	t := sum(all)
 	var tot Totals
 	if s.c.opts.Metrics != nil {
 		tot = s.c.opts.Metrics.Totals()

@@ -261,6 +261,26 @@ type counter struct {
 	WaitTimeouts  uint64 `json:"wait_timeouts"`
 }
 
+// counterOf is the limiter's counters of one policy as the API shows them.
+func counterOf(policy limiter.Policy, c limiter.Counters) counter {
+	return counter{Policy: string(policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
+		Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts}
+}
+
+// sum adds counters up across policies; the result has no policy.
+func sum(cs []counter) counter {
+	var t counter
+	for _, c := range cs {
+		t.Admitted += c.Admitted
+		t.Evictions += c.Evictions
+		t.EvictFailures += c.EvictFailures
+		t.Rejections += c.Rejections
+		t.Waits += c.Waits
+		t.WaitTimeouts += c.WaitTimeouts
+	}
+	return t
+}
+
 func (h *HTTP) roles(w http.ResponseWriter, r *http.Request) {
 	infos := h.opts.Proxy.Sessions()
 	writeJSON(w, http.StatusOK, h.opts.roleViews(r.Context(), infos, h.opts.allSessions(r.Context(), infos)))

@@ -185,10 +185,7 @@ func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sess
 		for _, k := range counterKeys(snap) {
 			c := snap.Counters[k]
 			r := get(k.Role)
-			r.Policies = append(r.Policies, counter{
-				Policy: string(k.Policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
-				Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts,
-			})
+			r.Policies = append(r.Policies, counterOf(k.Policy, c))
 		}
 	}
 	out := make([]role, 0, len(byName))
