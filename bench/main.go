@@ -498,15 +498,7 @@ func setUpPgBouncerAuth(ctx context.Context, c *pgtest.Cluster) (pgbouncerAuth, 
 // variables that could redirect them and without locale variables (pgbench's
 // output is parsed), plus the password.
 func clientEnv(password string) []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(name, "PG") || strings.HasPrefix(name, "LC_") || name == "LANG" || name == "LANGUAGE" {
-			continue
-		}
-		env = append(env, kv)
-	}
-	return append(env, "LC_ALL=C", "PGPASSWORD="+password, "PGSSLMODE=disable", "PGCONNECT_TIMEOUT=10")
+	return append(pgtest.CleanEnv(), "PGPASSWORD="+password, "PGSSLMODE=disable", "PGCONNECT_TIMEOUT=10")
 }
 
 // runTool runs a client tool to completion and returns its standard output

@@ -369,7 +369,7 @@ func (c *Cluster) initdb(ctx context.Context) error {
 		"--no-sync",
 	)
 	cmd.Dir = c.Dir
-	cmd.Env = serverEnv()
+	cmd.Env = CleanEnv() // no PG* meant for our clients; English log messages
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: c.cred, Pdeathsig: syscall.SIGKILL}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("initdb: %w\n%s", err, bytes.TrimSpace(out))
@@ -473,7 +473,7 @@ func (c *Cluster) start(ctx context.Context) error {
 
 	cmd := exec.Command(filepath.Join(c.binDir, "postgres"), "-D", c.dataDir)
 	cmd.Dir = c.Dir
-	cmd.Env = serverEnv()
+	cmd.Env = CleanEnv() // no PG* meant for our clients; English log messages
 	// An *os.File is handed to the child as is: no copying goroutine.
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile

@@ -50,11 +50,10 @@ func chown(cred *syscall.Credential, path string) error {
 	return nil
 }
 
-// serverEnv is our environment without the variables that would redirect or
-// localise the server: PG* settings meant for our own clients (PGDATA,
-// PGPORT, ...) and locale variables, so log messages stay in English for
-// tests that look at them.
-func serverEnv() []string {
+// CleanEnv is our environment without PG* variables, which could redirect a
+// PostgreSQL program, and without locale variables, plus LC_ALL=C, so that
+// programs whose output is read (the server's log, pgbench) speak English.
+func CleanEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
