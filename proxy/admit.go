@@ -377,12 +377,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 	held := a.s.registry.byBackendPID(v.PID)
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
-		held.evictMsg.Store(&why)
-		tctx, cancel := context.WithTimeout(ctx, controlTimeout)
-		ok, err := a.lim.Server.Terminate(tctx, v.PID, 0)
-		cancel()
-		if err != nil || !ok {
-			held.evictMsg.Store(nil) // not evicted: the session goes on as before
+		if ok, err := a.s.terminate(ctx, v.PID, held, why); err != nil || !ok {
 			a.log.Warn("eviction failed", append(attrs, "err", err)...)
 			return false
 		}
@@ -516,16 +511,8 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 		return false, ErrNoControl
 	}
 	held := s.registry.byBackendPID(pid)
-	if held != nil {
-		why := "terminating connection: rolegate terminated this session at an operator's request (" + by + ")"
-		held.evictMsg.Store(&why)
-	}
-	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
-	defer cancel()
-	ok, err := lim.Server.Terminate(ctx, pid, 0)
-	if (err != nil || !ok) && held != nil {
-		held.evictMsg.Store(nil)
-	}
+	ok, err := s.terminate(ctx, pid, held,
+		"terminating connection: rolegate terminated this session at an operator's request ("+by+")")
 	attrs := []any{"pid", pid, "by", by, "via_rolegate", held != nil}
 	if held != nil {
 		attrs = append(attrs, "role", held.user, "database", held.database, "client", held.clientAddr)
@@ -542,6 +529,22 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 	s.events.add(Event{Time: time.Now(), Kind: "kill", Role: "", VictimPID: pid, ViaRolegate: held != nil,
 		VictimClient: clientOf(held), VictimRole: roleOf(held), Reason: "operator: " + by})
 	return true, nil
+}
+
+// terminate signals one server backend with pg_terminate_backend(pid, 0).
+// When rolegate relays it (held), its client is told why in place of the
+// server's 57P01 text; if the signal fails, the session goes on untouched.
+func (s *Server) terminate(ctx context.Context, pid uint32, held *session, why string) (bool, error) {
+	if held != nil {
+		held.evictMsg.Store(&why)
+	}
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	ok, err := s.cfg.Limits.Server.Terminate(ctx, pid, 0)
+	if (err != nil || !ok) && held != nil {
+		held.evictMsg.Store(nil)
+	}
+	return ok, err
 }
 
 func clientOf(s *session) string {
