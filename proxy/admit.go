@@ -156,7 +156,7 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *
 	done, err = s.admitOnce(ctx, sess, client, cr, log, pass)
 	var tooMany *tooManyError
 	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) {
-		log.Warn("admission failed", "err", err)
+		s.quiet.log(log, slog.LevelWarn, "", "admission failed", "err", err)
 		sendFatal(client, "08006", "rolegate could not check the connection limits: "+err.Error())
 	}
 	return done, err
@@ -378,7 +378,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
 		if ok, err := a.s.terminate(ctx, v.PID, held, why); err != nil || !ok {
-			a.log.Warn("eviction failed", append(attrs, "err", err)...)
+			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "eviction failed", append(attrs, "err", err)...)
 			return false
 		}
 		// The server closes the socket only once the backend has left, so its
@@ -386,7 +386,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		select {
 		case <-held.serverGone:
 		case <-time.After(victimGoneTimeout):
-			a.log.Warn("evicted session did not end in time", attrs...)
+			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "evicted session did not end in time", attrs...)
 			return false
 		case <-ctx.Done():
 			return false
@@ -396,7 +396,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		ok, err := a.lim.Server.Terminate(tctx, v.PID, victimGoneTimeout)
 		cancel()
 		if err != nil || !ok {
-			a.log.Warn("eviction failed", append(attrs, "err", err)...)
+			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "eviction failed", append(attrs, "err", err)...)
 			return false
 		}
 	}
@@ -481,8 +481,10 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	_, _ = client.Write(out)
 	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(), Reason: d.Reason})
-	a.log.Info("rejected", "sqlstate", "53300", "scope", d.Scope.String(), "limit", d.Limit,
-		"sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
+	// A leaked pool retrying at its limit is rejected thousands of times a
+	// second; the events and the metrics still count every rejection.
+	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", "sqlstate", "53300", "scope", d.Scope.String(),
+		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
 	return &tooManyError{msg: msg}
 }
 

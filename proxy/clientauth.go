@@ -48,6 +48,7 @@ type clientAuth struct {
 	client net.Conn
 	cr     *bufio.Reader
 	log    *slog.Logger
+	quiet  *logThrottle // for failures that repeat at every login
 }
 
 // authenticate verifies the client and returns the keys that log it in to the
@@ -56,7 +57,7 @@ func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
 	user := a.sess.user
 	secret, found, err := a.cfg.Store.Lookup(ctx, user)
 	if err != nil {
-		a.log.Error("verifier lookup failed", "err", err)
+		a.quiet.log(a.log, slog.LevelError, "", "verifier lookup failed", "err", err)
 		return nil, a.fail(&auth.Error{Code: "08006", Message: "rolegate could not look up the role's password on the server"}, "lookup failed")
 	}
 	method := a.method(secret)
@@ -194,7 +195,7 @@ func (a *clientAuth) verifyAgain(ctx context.Context, secret auth.Secret, found 
 func (a *clientAuth) refreshed(ctx context.Context, old auth.Secret) (auth.Secret, bool) {
 	fresh, found, err := a.cfg.Store.Refresh(ctx, a.sess.user)
 	if err != nil {
-		a.log.Warn("verifier refresh failed", "err", err)
+		a.quiet.log(a.log, slog.LevelWarn, "", "verifier refresh failed", "err", err)
 		return auth.Secret{}, false
 	}
 	if !found || auth.Same(fresh, old) {

@@ -35,7 +35,7 @@ func (s *Server) serveConsole(ctx context.Context, sess *session, client net.Con
 			msg = "the rolegate console is not enabled"
 		}
 		sendFatal(client, "28000", msg)
-		log.Info("console refused", "reason", msg)
+		s.quiet.log(log, slog.LevelInfo, sess.user, "console refused", "reason", msg)
 		return &authFailure{code: "28000", msg: msg, class: "console refused"}
 	}
 	var key [8]byte

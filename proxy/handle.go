@@ -230,17 +230,17 @@ func (s *Server) startupFailed(c net.Conn, err error, log *slog.Logger) {
 	var se *startupError
 	switch {
 	case errors.As(err, &se):
-		log.Info("startup refused", "sqlstate", se.code, "reason", se.msg)
+		s.quiet.log(log, slog.LevelInfo, se.code, "startup refused", "sqlstate", se.code, "reason", se.msg)
 		sendFatal(c, se.code, se.msg)
 	case errors.Is(err, errIncomplete):
-		log.Info("startup refused", "sqlstate", "08P01", "reason", err.Error())
+		s.quiet.log(log, slog.LevelInfo, "08P01", "startup refused", "sqlstate", "08P01", "reason", err.Error())
 		sendFatal(c, "08P01", err.Error())
 	case errors.Is(err, io.EOF):
 		log.Debug("client closed the connection before startup")
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		log.Info("startup timed out")
+		s.quiet.log(log, slog.LevelInfo, "", "startup timed out")
 	default:
-		log.Info("startup failed", "err", err)
+		s.quiet.log(log, slog.LevelInfo, "", "startup failed", "err", err)
 	}
 }
 
@@ -254,14 +254,14 @@ func sendFatal(c net.Conn, code, msg string) {
 func (s *Server) forwardCancel(ctx context.Context, p *startupPacket, log *slog.Logger) {
 	target := s.registry.lookup(p.cancelPID, p.cancelKey)
 	if target == nil {
-		log.Info("cancel request with an unknown key ignored")
+		s.quiet.log(log, slog.LevelInfo, "", "cancel request with an unknown key ignored")
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.StartupTimeout)
 	defer cancel()
 	log = log.With("role", target.user, "database", target.database, "pid", target.backendPID)
 	if err := s.cfg.Upstream.Cancel(ctx, target.backendPID, target.backendKey, target.serverTLS); err != nil {
-		log.Warn("cancel request failed", "err", err)
+		s.quiet.log(log, slog.LevelWarn, "", "cancel request failed", "err", err)
 		return
 	}
 	log.Info("cancel request forwarded")
@@ -292,18 +292,22 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 		// Admission logged the rejection, once, with its reason.
 		s.obs.LoginFailed(role, ReasonTooMany)
 	case errors.As(err, &failed):
-		log.Info("login failed", "sqlstate", failed.code, "reason", failed.class, "detail", failed.msg)
 		if failed.roleExists {
 			role = sess.user
 		}
+		// Throttled per role and class, never per unproven name: a
+		// brute-forcer of one role cannot hide another role's failures.
+		s.quiet.log(log, slog.LevelInfo, role+"/"+failed.class, "login failed",
+			"sqlstate", failed.code, "reason", failed.class, "detail", failed.msg)
 		s.obs.LoginFailed(role, failed.class)
 	case errors.As(err, &refused):
-		log.Info("login failed", "sqlstate", refused.code, "reason", "refused by server", "detail", refused.msg)
+		s.quiet.log(log, slog.LevelInfo, role+"/"+ReasonRefusedByServer, "login failed",
+			"sqlstate", refused.code, "reason", ReasonRefusedByServer, "detail", refused.msg)
 		s.obs.LoginFailed(role, ReasonRefusedByServer)
 		if sess.clientTLS && sess.serverTLS && strings.Contains(refused.msg, "channel binding") {
 			// A passthrough SCRAM exchange is bound to rolegate's certificate
 			// by the client but checked against the server's by the server.
-			log.Warn("SCRAM channel binding cannot pass through rolegate when both sides use TLS; " +
+			s.quiet.log(log, slog.LevelWarn, "", "SCRAM channel binding cannot pass through rolegate when both sides use TLS; "+
 				"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
 		}
 	case errors.Is(err, errConsoleDone):
@@ -314,7 +318,7 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 		log.Debug("login ended by shutdown")
 		s.obs.LoginFailed(role, ReasonShutdown)
 	default:
-		log.Warn("login failed", "err", err)
+		s.quiet.log(log, slog.LevelWarn, role+"/"+ReasonServerError, "login failed", "err", err)
 		s.obs.LoginFailed(role, ReasonServerError)
 	}
 }
@@ -348,7 +352,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
-	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log}
+	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet}
 	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
 	keys, err := a.authenticate(actx)
 	cancel()

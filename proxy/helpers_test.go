@@ -101,9 +101,10 @@ type proxyOpts struct {
 	sslmode        config.SSLMode  // default: prefer
 	sslrootcert    string
 	clientTLS      *tls.Config
-	startupTimeout time.Duration // default: 10 s
-	auth           *ClientAuth   // nil: passthrough
-	limits         *Limits       // nil: no limits
+	startupTimeout time.Duration   // default: 10 s
+	auth           *ClientAuth     // nil: passthrough
+	limits         *Limits         // nil: no limits
+	throttle       throttleOptions // repeated-failure log lines; zero: the defaults
 }
 
 // testProxy is a proxy Server serving on a loopback port.
@@ -150,6 +151,7 @@ func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy 
 		Limits:         o.limits,
 		StartupTimeout: o.startupTimeout,
 		Logger:         slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		throttle:       o.throttle,
 	}
 	if adjust != nil {
 		adjust(&cfg)

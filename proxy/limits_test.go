@@ -51,10 +51,17 @@ func limitedProxy(t *testing.T, roles map[string]limiter.Rule) *testProxy {
 // rulesProxy is limitedProxy with rules for databases too.
 func rulesProxy(t *testing.T, rules mapRules) *testProxy {
 	t.Helper()
+	return rulesProxyWith(t, rules, proxyOpts{})
+}
+
+// rulesProxyWith is rulesProxy with more options; it sets auth and limits.
+func rulesProxyWith(t *testing.T, rules mapRules, o proxyOpts) *testProxy {
+	t.Helper()
 	ctl := superControl(t, shared)
 	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
 	lim.SetRules(rules, true, 0)
-	return startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim})
+	o.auth, o.limits = proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), lim
+	return startProxy(t, o)
 }
 
 func sessionsOf(t *testing.T, role string) int {
@@ -987,7 +994,9 @@ func TestLimitConcurrentLogins(t *testing.T) {
 		t.Parallel()
 		const role = "lim_many_reject"
 		pw := newRole(t, role, limit)
-		p := limitedProxy(t, map[string]limiter.Rule{role: rule(limiter.PolicyReject)})
+		// Every rejection logged, however many at once: the count below reads the log.
+		p := rulesProxyWith(t, mapRules{roles: map[string]limiter.Rule{role: rule(limiter.PolicyReject)}},
+			proxyOpts{throttle: throttleOptions{burst: clients + directs}})
 		stop := sampleSessions(t, role)
 		logins := storm(t, p, role, pw, true, sleep)
 		most, samples := stop()

@@ -46,18 +46,24 @@ type Config struct {
 	ConsoleUsers    []string
 	// StartupTimeout bounds startup and authentication of a client.
 	StartupTimeout time.Duration
-	// Logger receives one line per login, session end and failure. nil: slog.Default().
+	// Logger receives one line per login, session end and failure; repeated
+	// failures are rate-limited per kind and role. nil: slog.Default().
 	Logger *slog.Logger
 	// Observer is told of logins, failures, waits, server dials and finished
 	// sessions, for metrics. nil: nothing is observed.
 	Observer Observer
+
+	// throttle sets the rate limit of repeated-failure log lines; tests only
+	// (zero: the defaults).
+	throttle throttleOptions
 }
 
 // Server accepts and serves client connections.
 type Server struct {
 	cfg      Config
 	log      *slog.Logger
-	obs      Observer // never nil
+	obs      Observer     // never nil
+	quiet    *logThrottle // repeated failures; successes are always logged
 	registry *registry
 	events   eventLog
 	console  atomic.Pointer[consoleBox]
@@ -98,6 +104,7 @@ func New(cfg Config) *Server {
 		cfg:       cfg,
 		log:       cfg.Logger,
 		obs:       obs,
+		quiet:     newLogThrottle(cfg.throttle),
 		registry:  newRegistry(),
 		ctx:       ctx,
 		cancel:    cancel,
