@@ -56,10 +56,14 @@ type SCRAMServer struct {
 // tell whether the role exists.
 func NewSCRAMServer(user string, v *SCRAMVerifier) *SCRAMServer {
 	if v == nil {
-		return &SCRAMServer{user: user, mock: true,
-			verifier: &SCRAMVerifier{Iterations: mockIterations, Salt: mockSalt(user)}}
+		return newMockSCRAMServer(user, mockIterations)
 	}
 	return &SCRAMServer{user: user, verifier: v}
+}
+
+func newMockSCRAMServer(user string, iterations int) *SCRAMServer {
+	return &SCRAMServer{user: user, mock: true,
+		verifier: &SCRAMVerifier{Iterations: iterations, Salt: mockSalt(user)}}
 }
 
 // NewSCRAMServerForSecret starts an exchange against any stored secret:
@@ -69,20 +73,28 @@ func NewSCRAMServer(user string, v *SCRAMVerifier) *SCRAMServer {
 // NoSecret cannot serve SCRAM and get a mock exchange, as in PostgreSQL.
 // Keys from a plaintext secret carry Password (and MD5) instead of keys the
 // server could use, since the server's own verifier has another salt.
-func NewSCRAMServerForSecret(user string, secret Secret) *SCRAMServer {
+//
+// iterations is the count the mock and plaintext exchanges offer (0:
+// PostgreSQL's default, 4096). Pass what the server's real verifiers use
+// (Store.Iterations): a mock that offered another count than real roles get
+// would tell a prober which role names exist.
+func NewSCRAMServerForSecret(user string, secret Secret, iterations int) *SCRAMServer {
+	if iterations <= 0 {
+		iterations = mockIterations
+	}
 	switch {
 	case secret.Kind == SCRAM && secret.SCRAM != nil:
 		return NewSCRAMServer(user, secret.SCRAM)
 	case secret.Kind == Plain && secret.Plain != "":
-		clientKey, serverKey, err := deriveKeys(secret.Plain, mockSalt(user), mockIterations)
+		clientKey, serverKey, err := deriveKeys(secret.Plain, mockSalt(user), iterations)
 		if err != nil {
 			break // only in FIPS-only mode; fail like PostgreSQL would, as a mock
 		}
-		v := &SCRAMVerifier{Iterations: mockIterations, Salt: mockSalt(user),
+		v := &SCRAMVerifier{Iterations: iterations, Salt: mockSalt(user),
 			StoredKey: sha256.Sum256(clientKey), ServerKey: [sha256.Size]byte(serverKey)}
 		return &SCRAMServer{user: user, verifier: v, password: secret.Plain}
 	}
-	return NewSCRAMServer(user, nil)
+	return newMockSCRAMServer(user, iterations)
 }
 
 // Mechanisms lists the SASL mechanisms to offer in AuthenticationSASL:

@@ -259,7 +259,7 @@ func TestSCRAMMockExchange(t *testing.T) {
 
 func TestSCRAMServerForSecret(t *testing.T) {
 	plain, _ := ParseSecret("plain pw")
-	keys, err := exchange(t, passwordClient(t, "plain pw"), NewSCRAMServerForSecret("carol", plain))
+	keys, err := exchange(t, passwordClient(t, "plain pw"), NewSCRAMServerForSecret("carol", plain, 0))
 	if err != nil {
 		t.Fatalf("plaintext secret: %v", err)
 	}
@@ -276,7 +276,7 @@ func TestSCRAMServerForSecret(t *testing.T) {
 		t.Fatalf("upstream login with keys from a plaintext secret: %v", err)
 	}
 	for _, secret := range []Secret{{}, {Kind: MD5, MD5: MD5Hash("carol", "pw")}, {Kind: Plain}} {
-		if _, err := exchange(t, passwordClient(t, "pw"), NewSCRAMServerForSecret("carol", secret)); !errors.Is(err, ErrPasswordMismatch) {
+		if _, err := exchange(t, passwordClient(t, "pw"), NewSCRAMServerForSecret("carol", secret, 0)); !errors.Is(err, ErrPasswordMismatch) {
 			t.Errorf("secret %v: %v, want ErrPasswordMismatch", secret, err)
 		}
 	}
@@ -525,5 +525,39 @@ func TestSCRAMClientRejectsServer(t *testing.T) {
 		if err := c.Verify([]byte(msg)); !errors.Is(err, ErrServerMessage) {
 			t.Errorf("Verify(%q) = %v, want ErrServerMessage", msg, err)
 		}
+	}
+}
+
+// A server whose roles get another iteration count than PostgreSQL's default
+// (scram_iterations, PostgreSQL 16) must see its count in mock exchanges too,
+// or the count tells a prober which role names exist.
+func TestSCRAMMockIterationsFollowTheServer(t *testing.T) {
+	iterations := func(s *SCRAMServer) string {
+		t.Helper()
+		out, err := s.Start(SCRAMSHA256, []byte("n,,n=,r=clientnonce"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		parts := strings.Split(string(out), ",")
+		return parts[len(parts)-1]
+	}
+	real := Secret{Kind: SCRAM, SCRAM: NewSCRAMVerifier("pw", []byte("0123456789abcdef"), 8192)}
+	plain, _ := ParseSecret("plain pw")
+	for name, srv := range map[string]*SCRAMServer{
+		"real":      NewSCRAMServerForSecret("exists", real, 8192),
+		"unknown":   NewSCRAMServerForSecret("ghost", Secret{}, 8192),
+		"md5":       NewSCRAMServerForSecret("ghost", Secret{Kind: MD5, MD5: MD5Hash("ghost", "pw")}, 8192),
+		"plaintext": NewSCRAMServerForSecret("carol", plain, 8192),
+	} {
+		if got := iterations(srv); got != "i=8192" {
+			t.Errorf("%s: server-first offers %s, want i=8192", name, got)
+		}
+	}
+	if got := iterations(NewSCRAMServerForSecret("ghost", Secret{}, 0)); got != "i=4096" {
+		t.Errorf("no count known: %s, want PostgreSQL's default i=4096", got)
+	}
+	// The plaintext secret still logs in with the count it offers.
+	if _, err := exchange(t, passwordClient(t, "plain pw"), NewSCRAMServerForSecret("carol", plain, 8192)); err != nil {
+		t.Fatalf("plaintext secret at 8192 iterations: %v", err)
 	}
 }

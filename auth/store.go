@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -73,6 +74,8 @@ type Store struct {
 	ttl     time.Duration
 	now     func() time.Time
 	cache   *lru.Cache[string, entry]
+	// iterations is the count of the last SCRAM verifier a source returned.
+	iterations atomic.Int64
 }
 
 // NewStore returns a Store that asks sources in order (the first that knows a
@@ -123,12 +126,22 @@ func (s *Store) fetch(ctx context.Context, role string) (Secret, bool, error) {
 			return Secret{}, false, err
 		}
 		if found {
+			if sec.Kind == SCRAM && sec.SCRAM != nil {
+				s.iterations.Store(int64(sec.SCRAM.Iterations))
+			}
 			s.put(role, entry{secret: sec, found: true})
 			return sec, true, nil
 		}
 	}
 	s.put(role, entry{})
 	return Secret{}, false, nil
+}
+
+// Iterations is the SCRAM iteration count of the last verifier the sources
+// returned, 0 before any: the count the server gives its roles (its
+// scram_iterations), which a mock exchange for an unknown role must offer too.
+func (s *Store) Iterations() int {
+	return int(s.iterations.Load())
 }
 
 // Forget drops role from the cache, so that the next login asks the sources.

@@ -70,3 +70,35 @@ func TestStoreWithoutCache(t *testing.T) {
 		t.Fatalf("refresh: %v, %d queries", err, src.calls)
 	}
 }
+
+func TestStoreIterationsFromVerifiers(t *testing.T) {
+	ctx := context.Background()
+	v := NewSCRAMVerifier("pw", []byte("0123456789abcdef"), 10000)
+	src := SourceFunc(func(_ context.Context, role string) (Secret, bool, error) {
+		switch role {
+		case "scram":
+			return Secret{Kind: SCRAM, SCRAM: v}, true, nil
+		case "md5":
+			return Secret{Kind: MD5, MD5: MD5Hash("md5", "pw")}, true, nil
+		}
+		return Secret{}, false, nil
+	})
+	s := NewStore(10, time.Minute, src)
+	if got := s.Iterations(); got != 0 {
+		t.Fatalf("Iterations before any verifier = %d, want 0", got)
+	}
+	for _, role := range []string{"md5", "nobody"} {
+		if _, _, err := s.Lookup(ctx, role); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := s.Iterations(); got != 0 {
+		t.Fatalf("Iterations after md5 and unknown roles = %d, want 0", got)
+	}
+	if _, _, err := s.Lookup(ctx, "scram"); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Iterations(); got != 10000 {
+		t.Fatalf("Iterations = %d, want the verifier's 10000", got)
+	}
+}

@@ -103,10 +103,10 @@ func (a *clientAuth) method(secret auth.Secret) string {
 }
 
 func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
-	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret)
 	if !found {
-		srv = auth.NewSCRAMServer(a.sess.user, nil) // a mock exchange: no hint the role is unknown
+		secret = auth.Secret{} // a mock exchange: no hint the role is unknown
 	}
+	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret, a.cfg.Store.Iterations())
 	initial, err := a.ask(&pgproto3.AuthenticationSASL{AuthMechanisms: srv.Mechanisms()})
 	if err != nil {
 		return nil, err

@@ -359,6 +359,37 @@ func TestProxyAuth(t *testing.T) {
 		}
 	})
 
+	// A server whose verifiers use another iteration count than PostgreSQL's
+	// default (scram_iterations, PostgreSQL 16) gets that count in the mock
+	// exchange of an unknown role too, once rolegate has seen one of its
+	// verifiers: otherwise "i=4096" would tell a prober the role does not exist.
+	t.Run("mock exchange offers the server's iteration count", func(t *testing.T) {
+		t.Parallel()
+		v := auth.NewSCRAMVerifier("iter pw", []byte("iteration count!"), 8192)
+		if err := s.c.Exec(t.Context(), fmt.Sprintf("create role iter_user login password '%s'", v)); err != nil {
+			t.Fatal(err)
+		}
+		p := startProxy(t, proxyOpts{server: s.c, sslmode: config.SSLDisable, auth: proxyAuth(time.Minute, s.super)})
+		offered := func(user string) string {
+			t.Helper()
+			_, fe := rawLogin(t, p, user)
+			receive[*pgproto3.AuthenticationSASL](t, fe)
+			fe.Send(&pgproto3.SASLInitialResponse{AuthMechanism: auth.SCRAMSHA256, Data: []byte("n,,n=,r=abcdefghijklmnop")})
+			if err := fe.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			parts := strings.Split(string(receive[*pgproto3.AuthenticationSASLContinue](t, fe).Data), ",")
+			return parts[len(parts)-1]
+		}
+		if got := offered("iter_ghost_1"); got != "i=4096" {
+			t.Errorf("before any verifier: unknown role offered %s, want PostgreSQL's default i=4096", got)
+		}
+		wantLoginWorks(t, p, "iter_user", "iter pw", false)
+		if got, want := offered("iter_ghost_2"), offered("iter_user"); got != want || want != "i=8192" {
+			t.Errorf("unknown role offered %s, a real one %s; want both i=8192", got, want)
+		}
+	})
+
 	// The order: once the password changes on the server, the old one
 	// is refused and the new one accepted, with the verifier cache on and off.
 	// With a cached SCRAM verifier rolegate cannot tell an old password from
