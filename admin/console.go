@@ -425,6 +425,11 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 		}
 		return r
 	}
+	if s.c.opts.ConfiguredDatabases != nil {
+		for _, name := range s.c.opts.ConfiguredDatabases() {
+			get(name)
+		}
+	}
 	for _, i := range s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()) {
 		if i.Database == "" {
 			continue

@@ -79,6 +79,9 @@ type Options struct {
 	// ConfiguredRoles names the roles with a rule in proxy.toml, so that
 	// they show even before anyone logs in. May be nil.
 	ConfiguredRoles func() []string
+	// ConfiguredDatabases names the databases with a rule in proxy.toml, so
+	// that SHOW DATABASES lists them before anyone connects. May be nil.
+	ConfiguredDatabases func() []string
 }
 
 // ReadyTimeout bounds one readiness check.

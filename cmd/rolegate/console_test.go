@@ -25,7 +25,8 @@ func TestConsoleBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	conf := func(rule string) string {
-		return fmt.Sprintf("[control]\ndsn = %q\nmax_conns = 4\n[admin]\nhttp = \"\"\nusers = [%q]\n[roles.con_user]\n%s\n",
+		return fmt.Sprintf("[control]\ndsn = %q\nmax_conns = 4\n[admin]\nhttp = \"\"\nusers = [%q]\n"+
+			"[databases.quiet_db]\nmax_sessions = 7\n[roles.con_user]\n%s\n",
 			c.SuperDSN(), c.SuperUser, rule)
 	}
 	p := startBinary(t, bin, c, conf("max_sessions = 1\npolicy = \"reject\""))
@@ -52,7 +53,8 @@ func TestConsoleBinary(t *testing.T) {
 	if out := run("show roles"); !strings.Contains(out, "con_user") || !strings.Contains(out, "proxy.toml") {
 		t.Errorf("show roles:\n%s", out)
 	}
-	if out := run("show databases"); !strings.Contains(out, "postgres") {
+	// quiet_db has a rule and no session: it shows all the same.
+	if out := run("show databases"); !strings.Contains(out, "postgres") || !strings.Contains(out, "quiet_db|7|proxy.toml|") {
 		t.Errorf("show databases:\n%s", out)
 	}
 	if _, errOut, err := psqlQuery(t, p.dsnAs("con_user", "con_pw"), "select 1"); err == nil ||

@@ -257,6 +257,12 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Me
 		}
 		return nil
 	}
+	o.ConfiguredDatabases = func() []string {
+		if cfg := rl.cur.Load(); cfg != nil {
+			return slices.Sorted(maps.Keys(cfg.Databases))
+		}
+		return nil
+	}
 	return o
 }
 
