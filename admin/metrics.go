@@ -168,7 +168,8 @@ func NewMetrics() *Metrics {
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rolegate_login_failures_total",
 			Help: "Logins that did not get in, by role and reason (wrong password, unknown role, role has no password, " +
-				"refused by server, too many connections, server error, client left, authentication timeout, ...). " +
+				"refused by server, too many connections, server error, client left, authentication timeout, " +
+				"bad startup packet, startup timeout, startup failed, ...). " +
 				`role is "unknown" until the role is known to exist (found by rolegate's authentication, or the client ` +
 				"authenticated), so that unauthenticated clients cannot invent label values.",
 		}, []string{"role", "reason"}),

@@ -230,16 +230,20 @@ func (s *Server) startupFailed(c net.Conn, err error, log *slog.Logger) {
 	var se *startupError
 	switch {
 	case errors.As(err, &se):
+		s.obs.LoginFailed(RoleUnknown, ReasonBadStartup)
 		s.quiet.log(log, slog.LevelInfo, se.code, "startup refused", "sqlstate", se.code, "reason", se.msg)
 		sendFatal(c, se.code, se.msg)
 	case errors.Is(err, errIncomplete):
+		s.obs.LoginFailed(RoleUnknown, ReasonBadStartup)
 		s.quiet.log(log, slog.LevelInfo, "08P01", "startup refused", "sqlstate", "08P01", "reason", err.Error())
 		sendFatal(c, "08P01", err.Error())
 	case errors.Is(err, io.EOF):
 		log.Debug("client closed the connection before startup")
 	case errors.Is(err, os.ErrDeadlineExceeded):
+		s.obs.LoginFailed(RoleUnknown, ReasonStartupTimeout)
 		s.quiet.log(log, slog.LevelInfo, "", "startup timed out")
 	default:
+		s.obs.LoginFailed(RoleUnknown, ReasonStartupFailed)
 		s.quiet.log(log, slog.LevelInfo, "", "startup failed", "err", err)
 	}
 }

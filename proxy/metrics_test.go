@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"sync"
@@ -201,5 +202,38 @@ func TestObserverDialFailure(t *testing.T) {
 	}
 	if !slices.Equal(got.failures, []string{RoleUnknown + "/" + ReasonServerError}) || len(got.logins) != 0 {
 		t.Errorf("failures = %q, logins = %q; want one server error of an unknown role", got.failures, got.logins)
+	}
+}
+
+// Startup packets rolegate refuses and clients that never send one are failed
+// logins of an unknown role; a client that connects and leaves without a word
+// (a TCP health check) is not.
+func TestObserverStartupFailures(t *testing.T) {
+	rec := &recorder{}
+	p := startProxyWith(t, proxyOpts{startupTimeout: 300 * time.Millisecond}, func(c *Config) { c.Observer = rec })
+	refused := func(send func(c *net.TCPConn)) {
+		t.Helper()
+		c := rawConn(t, p)
+		send(c)
+		_, _ = io.Copy(io.Discard, c) // the FATAL, then rolegate's close
+		c.Close()
+	}
+	refused(func(c *net.TCPConn) { startupMessage(t, c, 2, 0, "user", "u") })                   // protocol 2
+	refused(func(c *net.TCPConn) { _, _ = c.Write([]byte{0, 0, 0, 9, 1, 2, 3, 4, 5}) })         // garbage
+	refused(func(c *net.TCPConn) { _, _ = c.Write([]byte{0, 0, 0, 50, 0, 3}); c.CloseWrite() }) // truncated
+	rawConn(t, p).Close()                                                                       // a health check
+	refused(func(*net.TCPConn) {})                                                              // silent until the timeout
+
+	want := []string{
+		RoleUnknown + "/" + ReasonBadStartup, RoleUnknown + "/" + ReasonBadStartup,
+		RoleUnknown + "/" + ReasonBadStartup, RoleUnknown + "/" + ReasonStartupTimeout,
+	}
+	got := eventually(t, "four startup failures", func(r recorded) bool { return len(r.failures) >= len(want) }, rec)
+	time.Sleep(100 * time.Millisecond) // a fifth, wrongly counted health check would show by now
+	got = rec.snapshot()
+	slices.Sort(got.failures)
+	slices.Sort(want)
+	if !slices.Equal(got.failures, want) || len(got.logins) != 0 || len(got.dials) != 0 {
+		t.Errorf("failures = %q, logins = %q, dials = %v; want %q and nothing else", got.failures, got.logins, got.dials, want)
 	}
 }

@@ -35,6 +35,14 @@ const (
 	ReasonServerError     = "server error" // unreachable, lost during login, admission could not query it
 	ReasonClientLeft      = "client left"
 	ReasonShutdown        = "shutting down"
+	// The startup phase, before any role is known: a packet rolegate refused
+	// (malformed, oversized, protocol 2, ...), a client that sent nothing
+	// within startup_timeout, and a failure such as a client TLS handshake
+	// that went wrong. A client that connects and hangs up without a word (a
+	// TCP health check) is not counted.
+	ReasonBadStartup     = "bad startup packet"
+	ReasonStartupTimeout = "startup timeout"
+	ReasonStartupFailed  = "startup failed"
 )
 
 type nopObserver struct{}
