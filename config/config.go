@@ -31,6 +31,10 @@ type Config struct {
 	StartupTimeout Duration `toml:"startup_timeout"`
 	// ShutdownTimeout bounds how long sessions may run on after SIGTERM.
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// MaxProcs caps the CPUs rolegate's Go runtime runs on at once
+	// (GOMAXPROCS); 0 keeps the runtime's default. On a small machine that
+	// rolegate shares with PostgreSQL, 1 costs the least CPU per transaction.
+	MaxProcs int `toml:"max_procs"`
 
 	TLS     TLS     `toml:"tls"`
 	Server  Server  `toml:"server"`
@@ -374,6 +378,9 @@ func (c *Config) validate() error {
 		if _, _, err := net.SplitHostPort(c.Admin.HTTP); err != nil {
 			return bad("admin.http", "want host:port, or \"\" to turn the admin HTTP server off: %v", err)
 		}
+	}
+	if c.MaxProcs < 0 {
+		return bad("max_procs", "must be 0 (the Go runtime's default) or a number of CPUs, not %d", c.MaxProcs)
 	}
 	if _, _, err := net.SplitHostPort(c.Server.Address); err != nil {
 		return bad("server.address", "want host:port: %v", err)

@@ -86,6 +86,7 @@ func TestEveryKey(t *testing.T) {
 listen = "0.0.0.0:7432"
 startup_timeout = "5s"
 shutdown_timeout = "1m30s"
+max_procs = 2
 
 [tls]
 cert = "/etc/rolegate/server.crt"
@@ -151,6 +152,7 @@ min_session_age = "1s"
 		Listen:          "0.0.0.0:7432",
 		StartupTimeout:  "5s",
 		ShutdownTimeout: "1m30s",
+		MaxProcs:        2,
 		TLS:             TLS{Cert: "/etc/rolegate/server.crt", Key: "/etc/rolegate/server.key"},
 		Server: Server{Address: "db.internal:5433", SSLMode: SSLVerifyFull,
 			SSLRootCert: "/etc/rolegate/root.crt", ConnectTimeout: "250ms"},
@@ -237,6 +239,8 @@ func TestErrors(t *testing.T) {
 		{"zero startup_timeout", "\nstartup_timeout = \"0s\"\n", "startup_timeout", 2, "must be greater than zero"},
 		{"negative shutdown_timeout", "listen = \"h:1\"\nshutdown_timeout = \"-1s\"\n", "shutdown_timeout", 2, "must not be negative"},
 		{"duration as a number", "shutdown_timeout = 30\n", "shutdown_timeout", 1, "cannot decode TOML integer"},
+		{"negative max_procs", "\nmax_procs = -1\n", "max_procs", 2, "must be 0"},
+		{"max_procs as a string", "max_procs = \"all\"\n", "max_procs", 1, "cannot decode TOML string"},
 		{"bad connect_timeout", "[server]\n\nconnect_timeout = \"soon\"\n", "server.connect_timeout", 3, `invalid duration "soon"`},
 		{"zero connect_timeout", "[server]\nconnect_timeout = \"0ms\"\n", "server.connect_timeout", 2, "must be greater than zero"},
 		{"auth mode proxy without a source", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2,

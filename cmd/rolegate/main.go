@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -173,8 +174,12 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		Logger:          log,
 		Observer:        metrics,
 	})
+	if cfg.MaxProcs > 0 {
+		runtime.GOMAXPROCS(cfg.MaxProcs)
+	}
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
-		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode)
+		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode,
+		"max_procs", runtime.GOMAXPROCS(0))
 
 	if cfg.Auth.Mode == config.AuthPassthrough && p.limits != nil {
 		log.Info("passthrough mode: limits apply once the server has authenticated a login; " +

@@ -333,7 +333,7 @@ func TestBinary(t *testing.T) {
 
 	t.Run("psql through it, SIGHUP, then SIGINT", func(t *testing.T) {
 		t.Parallel()
-		p := startBinary(t, bin, c, "")
+		p := startBinary(t, bin, c, "max_procs = 1")
 		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, "psql", "-X", "-At", "-d", p.dsn(), "-c", "select current_user, 6 * 7")
@@ -350,7 +350,8 @@ func TestBinary(t *testing.T) {
 		}
 		p.signal(t, syscall.SIGINT)
 		p.wantExit(t, 10*time.Second)
-		if !strings.Contains(p.stderr.String(), "msg=\"rolegate started\"") || !strings.Contains(p.stderr.String(), "role=trust_user") {
+		if !strings.Contains(p.stderr.String(), "msg=\"rolegate started\"") || !strings.Contains(p.stderr.String(), "role=trust_user") ||
+			!strings.Contains(p.stderr.String(), "max_procs=1") {
 			t.Errorf("log lacks the start and the login:\n%s", p.stderr.String())
 		}
 	})
