@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"io"
 	"maps"
-	"net"
-	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -202,18 +200,6 @@ type limRunner struct {
 	heldPID int
 }
 
-// limConfig is a pgconn configuration for role at host:port.
-func limConfig(role, password, host string, port int) (*pgconn.Config, error) {
-	u := url.URL{
-		Scheme:   "postgres",
-		User:     url.UserPassword(role, password),
-		Host:     net.JoinHostPort(host, strconv.Itoa(port)),
-		Path:     "/" + limDatabase,
-		RawQuery: url.Values{"sslmode": {"disable"}}.Encode(),
-	}
-	return pgconn.ParseConfig(u.String())
-}
-
 // measureLimits runs the newest-wins test: it creates lim_bench and
 // lim_plain, starts rolegate-limits, runs -limit-logins iterations and stops
 // rolegate-limits again. otherPids are the other proxies, idle meanwhile.
@@ -259,7 +245,7 @@ func measureLimits(ctx context.Context, o options, c *pgtest.Cluster, bin, work 
 		{&lr.direct, limRole, c.Host, c.Port},
 		{&lr.directPlain, limPlainRole, c.Host, c.Port},
 	} {
-		if *cf.dst, err = limConfig(cf.role, password, cf.host, cf.port); err != nil {
+		if *cf.dst, err = sessionConfig(cf.role, password, limDatabase, cf.host, cf.port); err != nil {
 			return fmt.Errorf("newest-wins: %w", err)
 		}
 	}
@@ -511,16 +497,31 @@ func (lr *limRunner) terminateAndLogin(ctx context.Context, pid uint32, timeoutM
 	}
 }
 
-// queryBool runs sql, which returns one boolean.
-func queryBool(ctx context.Context, c *pgconn.PgConn, sql string) (bool, error) {
+// queryValue runs sql, which returns one value, in text.
+func queryValue(ctx context.Context, c *pgconn.PgConn, sql string) (string, error) {
 	res, err := c.Exec(ctx, sql).ReadAll()
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	if len(res) != 1 || len(res[0].Rows) != 1 || len(res[0].Rows[0]) != 1 {
-		return false, fmt.Errorf("%s: unexpected result", sql)
+		return "", fmt.Errorf("%s: unexpected result", sql)
 	}
-	return string(res[0].Rows[0][0]) == "t", nil
+	return string(res[0].Rows[0][0]), nil
+}
+
+// queryBool runs sql, which returns one boolean.
+func queryBool(ctx context.Context, c *pgconn.PgConn, sql string) (bool, error) {
+	v, err := queryValue(ctx, c, sql)
+	return v == "t", err
+}
+
+// queryInt runs sql, which returns one integer.
+func queryInt(ctx context.Context, c *pgconn.PgConn, sql string) (int, error) {
+	v, err := queryValue(ctx, c, sql)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(v)
 }
 
 // backendPID asks a session for its server backend's pid: through rolegate
@@ -528,14 +529,7 @@ func queryBool(ctx context.Context, c *pgconn.PgConn, sql string) (bool, error) 
 func backendPID(ctx context.Context, c *pgconn.PgConn) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, loginTimeout)
 	defer cancel()
-	res, err := c.Exec(ctx, "select pg_backend_pid()").ReadAll()
-	if err != nil {
-		return 0, err
-	}
-	if len(res) != 1 || len(res[0].Rows) != 1 || len(res[0].Rows[0]) != 1 {
-		return 0, errors.New("select pg_backend_pid(): unexpected result")
-	}
-	return strconv.Atoi(string(res[0].Rows[0][0]))
+	return queryInt(ctx, c, "select pg_backend_pid()")
 }
 
 // closeConn ends a session (Terminate) and ignores errors: an evicted or
@@ -913,15 +907,6 @@ func (r *report) printLimits(w io.Writer) {
 func (r *report) markdownLimits(w io.Writer) {
 	res := r.limits
 	fmt.Fprintf(w, "\nNewest-wins at the limit (issue 4), from the dial to ReadyForQuery, %d iterations, one timed login per row each:\n\n", r.opts.limitLogins)
-	rows := res.rows()
-	mdRow(w, rows[0])
-	align := []string{"---"}
-	for range rows[0][1:] {
-		align = append(align, "--:")
-	}
-	mdRow(w, align)
-	for _, row := range rows[1:] {
-		mdRow(w, row)
-	}
+	mdTable(w, res.rows())
 	fmt.Fprintf(w, "\n%s\n\n%s\n", res.skewSummary(r.opts.repeats), res.logSummary())
 }

@@ -57,14 +57,7 @@ func measureLogins(ctx context.Context, o options, password string, targets []*t
 			}
 			continue
 		}
-		u := url.URL{
-			Scheme:   "postgres",
-			User:     url.UserPassword(benchRole, password),
-			Host:     net.JoinHostPort(t.host, strconv.Itoa(t.port)),
-			Path:     "/" + benchRole,
-			RawQuery: url.Values{"sslmode": {"disable"}}.Encode(),
-		}
-		cfg, err := pgconn.ParseConfig(u.String())
+		cfg, err := sessionConfig(benchRole, password, benchRole, t.host, t.port)
 		if err != nil {
 			return fmt.Errorf("login latency: config for %s: %w", t.name, err)
 		}
@@ -112,6 +105,19 @@ func measureLogins(ctx context.Context, o options, password string, targets []*t
 		logf("login latency: %d/%d logins per target%s", done, o.logins, res.progress(ts))
 	}
 	return nil
+}
+
+// sessionConfig is a pgconn configuration for role on database at
+// host:port, with SCRAM and sslmode=disable.
+func sessionConfig(role, password, database, host string, port int) (*pgconn.Config, error) {
+	u := url.URL{
+		Scheme:   "postgres",
+		User:     url.UserPassword(role, password),
+		Host:     net.JoinHostPort(host, strconv.Itoa(port)),
+		Path:     "/" + database,
+		RawQuery: url.Values{"sslmode": {"disable"}}.Encode(),
+	}
+	return pgconn.ParseConfig(u.String())
 }
 
 // loginCycles runs n cycles of one login per target, starting with a

@@ -3,7 +3,7 @@
 // run by hand (bench/run.sh, `make bench`), never in CI, and asserts
 // nothing: it prints medians, ratios and every individual run.
 //
-//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300]
+//	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300] [-pinned] [-idle-sessions 200]
 //	go run ./bench -only limits [-limit-logins 300]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
@@ -14,7 +14,10 @@
 // sequential logins through each, and then runs, interleaved over the
 // targets in every round, pgbench select-only with -M simple and -M
 // extended, a bulk COPY ... TO STDOUT read by psql into /dev/null, and
-// pgbench -C (a new SCRAM login per transaction). Last comes the newest-wins
+// pgbench -C (a new SCRAM login per transaction), and then the select-only
+// rows again with the server and pgbench on one CPU and each proxy on
+// another (affinity.go). Before the rounds it measures each proxy's memory
+// per idle session (idle.go). Last comes the newest-wins
 // test (issue 4, limits.go): logins of a role at its limit that evict its
 // oldest session, through a rolegate of their own, against plain logins and
 // against terminating the session by hand; `-only limits` runs that test
@@ -34,12 +37,14 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/sys/unix"
 
 	"github.com/rolegate/rolegate/internal/pgtest"
 )
@@ -92,6 +97,11 @@ type options struct {
 	only string
 	// limitLogins is how many logins the newest-wins test times per row.
 	limitLogins int
+	// pinned adds the pinned select-only rows (cpuPlan).
+	pinned bool
+	// idleSessions is how many idle sessions the idle-session test opens
+	// through each proxy; 0 skips it.
+	idleSessions int
 }
 
 // onlyLimits is -only's value for the newest-wins test alone.
@@ -119,6 +129,8 @@ func main() {
 	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4); empty runs everything`)
 	flag.IntVar(&o.limitLogins, "limit-logins", 300, "newest-wins test: logins timed per row (0 skips the test in a full run)")
 	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
+	flag.BoolVar(&o.pinned, "pinned", runtime.NumCPU() >= 2, "also run the select-only rows with the server and pgbench on one CPU and each proxy on another (needs 2 CPUs)")
+	flag.IntVar(&o.idleSessions, "idle-sessions", 200, "idle sessions opened through each proxy for its memory per session (0 skips the test)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments: %v\n", flag.Args())
@@ -157,6 +169,8 @@ func (o options) validate() error {
 		return errors.New("-limit-logins must be 0 or more")
 	case o.limitsOnly() && o.limitLogins == 0:
 		return errors.New("-only limits needs -limit-logins of at least 1")
+	case o.idleSessions < 0:
+		return errors.New("-idle-sessions must be 0 or more")
 	}
 	return nil
 }
@@ -266,6 +280,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	var targets []*target
 	var daemons []*daemon
 	var instances []rolegateInstance
+	var idleTargets []idleTarget
 	if !o.limitsOnly() {
 		targets = append(targets, &target{name: "direct", host: cluster.Host, port: cluster.Port})
 		instances = append(instances, rolegateInstance{name: "rolegate"})
@@ -282,6 +297,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		rg.extra = inst.name == gmp1Target
 		targets = append(targets, rg.target)
 		daemons = append(daemons, rg)
+		idleTargets = append(idleTargets, idleTarget{target: rg.target, database: benchRole})
 	}
 
 	var pbAuth pgbouncerAuth
@@ -290,13 +306,15 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 			return err
 		}
 		logf("PgBouncer auth: %s", pbAuth.describe)
-		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth)
+		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, o.idleSessions)
 		if err != nil {
 			return err
 		}
 		defer pb.stop(syscall.SIGTERM) // SIGTERM: PgBouncer's immediate shutdown
 		targets = append(targets, pb.target)
 		daemons = append(daemons, pb)
+		idleTargets = append(idleTargets, idleTarget{target: pb.target, database: pgbouncerIdleDB,
+			release: func(ctx context.Context) error { return killPgBouncerPool(ctx, pb.target, pbAuth) }})
 	}
 
 	m := machineInfo(ctx, rolegateBin, bouncerBin, serverVersion)
@@ -323,10 +341,16 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 
 	if !o.limitsOnly() {
+		if r.plan, r.pinnedNote, err = setUpPinning(o, meter, pids); err != nil {
+			return err
+		}
 		if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
 			return err
 		}
 		if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
+			return err
+		}
+		if err := measureIdle(ctx, o, cluster, password, idleTargets, r); err != nil {
 			return err
 		}
 		if err := measure(ctx, o, env, targets, meter, r); err != nil {
@@ -504,12 +528,21 @@ func clientEnv(password string) []string {
 // runTool runs a client tool to completion and returns its standard output
 // and its CPU time; a failure carries the tail of what it printed.
 func runTool(ctx context.Context, env []string, name string, args ...string) (string, time.Duration, error) {
+	return runToolOn(ctx, env, nil, name, args...)
+}
+
+// runToolOn is runTool with the tool on cpus (nil: wherever).
+func runToolOn(ctx context.Context, env []string, cpus *unix.CPUSet, name string, args ...string) (string, time.Duration, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = env
 	var stdout, stderr strings.Builder
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
+	err := startOn(cmd, cpus)
+	if err == nil {
+		err = cmd.Wait()
+	}
+	if err != nil {
 		return stdout.String(), 0, fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, tail(stdout.String()+stderr.String(), 15))
 	}
 	return stdout.String(), cpuTime(cmd), nil
@@ -592,10 +625,10 @@ func pgbenchArgs(o options, t *target, k testKind, d time.Duration) []string {
 		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", benchRole, benchRole)
 }
 
-// runPgbench runs pgbench select-only for row k against t and returns its
-// TPS and pgbench's CPU time.
-func runPgbench(ctx context.Context, o options, env []string, t *target, k testKind, d time.Duration) (tps float64, cpu time.Duration, err error) {
-	out, cpu, err := runTool(ctx, env, "pgbench", pgbenchArgs(o, t, k, d)...)
+// runPgbench runs pgbench select-only for row k against t on cpus (nil:
+// wherever) and returns its TPS and pgbench's CPU time.
+func runPgbench(ctx context.Context, o options, env []string, t *target, k testKind, d time.Duration, cpus *unix.CPUSet) (tps float64, cpu time.Duration, err error) {
+	out, cpu, err := runToolOn(ctx, env, cpus, "pgbench", pgbenchArgs(o, t, k, d)...)
 	if err != nil {
 		return 0, 0, fmt.Errorf("pgbench %s via %s: %w", k.label(), t.name, err)
 	}
@@ -635,7 +668,7 @@ func warmUp(ctx context.Context, o options, env []string, targets []*target, spe
 	for _, t := range targets {
 		if o.warmup > 0 {
 			logf("warm-up via %s: pgbench %v", t.name, o.warmup)
-			if _, _, err := runPgbench(ctx, o, env, t, simple, o.warmup); err != nil {
+			if _, _, err := runPgbench(ctx, o, env, t, simple, o.warmup, nil); err != nil {
 				return fmt.Errorf("warm-up: %w%s", err, logTail(t))
 			}
 		}
@@ -655,7 +688,8 @@ func warmUp(ctx context.Context, o options, env []string, targets []*target, spe
 }
 
 // measure runs the rounds. Within a round each test runs against every
-// target in turn, so slow drift of the machine hits all targets alike.
+// target in turn, so slow drift of the machine hits all targets alike; the
+// pinned rows come last in each round, between a pin and an unpin.
 func measure(ctx context.Context, o options, env []string, targets []*target, meter *cpuMeter, r *report) error {
 	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
@@ -670,40 +704,72 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 		}
 	}
 	r.runs = make(map[testKind]map[string][]sample)
-	for _, k := range tests {
+	for _, k := range r.rows() {
 		r.runs[k] = make(map[string][]sample)
+	}
+	// runRow runs row k against every target, pgbench on cpus (nil:
+	// wherever).
+	runRow := func(round int, k testKind, cpus *unix.CPUSet) error {
+		for _, t := range targets {
+			if !k.includes(t) {
+				continue
+			}
+			var s sample
+			for attempt := 0; ; attempt++ {
+				if err := waitQuiet(ctx, o.quietWait, meter, idlePids); err != nil {
+					return err
+				}
+				s, err = runOnce(ctx, o, env, t, k, cpus, meter, r.copy, devNull)
+				if err != nil {
+					return fmt.Errorf("round %d: %w", round, err)
+				}
+				s.repeats = attempt
+				logf("round %d/%d  %-31s %-13s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
+				if !s.skewed() || attempt >= o.repeats {
+					break
+				}
+				logf("other work used %.2f cores during that run; running it again", s.cpu.other)
+			}
+			r.runs[k][t.name] = append(r.runs[k][t.name], s)
+		}
+		return nil
+	}
+	// runPinned runs the pinned rows between a pin and an unpin, which
+	// also follows a failure: the next rows must not run pinned.
+	runPinned := func(round int) (err error) {
+		if err := r.plan.pin(meter, idlePids); err != nil {
+			return fmt.Errorf("round %d: pinning: %w", round, err)
+		}
+		defer func() {
+			if uerr := r.plan.unpin(meter, idlePids); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("round %d: unpinning: %w", round, uerr))
+			}
+		}()
+		for _, k := range pinnedTests {
+			if err := runRow(round, k, &r.plan.server); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	for round := 1; round <= o.rounds; round++ {
 		for _, k := range tests {
-			for _, t := range targets {
-				if !k.includes(t) {
-					continue
-				}
-				var s sample
-				for attempt := 0; ; attempt++ {
-					if err := waitQuiet(ctx, o.quietWait, meter, idlePids); err != nil {
-						return err
-					}
-					s, err = runOnce(ctx, o, env, t, k, meter, r.copy, devNull)
-					if err != nil {
-						return fmt.Errorf("round %d: %w", round, err)
-					}
-					s.repeats = attempt
-					logf("round %d/%d  %-23s %-13s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
-					if !s.skewed() || attempt >= o.repeats {
-						break
-					}
-					logf("other work used %.2f cores during that run; running it again", s.cpu.other)
-				}
-				r.runs[k][t.name] = append(r.runs[k][t.name], s)
+			if err := runRow(round, k, nil); err != nil {
+				return err
+			}
+		}
+		if r.plan != nil {
+			if err := runPinned(round); err != nil {
+				return err
 			}
 		}
 	}
 	return nil
 }
 
-// runOnce runs test k against t once and measures it.
-func runOnce(ctx context.Context, o options, env []string, t *target, k testKind, meter *cpuMeter, spec copySpec, devNull *os.File) (sample, error) {
+// runOnce runs test k against t once, pgbench on cpus (nil: wherever), and
+// measures it.
+func runOnce(ctx context.Context, o options, env []string, t *target, k testKind, cpus *unix.CPUSet, meter *cpuMeter, spec copySpec, devNull *os.File) (sample, error) {
 	var proxy []int
 	if t.pid != 0 {
 		proxy = append(proxy, t.pid)
@@ -712,8 +778,8 @@ func runOnce(ctx context.Context, o options, env []string, t *target, k testKind
 	var s sample
 	var client time.Duration
 	switch k {
-	case simple, extended, connect:
-		tps, cpu, err := runPgbench(ctx, o, env, t, k, o.duration)
+	case simple, extended, connect, pinnedSimple, pinnedExtended:
+		tps, cpu, err := runPgbench(ctx, o, env, t, k, o.duration, cpus)
 		if err != nil {
 			return s, err
 		}

@@ -307,11 +307,17 @@ type pgbouncerAuth struct {
 // superuser auth_user.
 const pgbouncerAuthQuery = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 
+// pgbouncerMaxClients is max_client_conn: 200, or the idle-session test's
+// sessions and 10 more (the console's session, and room) when that is more.
+func pgbouncerMaxClients(idleSessions int) int { return max(200, idleSessions+10) }
+
 // startPgBouncer runs PgBouncer in session mode in front of the cluster.
 // With auth_type scram-sha-256 and auth_query it fetches bench's SCRAM
 // verifier from pg_shadow as pa.user, checks the client with it, and then
-// logs in to the server with the client's SCRAM keys.
-func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth) (*daemon, error) {
+// logs in to the server with the client's SCRAM keys. The alias
+// pgbouncerIdleDB has a pool of idleSessions server connections for the
+// idle-session test, and pa.user may use the console to empty it.
+func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth, idleSessions int) (*daemon, error) {
 	cred, err := pgtest.ServerCredential() // PgBouncer refuses root too
 	if err != nil {
 		return nil, err
@@ -330,6 +336,7 @@ func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa
 	ini := fmt.Sprintf(`; written by the rolegate benchmark
 [databases]
 %[1]s = host=%[2]s port=%[3]d dbname=%[1]s
+%[12]s = host=%[2]s port=%[3]d dbname=%[1]s pool_size=%[13]d
 
 [pgbouncer]
 listen_addr = %[4]s
@@ -339,8 +346,9 @@ auth_type = scram-sha-256
 auth_file = %[7]s
 auth_user = %[10]s
 auth_query = %[11]s
+admin_users = %[10]s
 pool_mode = session
-max_client_conn = 200
+max_client_conn = %[14]d
 default_pool_size = 40
 ignore_startup_parameters = extra_float_digits,options
 client_tls_sslmode = disable
@@ -349,7 +357,8 @@ logfile = %[8]s
 pidfile = %[9]s
 log_connections = 0
 log_disconnections = 0
-`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery)
+`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery,
+		pgbouncerIdleDB, max(idleSessions, 1), pgbouncerMaxClients(idleSessions))
 	iniFile := filepath.Join(dir, "pgbouncer.ini")
 	files := map[string]string{
 		iniFile:  ini,

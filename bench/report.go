@@ -17,10 +17,17 @@ const (
 	extended
 	copyOut
 	connect
+	// pinnedSimple and pinnedExtended are the select-only rows with the
+	// server and pgbench on one CPU and the proxy on another (cpuPlan).
+	pinnedSimple
+	pinnedExtended
 )
 
 // tests are the rows, in the order they run within a round.
 var tests = []testKind{simple, extended, copyOut, connect}
+
+// pinnedTests are the pinned rows, which run after tests in each round.
+var pinnedTests = []testKind{pinnedSimple, pinnedExtended}
 
 // includes says whether row k runs against t: the extra target
 // (rolegate-gmp1) runs only the select-only and connect-rate rows.
@@ -38,7 +45,7 @@ func (k testKind) goal() float64 {
 
 // mode is pgbench's -M for the pgbench rows.
 func (k testKind) mode() string {
-	if k == extended {
+	if k == extended || k == pinnedExtended {
 		return "extended"
 	}
 	return "simple"
@@ -52,6 +59,8 @@ func (k testKind) label() string {
 		return "select-only -M extended"
 	case connect:
 		return "connect rate -C"
+	case pinnedSimple, pinnedExtended:
+		return fmt.Sprintf("select-only -M %s, pinned", k.mode())
 	default:
 		return "COPY out"
 	}
@@ -64,6 +73,8 @@ func (k testKind) rowLabel(spec copySpec) string {
 		return fmt.Sprintf("select-only TPS, -M %s", k.mode())
 	case connect:
 		return "connect rate, logins/s (pgbench -C)"
+	case pinnedSimple, pinnedExtended:
+		return fmt.Sprintf("select-only TPS, -M %s, pinned", k.mode())
 	default:
 		return fmt.Sprintf("COPY %d MB out, seconds", spec.bytes/1_000_000)
 	}
@@ -124,6 +135,20 @@ type report struct {
 	// idle is the CPU use before the first run, with everything started
 	// and nothing of the benchmark's doing work.
 	idle cpuUse
+	// plan is where the pinned rows ran; nil when they did not, and
+	// pinnedNote then says why.
+	plan       *cpuPlan
+	pinnedNote string
+	// idleMem is the idle-session test, one entry per proxy.
+	idleMem []idleMemory
+}
+
+// rows are the rows that ran, in the order they ran within a round.
+func (r *report) rows() []testKind {
+	if r.plan == nil {
+		return tests
+	}
+	return append(slices.Clone(tests), pinnedTests...)
 }
 
 func median(xs []float64) float64 {
@@ -307,6 +332,9 @@ func (r *report) print(w io.Writer) {
 	if s := r.settings(); s != "" {
 		fmt.Fprintf(w, "runs:    %s\n", s)
 	}
+	if len(r.idleMem) > 0 {
+		fmt.Fprintf(w, "idle:    %s\n", idleSettings(r.opts))
+	}
 	if r.limits != nil {
 		fmt.Fprintf(w, "limits:  %s\n", limitsSettings(r.opts))
 	}
@@ -328,43 +356,22 @@ func (r *report) print(w io.Writer) {
 	}
 
 	fmt.Fprintf(w, "\nMedians (TPS and logins/s: higher is better; COPY: seconds, lower is better, ratio is time target/direct)\n\n")
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	header := []string{""}
-	for _, t := range r.targets {
-		header = append(header, t.name)
-	}
-	for _, t := range r.proxies() {
-		header = append(header, t.name+"/direct")
-	}
-	fmt.Fprintln(tw, strings.Join(header, "\t")+"\t")
-	for _, k := range tests {
-		row := []string{k.rowLabel(r.copy)}
-		for _, t := range r.targets {
-			row = append(row, r.medianCell(k, t))
-		}
-		for _, t := range r.proxies() {
-			row = append(row, r.ratioCell(k, t))
-		}
-		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
-	}
-	tw.Flush()
+	printTable(w, r.medianRows(tests, false))
+	r.printPinned(w, false)
 
 	if r.logins != nil {
 		fmt.Fprintf(w, "\nLogin latency, dial to ReadyForQuery (%d logins per target)\n\n", r.opts.logins)
-		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		for _, row := range r.loginRows() {
-			fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
-		}
-		tw.Flush()
+		printTable(w, r.loginRows())
 		fmt.Fprintf(w, "\n%s\n", r.logins.skewSummary(r.opts.repeats))
 	}
+	r.printIdle(w, false)
 	if r.limits != nil {
 		r.printLimits(w)
 	}
 
 	fmt.Fprintf(w, "\nEvery run (CPU in cores, %d in all: the machine's busy time split into the server, the client tool, the proxy and other work)\n\n", r.machine.cpus)
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, k := range tests {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, k := range r.rows() {
 		for _, t := range r.targets {
 			if !k.includes(t) {
 				continue
@@ -408,6 +415,9 @@ func (r *report) markdown(w io.Writer) {
 	if s := r.settings(); s != "" {
 		fmt.Fprintf(w, "- Runs: %s\n", s)
 	}
+	if len(r.idleMem) > 0 {
+		fmt.Fprintf(w, "- Idle sessions: %s\n", idleSettings(r.opts))
+	}
 	if r.limits != nil {
 		fmt.Fprintf(w, "- Newest-wins: %s\n", strings.TrimPrefix(limitsSettings(r.opts), "newest-wins: "))
 	}
@@ -427,61 +437,29 @@ func (r *report) markdown(w io.Writer) {
 	}
 	fmt.Fprintln(w)
 
-	cols := []string{"Median of the rounds"}
-	align := []string{"---"}
-	for _, t := range r.targets {
-		cols = append(cols, t.name)
-		align = append(align, "--:")
-	}
-	for _, t := range r.proxies() {
-		cols = append(cols, t.name+" / direct")
-		align = append(align, "--:")
-	}
-	mdRow(w, cols)
-	mdRow(w, align)
-	for _, k := range tests {
-		label := k.rowLabel(r.copy)
-		if k == copyOut {
-			label += " (ratio: time)"
-		}
-		row := []string{label}
-		for _, t := range r.targets {
-			row = append(row, r.medianCell(k, t))
-		}
-		for _, t := range r.proxies() {
-			row = append(row, r.ratioCell(k, t))
-		}
-		mdRow(w, row)
-	}
+	mdTable(w, r.medianRows(tests, true))
+	r.printPinned(w, true)
 
 	if r.logins != nil {
 		fmt.Fprintf(w, "\nLogin latency, from the dial to ReadyForQuery, %d sequential logins per target (pgx pgconn.Connect, SCRAM, sslmode=disable), the targets alternating login by login:\n\n", r.opts.logins)
-		rows := r.loginRows()
-		mdRow(w, rows[0])
-		align := []string{"---"}
-		for range rows[0][1:] {
-			align = append(align, "--:")
-		}
-		mdRow(w, align)
-		for _, row := range rows[1:] {
-			mdRow(w, row)
-		}
+		mdTable(w, r.loginRows())
 		fmt.Fprintf(w, "\n%s\n", r.logins.skewSummary(r.opts.repeats))
 	}
+	r.printIdle(w, true)
 	if r.limits != nil {
 		r.markdownLimits(w)
 	}
 
 	fmt.Fprintf(w, "\nEvery run, in the order they ran within each round:\n\n")
-	cols = []string{"Row", "Target"}
-	align = []string{"---", "---"}
+	cols := []string{"Row", "Target"}
+	align := []string{"---", "---"}
 	for i := 1; i <= r.opts.rounds; i++ {
 		cols = append(cols, fmt.Sprintf("round %d", i))
 		align = append(align, "--:")
 	}
 	mdRow(w, cols)
 	mdRow(w, align)
-	for _, k := range tests {
+	for _, k := range r.rows() {
 		for _, t := range r.targets {
 			if !k.includes(t) {
 				continue
@@ -502,7 +480,7 @@ func (r *report) markdown(w io.Writer) {
 	fmt.Fprintf(w, "\nCPU during the runs, in cores (%d in all), median of the rounds: the machine's busy time, and the server's (postmaster and backends), the client tool's (pgbench or psql), the proxy's and the rest's (other work on the machine) share of it:\n\n", r.machine.cpus)
 	mdRow(w, []string{"Row", "Target", "machine", "server", "client", "proxy", "other", "proxy CPU per unit of work"})
 	mdRow(w, []string{"---", "---", "--:", "--:", "--:", "--:", "--:", "--:"})
-	for _, k := range tests {
+	for _, k := range r.rows() {
 		for _, t := range r.targets {
 			if !k.includes(t) {
 				continue
@@ -593,6 +571,71 @@ func (r *report) skewSummary() string {
 
 func mdRow(w io.Writer, cells []string) {
 	fmt.Fprintf(w, "| %s |\n", strings.Join(cells, " | "))
+}
+
+// mdTable writes rows, header first, as a Markdown table with the first
+// column left-aligned and the others right-aligned.
+func mdTable(w io.Writer, rows [][]string) {
+	mdRow(w, rows[0])
+	align := []string{"---"}
+	for range rows[0][1:] {
+		align = append(align, "--:")
+	}
+	mdRow(w, align)
+	for _, row := range rows[1:] {
+		mdRow(w, row)
+	}
+}
+
+// medianRows is the table of medians of kinds, header first: per target
+// the median, then per proxy the ratio to direct. md names the table's
+// first column and says that COPY's ratio is one of times, as the text
+// report says above its table.
+func (r *report) medianRows(kinds []testKind, md bool) [][]string {
+	header := []string{""}
+	sep := "/"
+	if md {
+		header, sep = []string{"Median of the rounds"}, " / "
+	}
+	for _, t := range r.targets {
+		header = append(header, t.name)
+	}
+	for _, t := range r.proxies() {
+		header = append(header, t.name+sep+"direct")
+	}
+	rows := [][]string{header}
+	for _, k := range kinds {
+		label := k.rowLabel(r.copy)
+		if md && k == copyOut {
+			label += " (ratio: time)"
+		}
+		row := []string{label}
+		for _, t := range r.targets {
+			row = append(row, r.medianCell(k, t))
+		}
+		for _, t := range r.proxies() {
+			row = append(row, r.ratioCell(k, t))
+		}
+		rows = append(rows, row)
+	}
+	return rows
+}
+
+// printPinned writes the pinned rows' medians, as text or as Markdown, or
+// why they did not run.
+func (r *report) printPinned(w io.Writer, md bool) {
+	if r.plan == nil {
+		if r.pinnedNote != "" {
+			fmt.Fprintf(w, "\nPinned rows: not run: %s.\n", r.pinnedNote)
+		}
+		return
+	}
+	fmt.Fprintf(w, "\nPinned select-only rows, after the other rows of each round: %s. A proxy with a CPU of its own, as on another host; not the issues' target rows. rolegate's Go runtime follows its affinity and runs with GOMAXPROCS=1 there, as rolegate-gmp1 does (TPS, higher is better):\n\n", r.plan.describe())
+	if md {
+		mdTable(w, r.medianRows(pinnedTests, true))
+	} else {
+		printTable(w, r.medianRows(pinnedTests, false))
+	}
 }
 
 // loginRows is the login-latency table, header first: per target the median

@@ -2,7 +2,7 @@
 # Runs the benchmark (see bench/README.md): builds rolegate into a temp dir and
 # runs bench/main.go against it. Arguments go to the benchmark, e.g.
 #   bench/run.sh -rounds 5 -duration 20s
-# `make bench` calls this. It takes about eleven minutes and is never run in CI;
+# `make bench` calls this. It takes about fifteen minutes and is never run in CI;
 #   bench/run.sh -only limits
 # runs only the newest-wins test (issue 4), in 1–2 minutes.
 #
