@@ -18,12 +18,68 @@ import (
 	"github.com/rolegate/rolegate/internal/wire"
 )
 
-// relayBufSize is the read size of each relay direction. Larger buffers move bulk
-// data (COPY, big results) in fewer system calls; the pool keeps idle sessions
-// from each pinning their own.
-const relayBufSize = 32 << 10
+// Read buffer sizes of a relay direction. Most sessions sit idle most of the
+// time, blocked in Read, and what a blocked Read holds is the buffer it was
+// given: so a direction reads into a small buffer of its own, and borrows a large
+// one from the pool only while bulk data (COPY, big results) flows, where larger
+// reads and writes mean fewer system calls. The small size holds an ordinary
+// exchange (a query, a few rows, ReadyForQuery) in one read; anything longer
+// costs one more read, not one more write (see pipe).
+const (
+	smallBufSize = 2 << 10
+	largeBufSize = 32 << 10
+)
 
-var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+var largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
+
+// readBuf is one relay direction's read buffer: its own small buffer, and the
+// pooled large one while bulk data flows.
+type readBuf struct {
+	small []byte
+	large *[]byte // borrowed from largeBufs; nil when not in use
+}
+
+// next is the buffer for the next read.
+func (b *readBuf) next() []byte {
+	if b.large != nil {
+		return *b.large
+	}
+	return b.small
+}
+
+// borrow returns the large buffer, borrowing it from the pool if need be.
+func (b *readBuf) borrow() []byte {
+	if b.large == nil {
+		b.large = largeBufs.Get().(*[]byte)
+	}
+	return *b.large
+}
+
+// used picks the buffer for the next read after a read of n bytes into next(),
+// once those bytes are written (the large buffer may go back to the pool).
+// The large buffer serves the next read while more is sure or likely to come
+// at once: the read filled its buffer (more is probably waiting), or it stopped
+// inside a message (inside), whose sender owes the rest. Otherwise the read
+// took all there was and the stream is between messages, where a peer may wait
+// for an answer for a long time: the large buffer goes back first. (Data that
+// ends exactly at a buffer's end looks like more to come, and a peer may stall
+// inside a message: the large buffer then stays out until the next read
+// returns or the session ends.)
+func (b *readBuf) used(n int, inside bool) {
+	if n == len(b.next()) || inside && b.large != nil {
+		b.borrow()
+		return
+	}
+	b.release()
+}
+
+// release returns the large buffer, if borrowed, to the pool.
+func (b *readBuf) release() {
+	if b.large != nil {
+		largeBufs.Put(b.large)
+		b.large = nil
+	}
+}
 
 // Message types the relay follows. From the client: Query, Sync and FunctionCall
 // each end in one ReadyForQuery; Terminate ends the session. From the server:
@@ -58,10 +114,13 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 		}
 	}
 	done := make(chan struct{})
-	go func() {
+	// What the login phase read ahead goes to each pipe as an argument, which
+	// nothing refers to once it is relayed: the login's bufio.Readers are then
+	// garbage, not held for the whole session.
+	go func(pending []byte) {
 		defer close(done)
 		defer recoverInto(cancel, s.log)
-		err := pipe(server, client, cr, &scanner{want: clientEvents}, fromClient, nil, errClientClosed, "client", "server")
+		err := pipe(server, client, pending, &scanner{want: clientEvents}, fromClient, nil, errClientClosed, "client", "server")
 		if sess.evictMsg.Load() != nil {
 			// An evicted client hangs up on its FATAL; closing the server
 			// socket now would hide the server's own close, the moment the
@@ -72,11 +131,11 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 			}
 		}
 		cancel(err)
-	}()
-	func() {
+	}(readAhead(cr))
+	func(pending []byte) {
 		defer recoverInto(cancel, s.log)
 		defer sess.markServerGone()
-		err := pipe(client, server, sr, &scanner{want: serverEvents}, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
+		err := pipe(client, server, pending, &scanner{want: serverEvents}, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
 		if errors.Is(err, errServerClosed) && terminated.Load() {
 			err = errClientClosed
 		}
@@ -88,9 +147,17 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 			_, _ = io.Copy(io.Discard, server)
 		}
 		cancel(err)
-	}()
+	}(readAhead(sr))
 	<-done
 	return context.Cause(ctx)
+}
+
+// readAhead returns, without copying, the bytes r read ahead of what the login
+// phase consumed (pipelined queries, the server's first notices); r is not read
+// again.
+func readAhead(r *bufio.Reader) []byte {
+	b, _ := r.Peek(r.Buffered())
+	return b
 }
 
 // recoverInto turns a panic in a relay goroutine into the end of its session.
@@ -105,36 +172,52 @@ func recoverInto(cancel context.CancelCauseFunc, log *slog.Logger) {
 // ends the pipe after the returned bytes are written.
 type rewriter func(buf []byte, evs []event) ([]byte, error)
 
-// pipe copies src to dst in whole buffers, starting with what the login phase
-// left in buffered, and hands each buffer's events to note. It returns eof when
+// pipe copies src to dst in whole buffers, starting with pending (what the login
+// phase read ahead), and hands each buffer's events to note. It returns eof when
 // src ends cleanly and a wrapped error otherwise.
-func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]event, int), rewrite rewriter, eof error, from, to string) error {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
-	buf := *bp
-	evs := make([]event, 0, 16)
-	var r io.Reader = src
-	if buffered.Buffered() > 0 {
-		r = io.MultiReader(io.LimitReader(buffered, int64(buffered.Buffered())), src)
+func pipe(dst, src net.Conn, pending []byte, sc *scanner, note func([]event, int), rewrite rewriter, eof error, from, to string) error {
+	rb := readBuf{small: make([]byte, smallBufSize)}
+	defer rb.release()
+	evs := make([]event, 0, 4) // grows to the most events one buffer has had
+	forward := func(buf []byte) error {
+		var serr error
+		evs, serr = sc.scan(buf, evs[:0])
+		note(evs, len(buf))
+		if serr != nil {
+			return fmt.Errorf("protocol error from %s: %w", from, serr)
+		}
+		out, stop := buf, error(nil)
+		if rewrite != nil {
+			out, stop = rewrite(out, evs)
+		}
+		if _, err := dst.Write(out); err != nil {
+			return fmt.Errorf("write to %s: %w", to, err)
+		}
+		return stop
+	}
+	if len(pending) > 0 {
+		if err := forward(pending); err != nil {
+			return err
+		}
 	}
 	for {
-		n, rerr := r.Read(buf)
+		buf := rb.next()
+		n, rerr := src.Read(buf)
+		if rerr == nil && n == smallBufSize && rb.large == nil && sc.endsInside(buf, evs[:0]) {
+			// The small buffer is full and ends inside a message, whose sender
+			// has the rest to send (no peer acts on part of a message): read on
+			// into the large buffer and write both reads at once, so that a
+			// result a little over the small size, or bulk data after a pause,
+			// costs the destination no extra write and wake-up.
+			large := rb.borrow()
+			copy(large, buf)
+			var m int
+			m, rerr = src.Read(large[n:])
+			buf, n = large, n+m
+		}
 		if n > 0 {
-			var serr error
-			evs, serr = sc.scan(buf[:n], evs[:0])
-			note(evs, n)
-			if serr != nil {
-				return fmt.Errorf("protocol error from %s: %w", from, serr)
-			}
-			out, stop := buf[:n], error(nil)
-			if rewrite != nil {
-				out, stop = rewrite(out, evs)
-			}
-			if _, err := dst.Write(out); err != nil {
-				return fmt.Errorf("write to %s: %w", to, err)
-			}
-			if stop != nil {
-				return stop
+			if err := forward(buf[:n]); err != nil {
+				return err
 			}
 		}
 		if rerr != nil {
@@ -143,6 +226,7 @@ func pipe(dst, src net.Conn, buffered *bufio.Reader, sc *scanner, note func([]ev
 			}
 			return fmt.Errorf("read from %s: %w", from, rerr)
 		}
+		rb.used(n, sc.inside())
 	}
 }
 

@@ -78,6 +78,21 @@ func (s *scanner) scan(b []byte, evs []event) ([]event, error) {
 	return evs, nil
 }
 
+// inside reports whether the stream scanned so far stops inside a message: its
+// sender has more of it to send.
+func (s *scanner) inside() bool { return s.skip > 0 || s.hdrN > 0 || s.waitB1 }
+
+// endsInside reports whether the stream would stop inside a message once b is
+// scanned. The scanner does not move; evs is scratch space for the events found
+// on the way.
+func (s *scanner) endsInside(b []byte, evs []event) bool {
+	c := *s
+	if _, err := c.scan(b, evs); err != nil {
+		return false // the caller's own scan reports it
+	}
+	return c.inside()
+}
+
 func (s *scanner) header(typ byte, length uint32, evs []event, off int) ([]event, error) {
 	if length < 4 || length > 0x3fffffff {
 		return evs, fmt.Errorf("invalid message length %d for message type %q", length, typ)

@@ -355,3 +355,42 @@ func TestScannerOffsets(t *testing.T) {
 		}
 	}
 }
+
+// sampleStream is a realistic stream and the message types the relay follows
+// in it.
+type sampleStream struct {
+	want   *[256]bool
+	stream []byte
+}
+
+// bothSessions are serverSession and clientSession, with big-byte rows.
+func bothSessions(t testing.TB, big int) []sampleStream {
+	return []sampleStream{{serverEvents, serverSession(t, big)}, {clientEvents, clientSession(t, big)}}
+}
+
+// endsInside tells, without moving the scanner, whether a buffer leaves the
+// stream inside a message, from any state and for any buffer.
+func TestScannerEndsInside(t *testing.T) {
+	t.Parallel()
+	for _, c := range bothSessions(t, 20) {
+		ends := messageEnds(c.stream)
+		for i := 0; i <= len(c.stream); i++ {
+			sc := &scanner{want: c.want}
+			if _, err := sc.scan(c.stream[:i], nil); err != nil {
+				t.Fatal(err)
+			}
+			before := *sc
+			for j := i; j <= len(c.stream); j++ {
+				if got := sc.endsInside(c.stream[i:j], nil); got == ends[j] {
+					t.Fatalf("bytes %d to %d after %d scanned: endsInside %v, but a message ends there: %v", i, j, i, got, ends[j])
+				}
+				if *sc != before {
+					t.Fatalf("endsInside moved the scanner from %+v to %+v", before, *sc)
+				}
+			}
+		}
+	}
+	if (&scanner{want: serverEvents}).endsInside(rawMsg('D', 3, nil), nil) {
+		t.Error("a broken length word counts as inside a message")
+	}
+}
