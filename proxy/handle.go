@@ -37,6 +37,7 @@ var (
 type conns struct {
 	mu             sync.Mutex
 	closed         bool
+	relaying       bool // a logged-in session: a shutdown closes the server side first
 	client, server net.Conn
 }
 
@@ -63,6 +64,29 @@ func (p *conns) drop(slot *net.Conn) {
 	}
 }
 
+// startRelay marks the session logged in and relaying.
+func (p *conns) startRelay() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.relaying = true
+}
+
+// cancelled is the session context's end: everything closes, but for a
+// relaying session that rolegate's shutdown ends, where only the server side
+// closes and the relay tells the client why before closing its side.
+func (p *conns) cancelled(ctx context.Context) {
+	if errors.Is(context.Cause(ctx), errShutdown) {
+		p.mu.Lock()
+		relaying, server := p.relaying, p.server
+		p.mu.Unlock()
+		if relaying && server != nil {
+			server.Close()
+			return
+		}
+	}
+	p.close()
+}
+
 func (p *conns) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -86,7 +110,7 @@ func (s *Server) handle(raw net.Conn) {
 
 	var sockets conns
 	sockets.set(&sockets.client, raw)
-	stop := context.AfterFunc(ctx, sockets.close)
+	stop := context.AfterFunc(ctx, func() { sockets.cancelled(ctx) })
 	defer func() {
 		stop()
 		sockets.close()
@@ -144,6 +168,7 @@ func (s *Server) handle(raw net.Conn) {
 	log.Info("login", "application_name", sess.appName, "client_tls", sess.clientTLS,
 		"server_tls", sess.serverTLS, "replication", sess.replication)
 
+	sockets.startRelay()
 	why := s.relay(ctx, cancel, sess, client, cr, lg.server, lg.reader)
 	sess.setState(StateClosing)
 	s.obs.SessionEnded(sess.user, sess.database, sess.bytesIn.Load(), sess.bytesOut.Load())

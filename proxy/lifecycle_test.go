@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/goleak"
 
 	"github.com/rolegate/rolegate/config"
@@ -124,14 +125,20 @@ func TestShutdownDeadline(t *testing.T) {
 	if s := p.Sessions(); len(s) != 0 {
 		t.Errorf("sessions after Shutdown: %+v", s)
 	}
-	if err := c.Ping(t.Context()); err == nil {
-		t.Error("the idle session still works after Shutdown's deadline")
+	// Both were told why, as PostgreSQL's fast shutdown tells its clients:
+	// each had been sent whole messages only.
+	wantShutdownFatal := func(what string, err error) {
+		t.Helper()
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Severity != "FATAL" || pe.Code != "57P01" ||
+			pe.Message != "terminating connection because rolegate is shutting down" {
+			t.Errorf("%s: %v, want FATAL 57P01 terminating connection because rolegate is shutting down", what, err)
+		}
 	}
+	wantShutdownFatal("the idle session", c.Ping(t.Context()))
 	select {
 	case err := <-queryDone:
-		if err == nil {
-			t.Error("the busy session's query succeeded")
-		}
+		wantShutdownFatal("the busy session's query", err)
 	case <-time.After(10 * time.Second):
 		t.Fatal("the busy session's query did not end")
 	}

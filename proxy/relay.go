@@ -135,7 +135,12 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 	func(pending []byte) {
 		defer recoverInto(cancel, s.log)
 		defer sess.markServerGone()
-		err := pipe(client, server, pending, &scanner{want: serverEvents}, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
+		sc := &scanner{want: serverEvents}
+		err := pipe(client, server, pending, sc, sess.fromServer, sess.replaceEvicted, errServerClosed, "server", "client")
+		if errors.Is(context.Cause(ctx), errShutdown) {
+			sayShuttingDown(client, sc, sess)
+			return
+		}
 		if errors.Is(err, errServerClosed) && terminated.Load() {
 			err = errClientClosed
 		}
@@ -158,6 +163,25 @@ func (s *Server) relay(ctx context.Context, cancel context.CancelCauseFunc, sess
 func readAhead(r *bufio.Reader) []byte {
 	b, _ := r.Peek(r.Buffered())
 	return b
+}
+
+// shutdownNoticeTimeout bounds the write of the shutdown FATAL to a client
+// that does not read: rolegate's shutdown must not wait on it.
+const shutdownNoticeTimeout = time.Second
+
+// sayShuttingDown ends a relayed session that rolegate's shutdown cut off
+// from its server (conns.cancelled closed the server side): the client gets
+// the FATAL 57P01 that PostgreSQL's own fast shutdown sends, with rolegate's
+// reason, when what it was sent so far ends at a message boundary, and then
+// the connection closes, which also ends the other relay direction. Mid-
+// message there is nothing to do but close: an error there would corrupt the
+// stream. The relay is the client's only writer, so this goroutine writes it.
+func sayShuttingDown(client net.Conn, sc *scanner, sess *session) {
+	if !sc.inside() && sess.evictMsg.Load() == nil {
+		_ = client.SetWriteDeadline(time.Now().Add(shutdownNoticeTimeout))
+		_, _ = client.Write(wire.Encode(nil, wire.Error("FATAL", "57P01", "terminating connection because rolegate is shutting down")))
+	}
+	client.Close()
 }
 
 // recoverInto turns a panic in a relay goroutine into the end of its session.
