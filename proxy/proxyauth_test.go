@@ -20,6 +20,7 @@ import (
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/upstream"
 )
 
@@ -145,10 +146,10 @@ func (s *authServer) setPassword(t *testing.T, role, password string, md5 bool) 
 // connection string options.
 func (s *authServer) tlsOpts(t *testing.T, o *proxyOpts) []string {
 	t.Helper()
-	ca := newTestCA(t)
-	o.clientTLS = &tls.Config{Certificates: []tls.Certificate{ca.issue(t)}}
+	ca := testutil.NewCA(t)
+	o.clientTLS = &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "localhost", "127.0.0.1")}}
 	o.sslmode, o.sslrootcert = config.SSLVerifyFull, s.c.CACertFile
-	return []string{"sslmode=verify-full", "sslrootcert=" + ca.pemFile}
+	return []string{"sslmode=verify-full", "sslrootcert=" + ca.PEMFile}
 }
 
 // wantLoginWorks logs in with pgx and psql and runs a query on each, checking

@@ -2,16 +2,10 @@ package proxy
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -24,82 +18,22 @@ import (
 
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 )
-
-// testCA is a certificate authority made for one test.
-type testCA struct {
-	cert    *x509.Certificate
-	key     *ecdsa.PrivateKey
-	pemFile string // the CA certificate, for sslrootcert
-}
-
-func newTestCA(t *testing.T) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: "rolegate test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	file := filepath.Join(t.TempDir(), "ca.pem")
-	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key, pemFile: file}
-}
-
-// issue returns a server certificate for 127.0.0.1 and localhost signed by ca.
-func (ca *testCA) issue(t *testing.T) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
 
 // tlsProxy starts a proxy in front of the shared cluster that offers TLS to
 // clients, and returns it with the CA file that verifies it.
 func tlsProxy(t *testing.T) (*testProxy, string) {
 	t.Helper()
-	ca := newTestCA(t)
-	p := startProxy(t, proxyOpts{clientTLS: &tls.Config{Certificates: []tls.Certificate{ca.issue(t)}}})
-	return p, ca.pemFile
+	ca := testutil.NewCA(t)
+	p := startProxy(t, proxyOpts{clientTLS: &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "localhost", "127.0.0.1")}}})
+	return p, ca.PEMFile
 }
 
 func TestClientTLS(t *testing.T) {
 	t.Parallel()
 	p, caFile := tlsProxy(t)
-	otherCA := newTestCA(t)
+	otherCA := testutil.NewCA(t)
 	tests := []struct {
 		name    string
 		extra   []string
@@ -154,7 +88,7 @@ func TestClientTLS(t *testing.T) {
 	}
 	t.Run("verify-full with another CA", func(t *testing.T) {
 		t.Parallel()
-		dsn := p.DSN("scram_user", scramPW, "app", "sslmode=verify-full", "sslrootcert="+otherCA.pemFile)
+		dsn := p.DSN("scram_user", scramPW, "app", "sslmode=verify-full", "sslrootcert="+otherCA.PEMFile)
 		if _, err := pgx.Connect(t.Context(), dsn); err == nil || !strings.Contains(err.Error(), "certificate") {
 			t.Errorf("pgx: %v, want a certificate error", err)
 		}
@@ -339,7 +273,7 @@ func TestClientTLSHandshakeFailure(t *testing.T) {
 func TestServerTLS(t *testing.T) {
 	t.Parallel()
 	c := pgtest.Start(t, pgtest.Options{SSL: true, HostSSLOnly: true})
-	otherCA := newTestCA(t)
+	otherCA := testutil.NewCA(t)
 	user, pw := c.SuperUser, c.SuperPassword
 
 	ok := []struct {
@@ -384,14 +318,14 @@ func TestServerTLS(t *testing.T) {
 	})
 	t.Run("verify-full with another CA", func(t *testing.T) {
 		t.Parallel()
-		p := startProxy(t, proxyOpts{server: c, sslmode: config.SSLVerifyFull, sslrootcert: otherCA.pemFile})
+		p := startProxy(t, proxyOpts{server: c, sslmode: config.SSLVerifyFull, sslrootcert: otherCA.PEMFile})
 		_, err := pgx.Connect(t.Context(), p.DSN(user, pw, "postgres"))
 		wantPgError(t, err, "FATAL", "08006", "could not connect to server "+c.Addr())
 		wantPgError(t, err, "FATAL", "08006", "certificate signed by unknown authority")
 	})
 	t.Run("verify-ca with another CA", func(t *testing.T) {
 		t.Parallel()
-		p := startProxy(t, proxyOpts{server: c, sslmode: config.SSLVerifyCA, sslrootcert: otherCA.pemFile})
+		p := startProxy(t, proxyOpts{server: c, sslmode: config.SSLVerifyCA, sslrootcert: otherCA.PEMFile})
 		_, err := pgx.Connect(t.Context(), p.DSN(user, pw, "postgres"))
 		wantPgError(t, err, "FATAL", "08006", "certificate")
 	})
@@ -425,8 +359,8 @@ func TestServerTLS(t *testing.T) {
 	}
 	t.Run("TLS on both sides, channel_binding=disable, with a cancel", func(t *testing.T) {
 		t.Parallel()
-		ca := newTestCA(t)
-		p, conn, err := bothSides(t, ca.issue(t), ca.pemFile, "channel_binding=disable")
+		ca := testutil.NewCA(t)
+		p, conn, err := bothSides(t, ca.Issue(t, "localhost", "127.0.0.1"), ca.PEMFile, "channel_binding=disable")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -469,15 +403,15 @@ func TestServerTLS(t *testing.T) {
 	// server's own refusal, cleanly, instead of a hang or a protocol error.
 	t.Run("TLS on both sides, channel binding across different certificates", func(t *testing.T) {
 		t.Parallel()
-		ca := newTestCA(t)
-		p, _, err := bothSides(t, ca.issue(t), ca.pemFile)
+		ca := testutil.NewCA(t)
+		p, _, err := bothSides(t, ca.Issue(t, "localhost", "127.0.0.1"), ca.PEMFile)
 		wantPgError(t, err, "FATAL", "28000", "SCRAM channel binding check failed")
 		// libpq's default, channel_binding=prefer, binds too.
-		_, errOut, err := psql(t, p.DSN(user, pw, "postgres", "sslmode=verify-full", "sslrootcert="+ca.pemFile), "", "-c", "select 1")
+		_, errOut, err := psql(t, p.DSN(user, pw, "postgres", "sslmode=verify-full", "sslrootcert="+ca.PEMFile), "", "-c", "select 1")
 		if err == nil || !strings.Contains(errOut, "SCRAM channel binding check failed") {
 			t.Errorf("psql: %v, stderr %q", err, errOut)
 		}
-		out, errOut, err := psql(t, p.DSN(user, pw, "postgres", "sslmode=verify-full", "sslrootcert="+ca.pemFile, "channel_binding=disable"),
+		out, errOut, err := psql(t, p.DSN(user, pw, "postgres", "sslmode=verify-full", "sslrootcert="+ca.PEMFile, "channel_binding=disable"),
 			"", "-At", "-c", "select current_user")
 		if err != nil || strings.TrimSpace(out) != user {
 			t.Errorf("psql with channel_binding=disable: %v, output %q, stderr %q", err, out, errOut)

@@ -3,17 +3,10 @@ package upstream
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/binary"
-	"encoding/pem"
 	"errors"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -26,59 +19,10 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// ca is a test certificate authority; pemFile holds its certificate.
-type ca struct {
-	cert    *x509.Certificate
-	key     *ecdsa.PrivateKey
-	pemFile string
-}
-
-func newCA(t *testing.T) *ca {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dial test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	file := filepath.Join(t.TempDir(), "ca.pem")
-	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return &ca{cert: cert, key: key, pemFile: file}
-}
-
-// issue makes a server certificate for the DNS name given only: not for 127.0.0.1.
-func (c *ca) issue(t *testing.T, dnsName string) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: dnsName},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames: []string{dnsName},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
 
 // fakeServer is a listener that answers SSLRequest with answer ('S' with a TLS
 // handshake using cert, or another byte) and then hands the connection to after.
@@ -236,11 +180,11 @@ func TestDialRefused(t *testing.T) {
 
 func TestDialTLSModes(t *testing.T) {
 	t.Parallel()
-	serverCA := newCA(t)
-	otherCA := newCA(t)
+	serverCA := testutil.NewCA(t)
+	otherCA := testutil.NewCA(t)
 	// The certificate names db.example, not 127.0.0.1: verify-full must fail on
 	// the host name, verify-ca must pass.
-	cert := serverCA.issue(t, "db.example")
+	cert := serverCA.Issue(t, "db.example")
 	// Each case gets its own server, which answers the SSLRequest with this byte.
 	const tlsServer, plainServer, oddServer = 'S', 'N', 'E'
 
@@ -254,14 +198,14 @@ func TestDialTLSModes(t *testing.T) {
 	}{
 		{"prefer, TLS offered", tlsServer, config.SSLPrefer, "", true, ""},
 		{"require without root", tlsServer, config.SSLRequire, "", true, ""},
-		{"require with the right root", tlsServer, config.SSLRequire, serverCA.pemFile, true, ""},
-		{"require with another root", tlsServer, config.SSLRequire, otherCA.pemFile, false, "certificate signed by unknown authority"},
-		{"verify-ca", tlsServer, config.SSLVerifyCA, serverCA.pemFile, true, ""},
-		{"verify-ca with another root", tlsServer, config.SSLVerifyCA, otherCA.pemFile, false, "certificate signed by unknown authority"},
-		{"verify-full, host name mismatch", tlsServer, config.SSLVerifyFull, serverCA.pemFile, false, "cannot validate certificate for 127.0.0.1 because it doesn't contain any IP SANs"},
+		{"require with the right root", tlsServer, config.SSLRequire, serverCA.PEMFile, true, ""},
+		{"require with another root", tlsServer, config.SSLRequire, otherCA.PEMFile, false, "certificate signed by unknown authority"},
+		{"verify-ca", tlsServer, config.SSLVerifyCA, serverCA.PEMFile, true, ""},
+		{"verify-ca with another root", tlsServer, config.SSLVerifyCA, otherCA.PEMFile, false, "certificate signed by unknown authority"},
+		{"verify-full, host name mismatch", tlsServer, config.SSLVerifyFull, serverCA.PEMFile, false, "cannot validate certificate for 127.0.0.1 because it doesn't contain any IP SANs"},
 		{"prefer, TLS refused", plainServer, config.SSLPrefer, "", false, ""},
 		{"require, TLS refused", plainServer, config.SSLRequire, "", false, "server does not support SSL, but sslmode is require"},
-		{"verify-full, TLS refused", plainServer, config.SSLVerifyFull, serverCA.pemFile, false, "server does not support SSL, but sslmode is verify-full"},
+		{"verify-full, TLS refused", plainServer, config.SSLVerifyFull, serverCA.PEMFile, false, "server does not support SSL, but sslmode is verify-full"},
 		{"an odd answer", oddServer, config.SSLPrefer, "", false, `unexpected answer 'E' to SSLRequest`},
 		{"disable", plainServer, config.SSLDisable, "", false, ""},
 	}
@@ -342,8 +286,8 @@ func TestDialTimeout(t *testing.T) {
 
 func TestCancel(t *testing.T) {
 	t.Parallel()
-	serverCA := newCA(t)
-	cert := serverCA.issue(t, "db.example")
+	serverCA := testutil.NewCA(t)
+	cert := serverCA.Issue(t, "db.example")
 	readCancel := func(c net.Conn, fs *fakeServer) {
 		b := make([]byte, 16)
 		n, _ := io.ReadFull(c, b)
@@ -401,11 +345,11 @@ func TestCancel(t *testing.T) {
 // certificate for localhost.
 func TestDialVerifyFullByName(t *testing.T) {
 	t.Parallel()
-	serverCA := newCA(t)
-	cert := serverCA.issue(t, "localhost")
+	serverCA := testutil.NewCA(t)
+	cert := serverCA.Issue(t, "localhost")
 	server := startFake(t, 'S', &cert, readAll)
 	_, port, _ := net.SplitHostPort(server.addr)
-	conn, useTLS, err := dialer(t, net.JoinHostPort("localhost", port), config.SSLVerifyFull, serverCA.pemFile).Dial(t.Context())
+	conn, useTLS, err := dialer(t, net.JoinHostPort("localhost", port), config.SSLVerifyFull, serverCA.PEMFile).Dial(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
