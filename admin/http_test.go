@@ -409,7 +409,7 @@ func TestHTTP(t *testing.T) {
 		up := startHTTP(t, Options{Proxy: r.srv, Ready: DialReady(live)})
 		want(t, http.MethodGet, up+"/readyz", "", http.StatusOK, "ready")
 
-		dead, err := upstream.NewDialer(config.Server{Address: deadAddr(t), SSLMode: config.SSLDisable, ConnectTimeout: "5s"})
+		dead, err := upstream.NewDialer(config.Server{Address: testutil.ClosedAddr(t), SSLMode: config.SSLDisable, ConnectTimeout: "5s"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -433,7 +433,7 @@ func TestHTTP(t *testing.T) {
 // Terminating needs the control connection: a proxy without limits answers
 // 503 with proxy.ErrNoControl's message.
 func TestTerminateWithoutControl(t *testing.T) {
-	d, err := upstream.NewDialer(config.Server{Address: deadAddr(t), SSLMode: config.SSLDisable, ConnectTimeout: "1s"})
+	d, err := upstream.NewDialer(config.Server{Address: testutil.ClosedAddr(t), SSLMode: config.SSLDisable, ConnectTimeout: "1s"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -464,18 +464,6 @@ func TestCloseBeforeServe(t *testing.T) {
 	if err := h.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 		t.Fatalf("Serve after Close: %v", err)
 	}
-}
-
-// deadAddr is a loopback address nobody listens on.
-func deadAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 // A login waiting for a slot shows in rolegate_waiting_logins and

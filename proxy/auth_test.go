@@ -12,6 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/rolegate/rolegate/internal/testutil"
 )
 
 // authCases are the shared cluster's roles, one per authentication method.
@@ -141,21 +143,9 @@ func TestAuthConcurrentLogins(t *testing.T) {
 	}
 }
 
-// closedAddr returns a loopback address nobody listens on.
-func closedAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 func TestServerUnreachable(t *testing.T) {
 	t.Parallel()
-	addr := closedAddr(t)
+	addr := testutil.ClosedAddr(t)
 	p := startProxy(t, proxyOpts{serverAddr: addr})
 	wantMsg := "could not connect to server " + addr
 	for i := range 2 { // the proxy keeps serving after the first failure

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rolegate/rolegate/auth"
+	"github.com/rolegate/rolegate/internal/testutil"
 	"github.com/rolegate/rolegate/limiter"
 )
 
@@ -184,12 +185,7 @@ func TestObserverWait(t *testing.T) {
 // A server nobody listens on: the failed dial is observed, and the login
 // fails as a server error of a role nobody verified (passthrough).
 func TestObserverDialFailure(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testutil.ClosedAddr(t)
 	rec := &recorder{}
 	p := startProxyWith(t, proxyOpts{serverAddr: addr}, func(c *Config) { c.Observer = rec })
 	if c, err := tryConnect(p.DSN("scram_user", scramPW, "app"), 15*time.Second, nil); err == nil {

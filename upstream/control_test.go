@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/internal/pgtest"
+	"github.com/rolegate/rolegate/internal/testutil"
 )
 
 // controlPW is the password the tests give the rolegate control role.
@@ -290,12 +290,7 @@ func TestControl(t *testing.T) {
 // server is down; the auth query then reports the failure.
 func TestControlLazy(t *testing.T) {
 	t.Parallel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testutil.ClosedAddr(t)
 	ctl, err := NewControl(t.Context(), config.Control{DSN: "postgres://rolegate@" + addr + "/postgres?sslmode=disable&connect_timeout=5",
 		MaxConns: 1}, config.DefaultAuthQuery)
 	if err != nil {

@@ -160,12 +160,7 @@ func TestNewDialerErrors(t *testing.T) {
 
 func TestDialRefused(t *testing.T) {
 	t.Parallel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testutil.ClosedAddr(t)
 	for _, mode := range []config.SSLMode{config.SSLDisable, config.SSLPrefer} {
 		_, _, err := dialer(t, addr, mode, "").Dial(t.Context())
 		var de *DialError
@@ -327,13 +322,8 @@ func TestCancel(t *testing.T) {
 		}
 	})
 	t.Run("server unreachable", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		err = dialer(t, addr, config.SSLDisable, "").Cancel(t.Context(), 1, key, false)
+		addr := testutil.ClosedAddr(t)
+		err := dialer(t, addr, config.SSLDisable, "").Cancel(t.Context(), 1, key, false)
 		var de *DialError
 		if !errors.As(err, &de) || de.Address != addr {
 			t.Errorf("Cancel: %v, want a DialError", err)
