@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"os"
 	"regexp"
 	"slices"
@@ -654,20 +653,31 @@ func (c *Config) Redacted() string {
 	return string(b)
 }
 
-var dsnPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+var (
+	// dsnPassword is a keyword/value password, sslpassword included.
+	dsnPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+	// dsnURL splits a URL connection string at its scheme; its query
+	// password parameters (password, sslpassword) are found by urlPassword.
+	dsnURL      = regexp.MustCompile(`(?i)^postgres(?:ql)?://`)
+	urlPassword = regexp.MustCompile(`(?i)([?&][^=&#]*password=)[^&#]*`)
+)
 
-// redactDSN removes the password from a URL or keyword/value connection string.
+// redactDSN removes every password from a URL or keyword/value connection
+// string. A URL is taken apart as text, not with url.Parse: a DSN that does
+// not parse (a stray % or #, which SHOW CONFIG may still show after a
+// reload) must lose its password all the same. The user information ends at
+// the last @ before the path, so a password with an unescaped @ or # is
+// covered whole.
 func redactDSN(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		if _, ok := u.User.Password(); ok {
-			u.User = url.UserPassword(u.User.Username(), "[redacted]")
-		}
-		q := u.Query()
-		if q.Has("password") {
-			q.Set("password", "[redacted]")
-			u.RawQuery = q.Encode()
-		}
-		return u.String()
+	loc := dsnURL.FindStringIndex(dsn)
+	if loc == nil {
+		return dsnPassword.ReplaceAllString(dsn, "${1}[redacted]")
 	}
-	return dsnPassword.ReplaceAllString(dsn, "${1}[redacted]")
+	rest := dsn[loc[1]:]
+	if at := strings.LastIndex(rest, "@"); at >= 0 {
+		if colon := strings.Index(rest[:at], ":"); colon >= 0 {
+			rest = rest[:colon+1] + "[redacted]" + rest[at:]
+		}
+	}
+	return dsn[:loc[1]] + urlPassword.ReplaceAllString(rest, "${1}[redacted]")
 }

@@ -748,6 +748,12 @@ func TestRedacted(t *testing.T) {
 		"postgres://rolegate@db/postgres?password=hunter2",
 		"host=db user=rolegate password=hunter2 dbname=postgres",
 		"host=db user=rolegate password='hunter2 x' dbname=postgres",
+		"host=db user=rolegate sslpassword=hunter2",
+		"postgres://rolegate@db/postgres?sslmode=verify-full&sslpassword=hunter2",
+		"postgresql://rolegate:hunter2@db/postgres?Password=hunter2&application_name=x",
+		"postgres://rolegate:p%zzhunter2@db/postgres", // does not parse as a URL
+		"postgres://rolegate:p#hunter2@db/postgres",   // parses with no user at all
+		"postgres://rolegate:hun@ter2@db/postgres",
 	} {
 		cfg := Default()
 		cfg.Control.DSN = dsn
