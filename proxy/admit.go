@@ -155,7 +155,8 @@ func (e *tooManyError) Error() string { return e.msg }
 func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
 	done, err = s.admitOnce(ctx, sess, client, cr, log, pass)
 	var tooMany *tooManyError
-	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) {
+	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) &&
+		!errors.Is(context.Cause(ctx), errShutdown) { // shutdown is not a failure, and the socket is gone
 		s.quiet.log(log, slog.LevelWarn, "", "admission failed", "err", err)
 		sendFatal(client, "08006", "rolegate could not check the connection limits: "+err.Error())
 	}

@@ -77,9 +77,12 @@ func (p *conns) startRelay() {
 func (p *conns) cancelled(ctx context.Context) {
 	if errors.Is(context.Cause(ctx), errShutdown) {
 		p.mu.Lock()
-		relaying, server := p.relaying, p.server
+		relaying, client, server := p.relaying, p.client, p.server
 		p.mu.Unlock()
 		if relaying && server != nil {
+			// A relay blocked writing to a client that does not read would
+			// never see the server's close: the deadline bounds it.
+			_ = client.SetWriteDeadline(time.Now().Add(shutdownNoticeTimeout))
 			server.Close()
 			return
 		}

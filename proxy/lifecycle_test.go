@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/goleak"
 
 	"github.com/rolegate/rolegate/config"
@@ -314,4 +315,41 @@ func TestServeSeveralListeners(t *testing.T) {
 			t.Fatal("Serve did not return after Close")
 		}
 	}
+}
+
+// A client that stops reading in the middle of a large result cannot hold
+// Close up: the relay's write to it is bounded, and the session ends.
+func TestCloseWithAClientThatDoesNotRead(t *testing.T) {
+	noLeaks(t)
+	p := startProxy(t, proxyOpts{})
+	c, fe := rawLogin(t, p, "trust_user")
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("login: %v", err)
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	fe.Send(&pgproto3.Query{String: "select repeat('x', 100000) from generate_series(1, 1000)"})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the relay to fill the client's buffers", func() bool {
+		s := p.Sessions()
+		return len(s) == 1 && s[0].BytesOut > 1<<20
+	})
+	time.Sleep(200 * time.Millisecond) // the relay is now blocked writing to c
+	closed := make(chan error, 1)
+	go func() { closed <- p.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return while a client was not reading")
+	}
+	c.Close()
 }
