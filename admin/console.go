@@ -67,9 +67,14 @@ func (c *Console) ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Read
 	if r == nil {
 		r = bufio.NewReader(conn)
 	}
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Unix(1, 0)) })
+	// A read ends at once; a write to a client that does not read gets the
+	// time the FATAL below gets, so that ctx's end cannot hang on it.
+	stop := context.AfterFunc(ctx, func() {
+		_ = conn.SetReadDeadline(time.Unix(1, 0))
+		_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+	})
 	defer stop()
-	s := &consoleSession{c: c, conn: conn, user: user, by: "console user " + user}
+	s := &consoleSession{c: c, conn: conn, by: "console user " + user}
 	skipping := false // after an extended-protocol error, until Sync
 	for {
 		m, err := wire.ReadMessage(r, maxConsoleQuery)
@@ -132,7 +137,6 @@ func (c *Console) ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Read
 type consoleSession struct {
 	c    *Console
 	conn net.Conn
-	user string
 	by   string // "console user <user>", for kills and log lines
 	out  []byte
 }

@@ -229,7 +229,12 @@ type event struct {
 }
 
 func (h *HTTP) evictions(w http.ResponseWriter, _ *http.Request) {
-	events := h.opts.Proxy.Events() // newest first
+	writeJSON(w, http.StatusOK, h.events())
+}
+
+// events is the proxy's recent events, newest first, as the API shows them.
+func (h *HTTP) events() []event {
+	events := h.opts.Proxy.Events()
 	out := make([]event, 0, len(events))
 	for _, e := range events {
 		out = append(out, event{
@@ -238,7 +243,7 @@ func (h *HTTP) evictions(w http.ResponseWriter, _ *http.Request) {
 			VictimClient: e.VictimClient, ViaRolegate: e.ViaRolegate, Reason: e.Reason,
 		})
 	}
-	writeJSON(w, http.StatusOK, out)
+	return out
 }
 
 // role is one role in /api/roles: its sessions through rolegate, its waiting

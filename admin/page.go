@@ -70,14 +70,6 @@ func (h *HTTP) page(w http.ResponseWriter, r *http.Request) {
 		p.Roles = append(p.Roles, pr)
 	}
 
-	events := h.opts.Proxy.Events()
-	p.Events = make([]event, 0, len(events))
-	for _, e := range events {
-		p.Events = append(p.Events, event{
-			Time: e.Time, Kind: e.Kind, Role: e.Role, Database: e.Database, Client: e.Client,
-			Policy: e.Policy, Scope: e.Scope, VictimPID: e.VictimPID, VictimRole: e.VictimRole,
-			VictimClient: e.VictimClient, ViaRolegate: e.ViaRolegate, Reason: e.Reason,
-		})
-	}
+	p.Events = h.events()
 	writeJSON(w, http.StatusOK, p)
 }

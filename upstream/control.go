@@ -83,8 +83,11 @@ func (c *Control) Secret(ctx context.Context, role string) (auth.Secret, bool, e
 		return auth.Secret{}, false, nil
 	}
 	vals, err := rows.Values()
-	if err != nil || len(vals) == 0 {
-		return auth.Secret{}, false, fmt.Errorf("auth query: read row: %v", errors.Join(err, errNoColumns(len(vals))))
+	if err != nil {
+		return auth.Secret{}, false, fmt.Errorf("auth query: read row: %w", err)
+	}
+	if len(vals) == 0 {
+		return auth.Secret{}, false, errors.New("auth query: read row: no columns")
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -104,11 +107,4 @@ func (c *Control) Secret(ctx context.Context, role string) (auth.Secret, bool, e
 		return auth.Secret{}, false, fmt.Errorf("auth query: role %q: %w", role, err)
 	}
 	return sec, true, nil
-}
-
-func errNoColumns(n int) error {
-	if n == 0 {
-		return errors.New("no columns")
-	}
-	return nil
 }
