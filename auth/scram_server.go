@@ -86,11 +86,12 @@ func NewSCRAMServerForSecret(user string, secret Secret, iterations int) *SCRAMS
 	case secret.Kind == SCRAM && secret.SCRAM != nil:
 		return NewSCRAMServer(user, secret.SCRAM)
 	case secret.Kind == Plain && secret.Plain != "":
-		clientKey, serverKey, err := deriveKeys(secret.Plain, mockSalt(user), iterations)
+		salt := mockSalt(user)
+		clientKey, serverKey, err := deriveKeys(secret.Plain, salt, iterations)
 		if err != nil {
 			break // only in FIPS-only mode; fail like PostgreSQL would, as a mock
 		}
-		v := &SCRAMVerifier{Iterations: iterations, Salt: mockSalt(user),
+		v := &SCRAMVerifier{Iterations: iterations, Salt: salt,
 			StoredKey: sha256.Sum256(clientKey), ServerKey: [sha256.Size]byte(serverKey)}
 		return &SCRAMServer{user: user, verifier: v, password: secret.Plain}
 	}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -288,9 +289,6 @@ func (s *session) fromServer(evs []event, n int) {
 	}
 }
 
-// errEvicted ends the relay of a session rolegate evicted for a newer login.
-var errEvicted = errors.New("evicted by rolegate for a newer login")
-
 // replaceEvicted swaps the server's FATAL 57P01 for rolegate's own message that
 // says why, once the session is being evicted: the same SQLSTATE, so clients
 // that look for it behave the same, and a text an operator can act on. The
@@ -304,7 +302,9 @@ func (s *session) replaceEvicted(buf []byte, evs []event) ([]byte, error) {
 	for _, e := range evs {
 		if e.typ == 'E' && e.off >= 0 && isTermination(buf[e.off:]) {
 			out := wire.Encode(buf[:e.off:e.off], wire.Error("FATAL", "57P01", *why))
-			return out, errEvicted
+			// The session ends for the reason its client is told: an
+			// eviction or an operator's KILL.
+			return out, errors.New(strings.TrimPrefix(*why, "terminating connection: "))
 		}
 	}
 	return buf, nil
