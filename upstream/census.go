@@ -50,7 +50,10 @@ type census struct {
 	appName  string // the control pool's application_name
 	now      func() time.Time
 	limitsMu sync.Mutex
-	limits   *limitSnapshot // nil until fetched, and after ForgetLimits
+	// limitsFetch lets one login at a time read a new snapshot: the logins
+	// that find the old one expired together wait for it, not all query.
+	limitsFetch sync.Mutex
+	limits      *limitSnapshot // nil until fetched, and after ForgetLimits
 
 	keysMu sync.Mutex
 	keys   map[limitKey]*keyToken // in-process lock tokens, by class and name
@@ -181,16 +184,29 @@ func (c *Control) ServerLimits(ctx context.Context, role, database string, ttl t
 		}
 		return noLimit(rl), superuser, noLimit(dl), nil
 	}
-	s.limitsMu.Lock()
-	snap := s.limits
-	s.limitsMu.Unlock()
-	if snap == nil || s.now().Sub(snap.fetched) >= ttl {
-		if snap, err = c.fetchLimits(ctx); err != nil {
+	current := func() *limitSnapshot {
+		s.limitsMu.Lock()
+		defer s.limitsMu.Unlock()
+		if s.limits == nil || s.now().Sub(s.limits.fetched) >= ttl {
+			return nil
+		}
+		return s.limits
+	}
+	snap := current()
+	if snap == nil {
+		s.limitsFetch.Lock()
+		if snap = current(); snap == nil { // not read meanwhile by the login before
+			snap, err = c.fetchLimits(ctx)
+			if err == nil {
+				s.limitsMu.Lock()
+				s.limits = snap
+				s.limitsMu.Unlock()
+			}
+		}
+		s.limitsFetch.Unlock()
+		if err != nil {
 			return 0, false, 0, err
 		}
-		s.limitsMu.Lock()
-		s.limits = snap
-		s.limitsMu.Unlock()
 	}
 	r, ok := snap.roles[role]
 	if !ok {
