@@ -255,6 +255,8 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 	kw := func(i int, want string) bool { return i < len(w) && strings.EqualFold(w[i], want) }
 	switch {
 	case kw(0, "SHOW") && len(w) == 2:
+		ctx, cancel := viewContext(ctx)
+		defer cancel()
 		switch strings.ToUpper(w[1]) {
 		case "SESSIONS":
 			s.showSessions(ctx)

@@ -209,7 +209,9 @@ type session struct {
 }
 
 func (h *HTTP) sessions(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, h.opts.allSessions(r.Context(), h.opts.Proxy.Sessions()))
+	ctx, cancel := viewContext(r.Context())
+	defer cancel()
+	writeJSON(w, http.StatusOK, h.opts.allSessions(ctx, h.opts.Proxy.Sessions()))
 }
 
 // event is one eviction, rejection or kill in /api/evictions.
@@ -290,8 +292,10 @@ func sum(cs []counter) counter {
 }
 
 func (h *HTTP) roles(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := viewContext(r.Context())
+	defer cancel()
 	infos := h.opts.Proxy.Sessions()
-	writeJSON(w, http.StatusOK, h.opts.roleViews(r.Context(), infos, h.opts.allSessions(r.Context(), infos)))
+	writeJSON(w, http.StatusOK, h.opts.roleViews(ctx, infos, h.opts.allSessions(ctx, infos)))
 }
 
 func (h *HTTP) terminate(w http.ResponseWriter, r *http.Request) {

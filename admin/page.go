@@ -55,14 +55,16 @@ func (h *HTTP) registerPage(mux *http.ServeMux) {
 }
 
 func (h *HTTP) page(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := viewContext(r.Context())
+	defer cancel()
 	infos := h.opts.Proxy.Sessions()
 	p := page{Taken: time.Now(), Limits: h.opts.Limiter != nil, Roles: []pageRole{}}
-	p.Sessions = h.opts.allSessions(r.Context(), infos)
+	p.Sessions = h.opts.allSessions(ctx, infos)
 	var ovr map[string]proxy.Override
 	if h.opts.Overrides != nil {
 		ovr = h.opts.Overrides()
 	}
-	for _, rv := range h.opts.roleViews(r.Context(), infos, p.Sessions) {
+	for _, rv := range h.opts.roleViews(ctx, infos, p.Sessions) {
 		pr := pageRole{role: rv}
 		if o, ok := ovr[rv.Role]; ok && o.Policy != nil {
 			pr.PolicySource = "override"

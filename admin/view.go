@@ -10,8 +10,15 @@ import (
 	"github.com/rolegate/rolegate/proxy"
 )
 
-// viewTimeout bounds the control-connection queries one view makes.
+// viewTimeout bounds the control-connection queries one view makes, all of
+// them together: a console command or an API request, whatever the number of
+// roles it resolves limits for.
 const viewTimeout = 5 * time.Second
+
+// viewContext is the context of one view.
+func viewContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, viewTimeout)
+}
 
 // knownRoles are the roles rolegate knows: those with a rule in proxy.toml,
 // a runtime override, a session through rolegate, or a limiter counter.
@@ -68,9 +75,7 @@ func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []
 		}
 	}
 	if o.ServerSessions != nil {
-		cctx, cancel := context.WithTimeout(ctx, viewTimeout)
-		backends, err := o.ServerSessions(cctx, o.knownRoles(infos))
-		cancel()
+		backends, err := o.ServerSessions(ctx, o.knownRoles(infos))
 		if err != nil {
 			o.Logger.Warn("admin: cannot list the server's sessions", "err", err)
 		}
@@ -132,9 +137,7 @@ func (o *Options) effective(ctx context.Context, role, database string) (limiter
 	if o.Effective == nil {
 		return limiter.Rule{}, limiter.Rule{}, "", "", false
 	}
-	cctx, cancel := context.WithTimeout(ctx, viewTimeout)
-	defer cancel()
-	r, d, rs, ds, err := o.Effective(cctx, role, database)
+	r, d, rs, ds, err := o.Effective(ctx, role, database)
 	if err != nil {
 		o.Logger.Warn("admin: cannot resolve limits", "role", role, "database", database, "err", err)
 		return limiter.Rule{}, limiter.Rule{}, "", "", false
