@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -201,7 +200,7 @@ func TestPostgres(t *testing.T) {
 		fake := startFakeServer(t, func(user string) *SCRAMServer { return NewSCRAMServer(user, secret.SCRAM) })
 		cmd := exec.CommandContext(ctx, psql, "-X", "-w", "-c", `\q`,
 			fmt.Sprintf("host=127.0.0.1 port=%d user=bob dbname=postgres sslmode=disable gssencmode=disable connect_timeout=10", fake.port()))
-		cmd.Env = append(cleanEnv(), "PGPASSWORD="+password)
+		cmd.Env = append(pgtest.CleanEnv(), "PGPASSWORD="+password)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("psql: %v\n%s", err, out)
 		}
@@ -417,15 +416,3 @@ func serveLogin(conn net.Conn, newServer func(user string) *SCRAMServer) (*Keys,
 
 // quoteLiteral quotes s as an SQL string literal (standard_conforming_strings on).
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
-
-// cleanEnv is the environment without PG* variables, so that a developer's
-// settings cannot steer psql elsewhere.
-func cleanEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "PG") {
-			env = append(env, kv)
-		}
-	}
-	return env
-}
