@@ -592,11 +592,11 @@ func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Rea
 
 // refusedBy turns the server's ErrorResponse into a loginError.
 func refusedBy(m wire.Message) error {
-	var e pgproto3.ErrorResponse
-	if err := e.Decode(m.Body); err != nil {
-		return fmt.Errorf("decode server error: %w", err)
+	code, msg, err := wire.DecodeError(m)
+	if err != nil {
+		return err
 	}
-	return &loginError{code: e.Code, msg: e.Message}
+	return &loginError{code: code, msg: msg}
 }
 
 // upstreamAuthFailed reports a server that refused the keys of a client

@@ -125,9 +125,9 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys) error {
 }
 
 func serverError(m wire.Message) error {
-	var e pgproto3.ErrorResponse
-	if err := e.Decode(m.Body); err != nil {
-		return fmt.Errorf("decode server error: %w", err)
+	code, msg, err := wire.DecodeError(m)
+	if err != nil {
+		return err
 	}
-	return &ServerError{Code: e.Code, Message: e.Message, Raw: m.Raw()}
+	return &ServerError{Code: code, Message: msg, Raw: m.Raw()}
 }

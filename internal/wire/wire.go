@@ -70,6 +70,16 @@ func Encode(dst []byte, m pgproto3.Message) []byte {
 	return out
 }
 
+// DecodeError reads the SQLSTATE and message of an ErrorResponse m, for a
+// login the server refused.
+func DecodeError(m Message) (code, msg string, err error) {
+	var e pgproto3.ErrorResponse
+	if err := e.Decode(m.Body); err != nil {
+		return "", "", fmt.Errorf("decode server error: %w", err)
+	}
+	return e.Code, e.Message, nil
+}
+
 // Error builds a PostgreSQL ErrorResponse. Messages are the server's own wording
 // wherever the server has one, so clients and scripts see what they know.
 func Error(severity, code, msg string) *pgproto3.ErrorResponse {
