@@ -208,7 +208,7 @@ func measureLimits(ctx context.Context, o options, c *pgtest.Cluster, bin, work 
 	if o.limitLogins == 0 {
 		return nil
 	}
-	password := randomHex(12)
+	password := pgtest.RandomHex(12)
 	for _, sql := range []string{
 		fmt.Sprintf("create role %s login connection limit 1 password '%s'", limRole, password),
 		fmt.Sprintf("create role %s login password '%s'", limPlainRole, password),

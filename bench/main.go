@@ -31,7 +31,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -258,7 +257,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		}
 	}()
 
-	password := randomHex(12)
+	password := pgtest.RandomHex(12)
 	env := clientEnv(password)
 	serverVersion, err := setUpRole(ctx, cluster, password)
 	if err != nil {
@@ -476,7 +475,7 @@ func setUpControl(ctx context.Context, c *pgtest.Cluster, setupSQL string) (cont
 		"-h", c.Host, "-p", strconv.Itoa(c.Port), "-U", c.SuperUser, "-d", "postgres", "-f", setupSQL); err != nil {
 		return controlSetup{}, fmt.Errorf("running sql/setup.sql: %w", err)
 	}
-	password := randomHex(12)
+	password := pgtest.RandomHex(12)
 	if err := c.Exec(ctx, fmt.Sprintf("alter role %s password '%s'", controlRole, password)); err != nil {
 		return controlSetup{}, fmt.Errorf("setting the password of the control role: %w", err)
 	}
@@ -505,7 +504,7 @@ const pgbouncerAuthUser = "pgbouncer_auth"
 // authentication did not provide SCRAM keys"): its auth_file entry is its
 // plain-text password, in a file only PgBouncer's user can read.
 func setUpPgBouncerAuth(ctx context.Context, c *pgtest.Cluster) (pgbouncerAuth, error) {
-	password := randomHex(12)
+	password := pgtest.RandomHex(12)
 	if err := c.Exec(ctx, fmt.Sprintf("create role %s login superuser password '%s'", pgbouncerAuthUser, password)); err != nil {
 		return pgbouncerAuth{}, fmt.Errorf("creating PgBouncer's auth_user: %w", err)
 	}
@@ -830,14 +829,4 @@ func waitQuiet(ctx context.Context, maxWait time.Duration, meter *cpuMeter, pids
 			warned = true
 		}
 	}
-}
-
-// freePort asks the kernel for a port nobody uses right now.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

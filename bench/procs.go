@@ -3,8 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -84,25 +83,14 @@ func credentialOf(cmd *exec.Cmd) *syscall.Credential {
 
 func (d *daemon) waitListening(ctx context.Context) error {
 	addr := net.JoinHostPort(d.host, strconv.Itoa(d.port))
-	deadline := time.NewTimer(listenTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-			conn.Close()
-			return nil
-		}
-		select {
-		case <-d.exited:
-			return fmt.Errorf("%s exited (%v) before listening on %s", d.name, d.cmd.ProcessState, addr)
-		case <-ctx.Done():
-			return fmt.Errorf("interrupted while waiting for %s to listen: %w", d.name, context.Cause(ctx))
-		case <-deadline.C:
-			return fmt.Errorf("%s did not listen on %s within %v", d.name, addr, listenTimeout)
-		case <-tick.C:
-		}
+	err := pgtest.WaitListening(ctx, addr, d.exited, listenTimeout)
+	if errors.Is(err, pgtest.ErrExited) {
+		return fmt.Errorf("%s %w (%v)", d.name, err, d.cmd.ProcessState) // ProcessState is set once exited is closed
 	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", d.name, err)
+	}
+	return nil
 }
 
 // stop sends sig and kills the process if it has not exited after
@@ -163,7 +151,7 @@ const rolegateCacheTTL = "60s"
 // ClientKey. TLS is off on both sides and the log level is warn unless inst
 // says otherwise.
 func startRolegate(ctx context.Context, bin, work, server string, ctl controlSetup, inst rolegateInstance) (*daemon, error) {
-	port, err := freePort()
+	port, err := pgtest.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -326,7 +314,7 @@ func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("pgbouncer dir: %w", err)
 	}
-	port, err := freePort()
+	port, err := pgtest.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -486,10 +474,4 @@ func logSummary(daemons []*daemon) []string {
 		out = append(out, s)
 	}
 	return out
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // never fails, per crypto/rand
-	return hex.EncodeToString(b)
 }

@@ -12,8 +12,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -132,9 +130,9 @@ func run(binary, listen, setupFile string) int {
 		close(exited)
 	}()
 
-	if err := waitListening(ctx, listen, exited); err != nil {
+	if err := pgtest.WaitListening(ctx, listen, exited, listenTimeout); err != nil {
 		stop(cmd, exited, logf)
-		return fail("%v (rolegate: %v)", err, cmd.ProcessState)
+		return fail("rolegate %v (%v)", err, cmd.ProcessState)
 	}
 	if err := checkLogin(ctx, host, port, cluster); err != nil {
 		stop(cmd, exited, logf)
@@ -167,7 +165,7 @@ func setUp(ctx context.Context, c *pgtest.Cluster, setupSQL string) (controlPass
 	if err := c.Exec(ctx, setupSQL); err != nil {
 		return "", fmt.Errorf("running sql/setup.sql: %w", err)
 	}
-	controlPassword = randomHex(16)
+	controlPassword = pgtest.RandomHex(16)
 	// CREATE DATABASE refuses to run in the implicit transaction of a
 	// multi-statement query, so the statements go one by one.
 	for _, sql := range []string{
@@ -180,12 +178,6 @@ func setUp(ctx context.Context, c *pgtest.Cluster, setupSQL string) (controlPass
 		}
 	}
 	return controlPassword, nil
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // config is rolegate's configuration: proxy mode, with the control role of
@@ -259,30 +251,6 @@ func checkLogin(ctx context.Context, host, port string, c *pgtest.Cluster) error
 // plain addresses but writes \x escapes, which TOML lacks.
 func tomlString(s string) string {
 	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
-}
-
-// waitListening returns once addr accepts TCP connections, or an error if
-// rolegate exits, the demo is interrupted or listenTimeout passes first.
-func waitListening(ctx context.Context, addr string, exited <-chan struct{}) error {
-	deadline := time.NewTimer(listenTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-			conn.Close()
-			return nil
-		}
-		select {
-		case <-exited:
-			return fmt.Errorf("rolegate exited before listening on %s", addr)
-		case <-ctx.Done():
-			return errors.New("interrupted while waiting for rolegate to listen")
-		case <-deadline.C:
-			return fmt.Errorf("rolegate did not listen on %s within %v", addr, listenTimeout)
-		case <-tick.C:
-		}
-	}
 }
 
 // stop asks rolegate to shut down and kills it if it takes too long.

@@ -15,8 +15,6 @@ package pgtest
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -128,7 +126,7 @@ type postmaster struct {
 // TCP logins from the superuser. ctx bounds the start only, not the life of
 // the cluster; call Close to stop it and remove its files.
 func New(ctx context.Context, opts Options) (*Cluster, error) {
-	return newCluster(ctx, opts, freePort)
+	return newCluster(ctx, opts, FreePort)
 }
 
 // newCluster is New with the port picker as a parameter, so a test can
@@ -154,7 +152,7 @@ func newCluster(ctx context.Context, opts Options, pickPort func() (int, error))
 		Host:          "127.0.0.1",
 		Dir:           dir,
 		SuperUser:     "postgres",
-		SuperPassword: randomHex(16),
+		SuperPassword: RandomHex(16),
 		LogFile:       filepath.Join(dir, "postgres.log"),
 		opts:          opts,
 		logf:          opts.Logf,
@@ -643,23 +641,6 @@ func validate(opts Options) error {
 func confQuote(v string) string {
 	v = strings.ReplaceAll(v, `\`, `\\`)
 	return "'" + strings.ReplaceAll(v, "'", "''") + "'"
-}
-
-// freePort asks the kernel for a port nobody uses right now. Someone may
-// take it before the postmaster binds it; start detects that and New retries.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // never fails, per crypto/rand
-	return hex.EncodeToString(b)
 }
 
 func abbreviate(s string) string {

@@ -251,7 +251,7 @@ func TestPortTakenRetries(t *testing.T) {
 		if picks == 1 {
 			return takenPort, nil
 		}
-		return freePort()
+		return FreePort()
 	}
 	c, err := newCluster(t.Context(), Options{Logf: t.Logf}, pick)
 	if err != nil {
