@@ -138,8 +138,11 @@ func New(opts Options) *HTTP {
 	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token))}
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter, metrics: opts.Metrics},
+	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if opts.Metrics != nil { // the Observer's counts, when the proxy has one
+		reg.MustRegister(opts.Metrics)
+	}
 
 	mux := http.NewServeMux()
 	// A pattern with a method answers 405 (with Allow) to the others; GET

@@ -56,16 +56,12 @@ var (
 type collector struct {
 	proxy   Proxy
 	limiter func() limiter.Snapshot // nil without limits
-	metrics *Metrics                // nil: no Observer counts
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSessions, descSessionBytes, descWaiting, descEvicting,
 		descAdmitted, descEvictions, descEvictFailures, descRejections, descWaits, descWaitTimeouts} {
 		ch <- d
-	}
-	if c.metrics != nil {
-		c.metrics.Describe(ch)
 	}
 }
 
@@ -78,9 +74,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		sessions[sessionKey{s.User, s.Database, s.State.String()}]++
 		bytes[bytesKey{s.User, "in"}] += s.BytesIn
 		bytes[bytesKey{s.User, "out"}] += s.BytesOut
-	}
-	if c.metrics != nil {
-		c.metrics.Collect(ch)
 	}
 	for k, n := range sessions {
 		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(n), k.role, k.database, k.state)
