@@ -404,10 +404,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 	a.log.Info("evicted", attrs...)
 	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(),
-		VictimPID: v.PID, VictimRole: v.Role, ViaRolegate: held != nil, Reason: d.Reason}
-	if held != nil {
-		ev.VictimClient = held.clientAddr
-	}
+		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason}
 	a.s.events.add(ev)
 	return true
 }

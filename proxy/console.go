@@ -3,8 +3,6 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"log/slog"
 	"net"
@@ -38,8 +36,6 @@ func (s *Server) serveConsole(ctx context.Context, sess *session, client net.Con
 		s.quiet.log(log, slog.LevelInfo, sess.user, "console refused", "reason", msg)
 		return &authFailure{code: "28000", msg: msg, class: "console refused"}
 	}
-	var key [8]byte
-	_, _ = rand.Read(key[:])
 	out := wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	for _, p := range [][2]string{
 		{"server_version", consoleServerVersion},
@@ -53,7 +49,8 @@ func (s *Server) serveConsole(ctx context.Context, sess *session, client net.Con
 		out = wire.Encode(out, &pgproto3.ParameterStatus{Name: p[0], Value: p[1]})
 	}
 	// The console has nothing to cancel; a random key keeps clients happy.
-	out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: binary.BigEndian.Uint32(key[:4]) & 0x7fffffff, SecretKey: key[4:]})
+	key := newCancelKey()
+	out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: key.pid, SecretKey: key.secretBytes()})
 	out = wire.Encode(out, &pgproto3.ReadyForQuery{TxStatus: 'I'})
 	if _, err := client.Write(out); err != nil {
 		return errClientClosed

@@ -30,14 +30,20 @@ func newRegistry() *registry {
 	return &registry{sessions: make(map[uint64]*session), byKey: make(map[cancelKey]*session)}
 }
 
+// newCancelKey is a random BackendKeyData: a positive process ID, as the
+// server's are, and a secret.
+func newCancelKey() cancelKey {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails on Linux
+	return cancelKey{pid: binary.BigEndian.Uint32(b[:4]) & 0x7fffffff, secret: binary.BigEndian.Uint32(b[4:])}
+}
+
 // add registers s under a fresh random cancel key, which it stores in s.
 func (r *registry) add(s *session) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for {
-		var b [8]byte
-		_, _ = rand.Read(b[:]) // crypto/rand.Read never fails on Linux
-		k := cancelKey{pid: binary.BigEndian.Uint32(b[:4]) & 0x7fffffff, secret: binary.BigEndian.Uint32(b[4:])}
+		k := newCancelKey()
 		if _, taken := r.byKey[k]; taken || k.pid == 0 {
 			continue
 		}
