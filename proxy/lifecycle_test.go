@@ -190,16 +190,7 @@ func TestCloseEndsEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	closed := make(chan error, 1)
-	go func() { closed <- p.Close() }()
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not return")
-	}
+	closeWithin(t, p, 10*time.Second, "")
 	for name, conn := range map[string]net.Conn{"startup": inStartup, "auth": inAuth} {
 		if _, err := io.ReadAll(conn); err != nil {
 			t.Errorf("%s connection not closed by Close: %v", name, err)
@@ -341,6 +332,13 @@ func TestCloseWithAClientThatDoesNotRead(t *testing.T) {
 		return len(s) == 1 && s[0].BytesOut > 1<<20
 	})
 	time.Sleep(200 * time.Millisecond) // the relay is now blocked writing to c
+	closeWithin(t, p, 10*time.Second, " while a client was not reading")
+	c.Close()
+}
+
+// closeWithin calls p.Close and fails the test if it does not return within d.
+func closeWithin(t *testing.T, p *testProxy, d time.Duration, while string) {
+	t.Helper()
 	closed := make(chan error, 1)
 	go func() { closed <- p.Close() }()
 	select {
@@ -348,8 +346,7 @@ func TestCloseWithAClientThatDoesNotRead(t *testing.T) {
 		if err != nil {
 			t.Errorf("Close: %v", err)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not return while a client was not reading")
+	case <-time.After(d):
+		t.Fatal("Close did not return" + while)
 	}
-	c.Close()
 }
