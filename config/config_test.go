@@ -149,6 +149,7 @@ min_session_age = "1s"
 	if err != nil {
 		t.Fatal(err)
 	}
+	hosts := []string{"rolegate.internal", "Ops-Proxy.example.com.:8443", "[::1]:9700", "10.0.0.5"}
 	want := &Config{
 		Listen:          "0.0.0.0:7432",
 		StartupTimeout:  "5s",
@@ -162,8 +163,7 @@ min_session_age = "1s"
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
 		Log:   Log{Level: "debug", Format: "json"},
-		Admin: Admin{HTTP: "0.0.0.0:9700", AllowedHosts: []string{"rolegate.internal", "Ops-Proxy.example.com.:8443", "[::1]:9700", "10.0.0.5"},
-			Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
+		Admin: Admin{HTTP: "0.0.0.0:9700", AllowedHosts: hosts, Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
