@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,7 +46,16 @@ type Options struct {
 	Reload func(by string) error
 	// Token is the bearer token the mutating endpoints require; "" refuses
 	// them all with 403.
-	Token  string
+	Token string
+	// Addr is the configured listen address ([admin] http), host:port. When
+	// its host is a name, requests with that name in Host are answered.
+	Addr string
+	// AllowedHosts are further names requests may carry in Host ([admin]
+	// allowed_hosts): "name" on any port, "name:port" on that port. IP
+	// addresses and localhost need no entry; any other name is answered
+	// with 421 (see hostCheck).
+	AllowedHosts []string
+
 	Logger *slog.Logger
 	// Metrics, when not nil, adds the proxy's Observer counts to /metrics.
 	Metrics *Metrics
@@ -119,13 +127,13 @@ type HTTP struct {
 	opts  Options
 	log   *slog.Logger
 	token [sha256.Size]byte // hash of opts.Token, compared in constant time
+	hosts *hostCheck
 	srv   *http.Server
 
-	// Refused requests are logged at most once per refusedLogEvery, with
-	// the number left out since the last line.
-	refusedMu      sync.Mutex
-	refusedLogged  time.Time
-	refusedSkipped int
+	// Refused requests are logged at most once per refusedLogEvery for each
+	// reason, with the number left out since the last line.
+	refusedToken rateLog
+	refusedHost  rateLog
 }
 
 const refusedLogEvery = 10 * time.Second
@@ -135,7 +143,8 @@ func New(opts Options) *HTTP {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token))}
+	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token)),
+		hosts: newHostCheck(opts.Addr, opts.AllowedHosts)}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter},
@@ -160,7 +169,7 @@ func New(opts Options) *HTTP {
 	h.registerPage(mux) // the live page at / (page.go)
 
 	h.srv = &http.Server{
-		Handler:           mux,
+		Handler:           h.checkHost(mux), // every endpoint, before its method, path or token is looked at
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       time.Minute,
 		ErrorLog:          slog.NewLogLogger(h.log.Handler(), slog.LevelWarn),
@@ -357,16 +366,10 @@ func (h *HTTP) authorized(next http.HandlerFunc) http.HandlerFunc {
 // logRefused logs a request refused for its token, rate-limited; the
 // Authorization header is never logged.
 func (h *HTTP) logRefused(r *http.Request) {
-	h.refusedMu.Lock()
-	now := time.Now()
-	if now.Sub(h.refusedLogged) < refusedLogEvery {
-		h.refusedSkipped++
-		h.refusedMu.Unlock()
+	skipped, ok := h.refusedToken.allow(time.Now())
+	if !ok {
 		return
 	}
-	skipped := h.refusedSkipped
-	h.refusedLogged, h.refusedSkipped = now, 0
-	h.refusedMu.Unlock()
 	h.log.Warn("admin request refused: missing or wrong bearer token",
 		"method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "skipped_since_last", skipped)
 }

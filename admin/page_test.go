@@ -69,9 +69,10 @@ func lastLines(s string, n int) string {
 }
 
 // The live page in a real headless Chromium, against a real proxy and a real
-// server: a new session appears, its eviction by a newer login shows up, a
-// screenshot is saved, and the page says "disconnected" once the admin HTTP
-// server is gone.
+// server: the API refuses a name a DNS-rebinding page would use, the page
+// opened under a name in allowed_hosts goes live, a new session appears, its
+// eviction by a newer login shows up, a screenshot is saved, and the page says
+// "disconnected" once the admin HTTP server is gone.
 func TestLivePage(t *testing.T) {
 	chromium := needChromium(t)
 	r := startRig(t, rules{"page_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
@@ -83,7 +84,8 @@ func TestLivePage(t *testing.T) {
 	}
 	// The admin HTTP server, stopped by hand halfway through.
 	h := New(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
-		Effective: r.limits.Effective, ServerSessions: r.control.Sessions, Logger: r.logger})
+		Effective: r.limits.Effective, ServerSessions: r.control.Sessions, Logger: r.logger,
+		AllowedHosts: []string{"rolegate.internal"}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -101,7 +103,14 @@ func TestLivePage(t *testing.T) {
 		}
 	})
 	t.Cleanup(stopHTTP)
-	base := "http://" + ln.Addr().String()
+	_, port, err := net.SplitHostPort(ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The browser resolves two names to the listener: one in allowed_hosts,
+	// which the page is opened with, and one as a DNS-rebinding page would
+	// use, which is refused.
+	base := "http://rolegate.internal:" + port
 
 	// This machine's network is closed: without these flags Chromium hangs
 	// on connections of its own.
@@ -117,6 +126,7 @@ func TestLivePage(t *testing.T) {
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true),
 		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.Flag("host-resolver-rules", "MAP rolegate.internal 127.0.0.1, MAP rebound.example.com 127.0.0.1"),
 		chromedp.UserDataDir(filepath.Join(t.TempDir(), "chromium")),
 		chromedp.WindowSize(1280, 800),
 	}
@@ -131,6 +141,10 @@ func TestLivePage(t *testing.T) {
 	}()
 	// The first Run starts the browser: its context must carry no timeout
 	// (one would stop the browser), so the deadlines are per query below.
+	if err := chromedp.Do(ctx, chromedp.Navigate("http://rebound.example.com:"+port+"/api/sessions")); err != nil {
+		t.Fatalf("open /api/sessions under a rebound name: %v", err)
+	}
+	waitText(t, ctx, "body", `does not answer for host \"rebound.example.com:`+port+`\"`)
 	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/")); err != nil {
 		t.Fatalf("open the page: %v", err)
 	}

@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -100,6 +102,11 @@ type Auth struct {
 type Admin struct {
 	// HTTP is the address of the admin HTTP server, host:port; "" turns it off.
 	HTTP string `toml:"http"`
+	// AllowedHosts are the names, besides IP addresses, localhost and the
+	// host of HTTP, that the admin HTTP server answers for in the Host
+	// header (DNS-rebinding protection): "name" on any port, "name:port"
+	// on that port only.
+	AllowedHosts []string `toml:"allowed_hosts"`
 	// Token is the bearer token the mutating HTTP endpoints require;
 	// ROLEGATE_ADMIN_TOKEN wins over it (see AdminToken). Empty: mutating
 	// endpoints are refused.
@@ -279,7 +286,7 @@ func Default() *Config {
 			CacheTTL:  "60s",
 		},
 		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631", Users: []string{}, Database: "rolegate"},
+		Admin: Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		Limits: Limits{
 			Policy:         string(limiter.PolicyReject),
 			Fallback:       string(limiter.PolicyReject),
@@ -378,6 +385,11 @@ func (c *Config) validate() error {
 			return bad("admin.http", "want host:port, or \"\" to turn the admin HTTP server off: %v", err)
 		}
 	}
+	for _, h := range c.Admin.AllowedHosts {
+		if err := checkAllowedHost(h); err != nil {
+			return bad("admin.allowed_hosts", "%q: %v", h, err)
+		}
+	}
 	if c.MaxProcs < 0 {
 		return bad("max_procs", "must be 0 (the Go runtime's default) or a number of CPUs, not %d", c.MaxProcs)
 	}
@@ -452,6 +464,38 @@ func (c *Config) validate() error {
 		return bad("log.format", "invalid format %q (want text or json)", c.Log.Format)
 	}
 	return c.validateLimits()
+}
+
+// hostName is a DNS name as it appears in a Host header: labels of letters,
+// digits, '-' and '_' (seen in real internal names), one trailing dot at most.
+var hostName = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$`)
+
+// checkAllowedHost checks one [admin] allowed_hosts entry: what a browser
+// puts in a Host header, "name", "name:port", an IP address or "[v6]:port".
+func checkAllowedHost(h string) error {
+	notHost := errors.New(`want a host name or host:port as a Host header carries it (no scheme, path or wildcard), e.g. "rolegate.internal" or "rolegate.internal:9631"`)
+	if strings.ContainsAny(h, "/*@ \t") {
+		return notHost
+	}
+	host, port, err := net.SplitHostPort(h)
+	if err != nil {
+		host = h
+		if strings.HasPrefix(h, "[") && strings.HasSuffix(h, "]") {
+			host = h[1 : len(h)-1]
+		}
+	} else if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port %q is not a number from 1 to 65535", port)
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if strings.HasPrefix(h, "[") {
+		return errors.New("brackets hold an IPv6 address, not a name")
+	}
+	if len(host) > 254 || !hostName.MatchString(host) {
+		return notHost
+	}
+	return nil
 }
 
 // validateLimits checks [limits], [roles.NAME] and [databases.NAME]. Names are

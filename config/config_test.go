@@ -42,7 +42,7 @@ func TestDefaults(t *testing.T) {
 		// Mode "" until Parse resolves it from the verifier sources.
 		Auth:  Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
 		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631", Users: []string{}, Database: "rolegate"},
+		Admin: Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
 			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
 	}
@@ -118,6 +118,7 @@ format = "json"
 
 [admin]
 http = "0.0.0.0:9700"
+allowed_hosts = ["rolegate.internal", "Ops-Proxy.example.com.:8443", "[::1]:9700", "10.0.0.5"]
 token = "s3cret"
 users = ["admin", "ops"]
 database = "pgadmin"
@@ -148,6 +149,7 @@ min_session_age = "1s"
 	if err != nil {
 		t.Fatal(err)
 	}
+	hosts := []string{"rolegate.internal", "Ops-Proxy.example.com.:8443", "[::1]:9700", "10.0.0.5"}
 	want := &Config{
 		Listen:          "0.0.0.0:7432",
 		StartupTimeout:  "5s",
@@ -161,7 +163,7 @@ min_session_age = "1s"
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
 		Log:   Log{Level: "debug", Format: "json"},
-		Admin: Admin{HTTP: "0.0.0.0:9700", Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
+		Admin: Admin{HTTP: "0.0.0.0:9700", AllowedHosts: hosts, Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
@@ -208,6 +210,9 @@ func TestAcceptedValues(t *testing.T) {
 		"server = { sslmode = \"require\" }\n", // an inline table
 		"listen = \"[::1]:6432\"\n",
 		"listen = \":6432\"\n",
+		// Host header forms: names, name:port, IP literals with and without brackets.
+		"[admin]\nallowed_hosts = [\"localhost.\", \"under_score-1.example\", \"h:65535\", \"::1\", \"[::1]\", \"[fe80::1]:1\", \"10.0.0.5:9631\"]\n",
+		"[admin]\nallowed_hosts = []\n",
 		"[auth]\ncache_ttl = \"0s\"\n", // no cache: ask the server at every login
 		"[auth]\ncache_size = 1\n",
 		// The auth query is only checked when there is a control connection to run it.
@@ -249,6 +254,19 @@ func TestErrors(t *testing.T) {
 			"needs a verifier source"},
 		{"bad admin http", "[admin]\nhttp = \"9631\"\n", "admin.http", 2, "want host:port"},
 		{"unknown key in admin", "[admin]\nuser = [\"x\"]\n", "admin.user", 2, "unknown key"},
+		{"allowed_hosts as a string", "[admin]\nallowed_hosts = \"rolegate.internal\"\n", "admin.allowed_hosts", 2, "cannot decode TOML string"},
+		{"allowed_hosts with a URL", "[admin]\n\nallowed_hosts = [\"ok.internal\", \"http://rolegate.internal:9631\"]\n", "admin.allowed_hosts", 3,
+			`"http://rolegate.internal:9631": want a host name or host:port`},
+		{"allowed_hosts with a path", "[admin]\nallowed_hosts = [\"rolegate.internal/\"]\n", "admin.allowed_hosts", 2, "no scheme, path or wildcard"},
+		{"allowed_hosts with a wildcard", "[admin]\nallowed_hosts = [\"*.internal\"]\n", "admin.allowed_hosts", 2, `"*.internal": want a host name`},
+		{"allowed_hosts empty entry", "[admin]\nallowed_hosts = [\"\"]\n", "admin.allowed_hosts", 2, `"": want a host name`},
+		{"allowed_hosts bad port", "[admin]\nallowed_hosts = [\"rolegate.internal:http\"]\n", "admin.allowed_hosts", 2,
+			`port "http" is not a number from 1 to 65535`},
+		{"allowed_hosts empty port", "[admin]\nallowed_hosts = [\"rolegate.internal:\"]\n", "admin.allowed_hosts", 2, `port "" is not a number`},
+		{"allowed_hosts port 0", "[admin]\nallowed_hosts = [\"rolegate.internal:0\"]\n", "admin.allowed_hosts", 2, `port "0" is not a number`},
+		{"allowed_hosts name in brackets", "[admin]\nallowed_hosts = [\"[rolegate.internal]:9631\"]\n", "admin.allowed_hosts", 2,
+			"brackets hold an IPv6 address"},
+		{"allowed_hosts double dot", "[admin]\nallowed_hosts = [\"rolegate..internal\"]\n", "admin.allowed_hosts", 2, "want a host name"},
 		{"empty console database", "[admin]\ndatabase = \"\"\n", "admin.database", 2, "must not be empty"},
 		{"bad auth method", "[auth]\nmethod = \"scram\"\n", "auth.method", 2, `invalid method "scram"`},
 		{"auth method of the wrong case", "[auth]\n\nmethod = \"MD5\"\n", "auth.method", 3, `invalid method "MD5"`},

@@ -286,11 +286,13 @@ func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, m
 	opts := consoleOptions(p, srv, rl, metrics, log)
 	opts.Ready = admin.DialReady(p.dialer)
 	opts.Token = cfg.AdminToken()
+	opts.Addr, opts.AllowedHosts = cfg.Admin.HTTP, cfg.Admin.AllowedHosts
 	if p.control != nil {
 		opts.Ready = admin.PingReady(p.control)
 	}
 	h := admin.New(opts)
-	log.Info("admin HTTP server started", "listen", ln.Addr().String(), "token", opts.Token != "")
+	log.Info("admin HTTP server started", "listen", ln.Addr().String(), "token", opts.Token != "",
+		"allowed_hosts", opts.AllowedHosts)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -353,6 +354,44 @@ func TestBinary(t *testing.T) {
 		if !strings.Contains(p.stderr.String(), "msg=\"rolegate started\"") || !strings.Contains(p.stderr.String(), "role=trust_user") ||
 			!strings.Contains(p.stderr.String(), "max_procs=1") {
 			t.Errorf("log lacks the start and the login:\n%s", p.stderr.String())
+		}
+	})
+
+	t.Run("admin HTTP answers for its own names only", func(t *testing.T) {
+		t.Parallel()
+		adminAddr := freeAddr(t)
+		_, port, err := net.SplitHostPort(adminAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := startBinary(t, bin, c, fmt.Sprintf("[admin]\nhttp = %q\nallowed_hosts = [\"rolegate.internal\"]\n", adminAddr))
+		waitFor(t, 15*time.Second, "the admin HTTP server to accept connections", func() bool { return !refusing(adminAddr) })
+		client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
+		for host, want := range map[string]int{
+			adminAddr:                  http.StatusOK,
+			"localhost:" + port:        http.StatusOK,
+			"rolegate.internal":        http.StatusOK, // [admin] allowed_hosts
+			"evil.example.com:" + port: http.StatusMisdirectedRequest,
+		} {
+			req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, "http://"+adminAddr+"/api/sessions", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = host
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatalf("GET /api/sessions with Host %q: %v", host, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("GET /api/sessions with Host %q: %d, want %d", host, resp.StatusCode, want)
+			}
+		}
+		p.signal(t, syscall.SIGINT)
+		p.wantExit(t, 10*time.Second)
+		log := p.stderr.String()
+		if !strings.Contains(log, "allowed_hosts=[rolegate.internal]") || !strings.Contains(log, "Host not allowed") {
+			t.Errorf("log lacks the admin server's allowed_hosts or the refusal:\n%s", log)
 		}
 	})
 
