@@ -147,7 +147,7 @@ func TestServerUnreachable(t *testing.T) {
 	t.Parallel()
 	addr := testutil.ClosedAddr(t)
 	p := startProxy(t, proxyOpts{serverAddr: addr})
-	wantMsg := "could not connect to server " + addr
+	wantMsg := "rolegate could not connect to server " + addr + ": connection refused while opening the TCP connection"
 	for i := range 2 { // the proxy keeps serving after the first failure
 		_, err := pgx.Connect(t.Context(), p.DSN("trust_user", "", "app"))
 		pgErr := wantPgError(t, err, "FATAL", "08006", wantMsg)
@@ -159,6 +159,7 @@ func TestServerUnreachable(t *testing.T) {
 	if err == nil || !strings.Contains(errOut, "FATAL:  "+wantMsg) || !strings.Contains(errOut, "connection refused") {
 		t.Errorf("psql: %v, stderr %q", err, errOut)
 	}
+	wantNoInternals(t, errOut)
 	if s := p.Sessions(); len(s) != 0 {
 		t.Errorf("sessions after failed logins: %+v", s)
 	}
@@ -210,7 +211,8 @@ func TestServerHangsUpDuringLogin(t *testing.T) {
 	p := startProxy(t, proxyOpts{serverAddr: addr, sslmode: "disable"})
 	for range 2 {
 		_, err := pgx.Connect(t.Context(), p.DSN("trust_user", "", "app"))
-		wantPgError(t, err, "FATAL", "08006", "rolegate lost the server connection during login: server "+addr)
+		wantPgError(t, err, "FATAL", "08006", "rolegate could not connect to server "+addr+
+			": server closed the connection unexpectedly while waiting for the server's answer to the startup message")
 	}
 }
 

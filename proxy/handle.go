@@ -430,26 +430,31 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 	server, useTLS, err := s.cfg.Upstream.Dial(dctx)
 	s.obs.ServerDialed(time.Since(dialStart), err)
 	if err != nil {
-		sendFatal(client, "08006", err.Error())
-		return nil, err
+		if ctx.Err() != nil { // shutdown: the client's socket is closing
+			return nil, context.Cause(ctx)
+		}
+		return nil, s.serverLost(client, &out, err)
 	}
 	if !sockets.set(&sockets.server, server) {
 		return nil, context.Cause(ctx)
 	}
 	sess.serverTLS = useTLS
-	_ = server.SetDeadline(deadline)
 
+	// Each of the server's turns from here to ReadyForQuery is bounded by
+	// connect_timeout, and fails with an error that names its step.
+	lc := s.cfg.Upstream.LoginConn(server, deadline)
+	lc.Begin(upstream.StepStartup)
 	startup := wire.Encode(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: p.params})
 	if _, err := server.Write(startup); err != nil {
-		return nil, s.serverLost(client, &out, err)
+		return nil, s.serverLost(client, &out, lc.Fail(err))
 	}
-	sr := bufio.NewReader(server)
+	sr := bufio.NewReader(lc)
 	var beforeReady func() error
 	if keys == nil {
-		if out, err = relayAuth(client, cr, server, sr); err != nil {
+		if out, err = relayAuth(client, cr, lc, sr); err != nil {
 			var lost *serverLostError
 			if errors.As(err, &lost) {
-				return nil, s.serverLost(client, &out, lost.err)
+				return nil, s.serverLost(client, &out, lc.Fail(lost.err))
 			}
 			return nil, err
 		}
@@ -468,11 +473,12 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 			_ = client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
 			return nil
 		}
-	} else if err := upstream.Authenticate(sr, server, keys); err != nil {
-		return nil, s.upstreamAuthFailed(sess, client, err)
+	} else if err := upstream.Authenticate(sr, lc, keys); err != nil {
+		return nil, s.upstreamAuthFailed(sess, client, lc.Fail(err))
 	} else {
 		out = wire.Encode(out, &pgproto3.AuthenticationOk{})
 	}
+	lc.Begin(upstream.StepReady)
 	return s.handoff(sess, client, server, sr, out, holdFull, beforeReady)
 }
 
@@ -613,20 +619,29 @@ func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) e
 	}
 	// rolegate itself cannot answer the server's request (28000), or the
 	// connection failed on the way (08006).
-	code := "08006"
 	var cannot *upstream.CannotAnswerError
-	if errors.As(err, &cannot) {
-		code = "28000"
+	if !errors.As(err, &cannot) {
+		var out []byte
+		return s.serverLost(client, &out, err)
 	}
-	msg := `rolegate could not log in to the server as "` + sess.user + `": ` + err.Error()
-	sendFatal(client, code, msg)
-	return &loginError{code: code, msg: msg}
+	msg := `rolegate could not log in to the server as "` + sess.user + `": ` + cannot.Error()
+	sendFatal(client, "28000", msg)
+	return &loginError{code: "28000", msg: msg}
 }
 
-// serverLost tells the client the server connection failed during login.
+// serverLost tells the client, after what out holds, that the login toward the
+// server failed, with FATAL 08006 and a message that names the step and the
+// cause in words (upstream.DialError.Message); the returned error keeps the
+// detail for the log. Errors from Dial and the LoginConn name their step;
+// anything else is the server breaking the protocol after authentication
+// (handoff).
 func (s *Server) serverLost(client net.Conn, out *[]byte, err error) error {
-	err = fmt.Errorf("server %s: %w", s.cfg.Upstream.Address(), err)
-	*out = wire.Encode(*out, wire.Error("FATAL", "08006", "rolegate lost the server connection during login: "+err.Error()))
+	var de *upstream.DialError
+	if !errors.As(err, &de) {
+		de = &upstream.DialError{Address: s.cfg.Upstream.Address(), Step: upstream.StepReady, Err: err}
+		err = de
+	}
+	*out = wire.Encode(*out, wire.Error("FATAL", "08006", de.Message()))
 	_, _ = client.Write(*out)
 	return err
 }

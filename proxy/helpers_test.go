@@ -102,6 +102,7 @@ type proxyOpts struct {
 	sslrootcert    string
 	clientTLS      *tls.Config
 	startupTimeout time.Duration   // default: 10 s
+	connectTimeout time.Duration   // [server] connect_timeout; default: 5 s
 	auth           *ClientAuth     // nil: passthrough
 	limits         *Limits         // nil: no limits
 	throttle       throttleOptions // repeated-failure log lines; zero: the defaults
@@ -138,8 +139,11 @@ func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy 
 	if o.startupTimeout == 0 {
 		o.startupTimeout = 10 * time.Second
 	}
+	if o.connectTimeout == 0 {
+		o.connectTimeout = 5 * time.Second
+	}
 	d, err := upstream.NewDialer(config.Server{Address: o.serverAddr, SSLMode: o.sslmode,
-		SSLRootCert: o.sslrootcert, ConnectTimeout: "5s"})
+		SSLRootCert: o.sslrootcert, ConnectTimeout: config.Duration(o.connectTimeout.String())})
 	if err != nil {
 		t.Fatalf("upstream dialer: %v", err)
 	}

@@ -201,7 +201,7 @@ func TestDialTLSModes(t *testing.T) {
 		{"prefer, TLS refused", plainServer, config.SSLPrefer, "", false, ""},
 		{"require, TLS refused", plainServer, config.SSLRequire, "", false, "server does not support SSL, but sslmode is require"},
 		{"verify-full, TLS refused", plainServer, config.SSLVerifyFull, serverCA.PEMFile, false, "server does not support SSL, but sslmode is verify-full"},
-		{"an odd answer", oddServer, config.SSLPrefer, "", false, `unexpected answer 'E' to SSLRequest`},
+		{"an odd answer", oddServer, config.SSLPrefer, "", false, `received invalid response to SSL negotiation: 'E'`},
 		{"disable", plainServer, config.SSLDisable, "", false, ""},
 	}
 	for _, tt := range tests {
@@ -261,6 +261,13 @@ func TestDialTimeout(t *testing.T) {
 	}
 	if elapsed := time.Since(start); elapsed > 5*time.Second {
 		t.Errorf("Dial took %v with connect_timeout 200ms", elapsed)
+	}
+	var de *DialError
+	if !errors.As(err, &de) || de.Step != StepSSLAnswer || de.Timeout != 200*time.Millisecond {
+		t.Errorf("Dial: %#v, want a DialError at the SSL answer ended by connect_timeout", err)
+	} else if want := "rolegate could not connect to server " + silent.addr +
+		": timeout expired after 200ms while waiting for the server's answer to the SSL request"; de.Message() != want {
+		t.Errorf("message %q, want %q", de.Message(), want)
 	}
 
 	<-silent.got // the first Dial's request
@@ -346,5 +353,153 @@ func TestDialVerifyFullByName(t *testing.T) {
 	conn.Close()
 	if !useTLS {
 		t.Error("not TLS")
+	}
+}
+
+// A server that answers the SSLRequest and then stalls or hangs up in the TLS
+// handshake fails the dial at that step.
+func TestDialTLSHandshakeFails(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name, want string
+		timeout    time.Duration
+		end        func(net.Conn)
+	}{
+		{"stalls", "timeout expired after 200ms during the TLS handshake", 200 * time.Millisecond,
+			func(c net.Conn) { _, _ = io.Copy(io.Discard, c) }},
+		{"hangs up", "server closed the connection unexpectedly during the TLS handshake", 0,
+			func(c net.Conn) { c.Close() }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				if _, err := io.ReadFull(c, make([]byte, 8)); err != nil {
+					return
+				}
+				if _, err := c.Write([]byte{'S'}); err != nil {
+					return
+				}
+				tt.end(c)
+			}()
+			d, err := NewDialer(config.Server{Address: ln.Addr().String(), SSLMode: config.SSLRequire, ConnectTimeout: "200ms"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = d.Dial(t.Context())
+			var de *DialError
+			if !errors.As(err, &de) || de.Step != StepTLSHandshake || de.Timeout != tt.timeout {
+				t.Fatalf("Dial: %#v, want a DialError in the TLS handshake", err)
+			}
+			if want := "rolegate could not connect to server " + ln.Addr().String() + ": " + tt.want; de.Message() != want {
+				t.Errorf("message %q, want %q", de.Message(), want)
+			}
+			<-done
+		})
+	}
+}
+
+// A LoginConn gives the server connect_timeout per turn, never past the
+// login's deadline, and names the step in its errors.
+func TestLoginConn(t *testing.T) {
+	t.Parallel()
+	d, err := NewDialer(config.Server{Address: "db:5432", SSLMode: config.SSLDisable, ConnectTimeout: "50ms"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantFail := func(t *testing.T, err error, step Step, timeout time.Duration, cause string) {
+		t.Helper()
+		var de *DialError
+		if !errors.As(err, &de) || de.Step != step || de.Timeout != timeout {
+			t.Fatalf("error %#v, want a DialError at %v after %v", err, step, timeout)
+		}
+		if want := "rolegate could not connect to server db:5432: " + cause + " " + step.String(); de.Message() != want {
+			t.Errorf("message %q, want %q", de.Message(), want)
+		}
+	}
+	t.Run("the startup message goes unanswered", func(t *testing.T) {
+		t.Parallel()
+		c, s := net.Pipe()
+		defer s.Close()
+		lc := d.LoginConn(c, time.Now().Add(time.Hour))
+		lc.Begin(StepStartup)
+		_, err := lc.Read(make([]byte, 1))
+		wantFail(t, err, StepStartup, 50*time.Millisecond, "timeout expired after 50ms")
+	})
+	t.Run("a write starts the server's turn to answer it", func(t *testing.T) {
+		t.Parallel()
+		c, s := net.Pipe()
+		defer s.Close()
+		lc := d.LoginConn(c, time.Time{})
+		lc.Begin(StepStartup)
+		// The client's turn takes longer than connect_timeout: not the server's time.
+		go func() { _, _ = s.Read(make([]byte, 3)) }()
+		time.Sleep(100 * time.Millisecond)
+		if _, err := lc.Write([]byte("abc")); err != nil {
+			t.Fatalf("Write after the client's turn: %v", err)
+		}
+		_, err := lc.Read(make([]byte, 1))
+		wantFail(t, err, StepAuth, 50*time.Millisecond, "timeout expired after 50ms")
+	})
+	t.Run("the login's deadline comes first", func(t *testing.T) {
+		t.Parallel()
+		c, s := net.Pipe()
+		defer s.Close()
+		lc := d.LoginConn(c, time.Now().Add(-time.Second))
+		lc.Begin(StepReady)
+		_, err := lc.Read(make([]byte, 1))
+		wantFail(t, err, StepReady, 0, "timeout expired")
+	})
+	t.Run("the server hangs up", func(t *testing.T) {
+		t.Parallel()
+		c, s := net.Pipe()
+		lc := d.LoginConn(c, time.Time{})
+		lc.Begin(StepReady)
+		s.Close()
+		_, err := lc.Read(make([]byte, 1))
+		wantFail(t, err, StepReady, 0, "server closed the connection unexpectedly")
+	})
+}
+
+// What a client is told never carries a socket's error text; the log's
+// Error keeps it.
+func TestDialErrorMessage(t *testing.T) {
+	t.Parallel()
+	opErr := func(err error) error {
+		return &net.OpError{Op: "read", Net: "tcp", Source: &net.TCPAddr{Port: 1234}, Addr: &net.TCPAddr{Port: 5432}, Err: err}
+	}
+	tests := []struct {
+		err  error
+		step Step
+		want string
+	}{
+		{opErr(os.ErrDeadlineExceeded), StepStartup, "timeout expired while waiting for the server's answer to the startup message"},
+		{opErr(syscall.ECONNRESET), StepAuth, "server closed the connection unexpectedly while waiting for the server's answer to the authentication response"},
+		{&net.OpError{Op: "dial", Net: "tcp", Err: &os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}}, StepConnect,
+			"connection refused while opening the TCP connection"},
+		{&net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Err: "no such host", Name: "db.invalid"}}, StepConnect,
+			`could not translate host name "db.invalid" to address (no such host)`},
+		{opErr(errors.New("something else")), StepReady, "the connection failed while waiting for the server to become ready after authentication"},
+		{errors.New(`unexpected message type 'X' during login`), StepReady, `unexpected message type 'X' during login`},
+	}
+	for _, tt := range tests {
+		de := &DialError{Address: "db:5432", Step: tt.step, Err: tt.err}
+		if got, want := de.Message(), "rolegate could not connect to server db:5432: "+tt.want; got != want {
+			t.Errorf("%v: message %q, want %q", tt.err, got, want)
+		}
+		if !strings.Contains(de.Error(), tt.err.Error()) {
+			t.Errorf("Error() %q lost the detail %q", de.Error(), tt.err)
+		}
 	}
 }

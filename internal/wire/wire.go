@@ -6,7 +6,6 @@ package wire
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 
@@ -52,7 +51,7 @@ func ReadMessage(r *bufio.Reader, max int) (Message, error) {
 	}
 	body := make([]byte, n-4)
 	if _, err := io.ReadFull(r, body); err != nil {
-		if errors.Is(err, io.EOF) {
+		if err == io.EOF { // a bare EOF only: a wrapped one carries context the caller wants
 			err = io.ErrUnexpectedEOF
 		}
 		return Message{}, err
