@@ -238,6 +238,15 @@ func TestLongNamesLimits(t *testing.T) {
 			if l := logLines(p, "msg=rejected"); len(l) != 4 {
 				t.Errorf("rejections logged: %q", l)
 			}
+
+			// An operator's override (SET LIMIT) under a long name reaches
+			// the role the server stored.
+			two := 2
+			p.cfg.Limits.Override(n.m65, &two, nil)
+			connect(t, p.DSN(n.m79, longPW, "app"))
+			connect(t, p.DSN(n.m65, longPW, "app"))
+			_, err := tryConnect(p.DSN(n.roleMB63, longPW, "app"), 15*time.Second, nil)
+			wantTooMany(t, err, "role", n.roleMB63)
 		})
 	}
 }
