@@ -12,6 +12,7 @@ import (
 
 	"github.com/rolegate/rolegate/auth"
 	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/internal/pgtest"
 	"github.com/rolegate/rolegate/limiter"
 )
 
@@ -248,5 +249,38 @@ func TestLongNamesLimits(t *testing.T) {
 			_, err := tryConnect(p.DSN(n.roleMB63, longPW, "app"), 15*time.Second, nil)
 			wantTooMany(t, err, "role", n.roleMB63)
 		})
+	}
+}
+
+// md5 hashes the password with the role's name: the server uses the name it
+// cut (the stored hash was made with the stored name), while a client hashes
+// the name it was given. So a login with a name over 63 bytes fails under md5
+// directly, and the same through rolegate, in both modes; with the name as
+// stored it works.
+func TestLongNamesMD5(t *testing.T) {
+	t.Parallel()
+	c := pgtest.Start(t, pgtest.Options{HBA: []string{"host all all 127.0.0.1/32 md5"}})
+	r64 := uniqueName("md5") + strings.Repeat("m", 49) // 64 bytes
+	ctx := context.Background()
+	if err := c.Exec(ctx, "set password_encryption = 'md5'; create role "+r64+" login password 'md5_long_pw'"); err != nil {
+		t.Fatal(err)
+	}
+	ctl := superControl(t, c)
+	md5Auth := &ClientAuth{Store: auth.NewStore(100, time.Minute, auth.SourceFunc(ctl.Secret)), Method: "md5"}
+	for _, o := range []proxyOpts{{server: c}, {server: c, auth: md5Auth}} {
+		p := startProxy(t, o)
+		for _, tt := range []struct {
+			user string
+			want loginResult
+		}{
+			{r64, loginResult{code: "28P01", message: `password authentication failed for user "` + r64[:63] + `"`}},
+			{r64[:63], loginResult{user: r64[:63], database: "postgres"}},
+		} {
+			direct := tryLogin(t, c.DSN(tt.user, "md5_long_pw", "postgres"))
+			via := tryLogin(t, p.DSN(tt.user, "md5_long_pw", "postgres"))
+			if direct != tt.want || via != direct {
+				t.Errorf("proxy auth %v, user %d bytes: directly %v, through rolegate %v, want %v", o.auth != nil, len(tt.user), direct, via, tt.want)
+			}
+		}
 	}
 }
