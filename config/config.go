@@ -21,6 +21,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
 
+	"github.com/rolegate/rolegate/internal/pgname"
 	"github.com/rolegate/rolegate/limiter"
 )
 
@@ -45,8 +46,9 @@ type Config struct {
 	Admin   Admin   `toml:"admin"`
 
 	// Limits holds the defaults of the connection limits; Roles and Databases
-	// the limits of single roles and databases, by name. The maps are nil when
-	// the file sets none; use RoleRule and DatabaseRule to read them.
+	// the limits of single roles and databases, by name, cut to 63 bytes as
+	// CREATE ROLE and CREATE DATABASE cut them. The maps are nil when the file
+	// sets none; use RoleRule and DatabaseRule to read them.
 	Limits    Limits               `toml:"limits"`
 	Roles     map[string]LimitRule `toml:"roles"`
 	Databases map[string]LimitRule `toml:"databases"`
@@ -166,7 +168,8 @@ type LimitRule struct {
 // RoleRule is role's rule from proxy.toml alone, with everything the role's
 // table leaves out taken from [limits]; MaxSessions is -1 when the file sets
 // no limit for the role. The server's rolconnlimit is the caller's to combine
-// (limiter.Effective). Role names match exactly, as PostgreSQL's do.
+// (limiter.Effective). Role names match exactly, as PostgreSQL's do; a
+// login's name is the startup packet's, cut as the server cuts it.
 func (c *Config) RoleRule(role string) limiter.Rule { return c.Limits.resolve(c.Roles[role]) }
 
 // DatabaseRule is RoleRule for a database.
@@ -380,6 +383,13 @@ func (c *Config) validate() error {
 	if c.Admin.Database == "" {
 		return bad("admin.database", "must not be empty (the console's database name)")
 	}
+	// Logins name roles and databases as the server cuts them (the
+	// console database, as a startup packet's name is cut; console users, as
+	// CREATE ROLE stored them): see pgname.
+	c.Admin.Database = pgname.Startup(c.Admin.Database)
+	for i, u := range c.Admin.Users {
+		c.Admin.Users[i] = pgname.Identifier(u)
+	}
 	if c.Admin.HTTP != "" {
 		if _, _, err := net.SplitHostPort(c.Admin.HTTP); err != nil {
 			return bad("admin.http", "want host:port, or \"\" to turn the admin HTTP server off: %v", err)
@@ -510,20 +520,38 @@ func (c *Config) validateLimits() error {
 	}
 	for _, t := range []struct {
 		table, what string
-		rules       map[string]LimitRule
+		rules       *map[string]LimitRule
 	}{
-		{"roles", "role", c.Roles},
-		{"databases", "database", c.Databases},
+		{"roles", "role", &c.Roles},
+		{"databases", "database", &c.Databases},
 	} {
-		names := make([]string, 0, len(t.rules))
-		for name := range t.rules {
+		names := make([]string, 0, len(*t.rules))
+		for name := range *t.rules {
 			names = append(names, name)
 		}
 		slices.Sort(names)
 		for _, name := range names {
-			if err := t.rules[name].validate(t.table, t.what, name); err != nil {
+			if err := (*t.rules)[name].validate(t.table, t.what, name); err != nil {
 				return err
 			}
+		}
+		// A name longer than PostgreSQL keeps names what CREATE ROLE or
+		// CREATE DATABASE stored for it: its first 63 bytes, cut at a
+		// character boundary.
+		cut := make(map[string]LimitRule, len(names))
+		from := make(map[string]string, len(names))
+		for _, name := range names {
+			short := pgname.Identifier(name)
+			if prev, dup := from[short]; dup {
+				return &Error{Key: formatKey([]string{t.table, name}), Msg: fmt.Sprintf(
+					"names the same %s as %s: PostgreSQL keeps only the first %d bytes of a name, %q",
+					t.what, formatKey([]string{t.table, prev}), pgname.MaxLen, short)}
+			}
+			from[short] = name
+			cut[short] = (*t.rules)[name]
+		}
+		if *t.rules != nil {
+			*t.rules = cut
 		}
 	}
 	// LockRole keeps one control connection for the admission locks while

@@ -2,9 +2,11 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -346,6 +348,11 @@ func TestErrors(t *testing.T) {
 			`roles."a.policy".policy`, 4, `unknown policy "z"`},
 		{"unknown key in a quoted role", "[roles.\"my.user\"]\nmax_sessions = 1\nmaxsessions = 2\n", `roles."my.user".maxsessions`, 3, "unknown key"},
 		{"wrong type in a quoted role", "[roles.\"my.user\"]\nmax_sessions = true\n", `roles."my.user".max_sessions`, 2, "cannot decode TOML boolean"},
+		// Names PostgreSQL would cut to the same 63 bytes name one role.
+		{"two long names of one role", "[roles.\"" + strings.Repeat("r", 63) + "\"]\nmax_sessions = 1\n[roles.\"" + strings.Repeat("r", 70) + "\"]\nmax_sessions = 2\n",
+			`roles.` + strings.Repeat("r", 70), 3, `names the same role as roles.` + strings.Repeat("r", 63) + `: PostgreSQL keeps only the first 63 bytes`},
+		{"two long names of one database", "[databases]\n\"" + strings.Repeat("é", 31) + "xyz\" = { max_sessions = 1 }\n\"" + strings.Repeat("é", 31) + "x\" = { max_sessions = 2 }\n",
+			`databases."` + strings.Repeat("é", 31) + `xyz"`, 2, `names the same database as databases."` + strings.Repeat("é", 31) + `x"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -739,6 +746,38 @@ max_sessions = 2
 		if got := keyLine([]byte(doc), key); got != want {
 			t.Errorf("keyLine(%s) = %d, want %d", key, got, want)
 		}
+	}
+}
+
+// Rule names longer than PostgreSQL keeps name what CREATE ROLE and CREATE
+// DATABASE stored: the first 63 bytes, cut at a character boundary; so do
+// console users. The console database is cut like a startup packet's name.
+func TestLongNames(t *testing.T) {
+	t.Parallel()
+	r70, e40 := strings.Repeat("r", 70), strings.Repeat("é", 40)
+	doc := fmt.Sprintf("[admin]\nusers = [%q, \"short\"]\ndatabase = %q\n[roles.%q]\nmax_sessions = 1\n[roles.%q]\nmax_sessions = 2\n[databases.%q]\nmax_sessions = 3\n",
+		e40, r70, r70, e40, e40)
+	cfg, err := Parse("long.toml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.RoleRule(r70[:63]).MaxSessions; got != 1 {
+		t.Errorf("role %q cut to 63 bytes: max_sessions %d, want 1", r70, got)
+	}
+	if got := cfg.RoleRule(e40[:62]).MaxSessions; got != 2 {
+		t.Errorf("role %q cut to 62 bytes: max_sessions %d, want 2", e40, got)
+	}
+	if got := cfg.DatabaseRule(e40[:62]).MaxSessions; got != 3 {
+		t.Errorf("database %q cut to 62 bytes: max_sessions %d, want 3", e40, got)
+	}
+	if _, ok := cfg.Roles[r70]; ok || len(cfg.Roles) != 2 || len(cfg.Databases) != 1 {
+		t.Errorf("rules under their uncut names: %v %v", cfg.Roles, cfg.Databases)
+	}
+	if want := []string{e40[:62], "short"}; !slices.Equal(cfg.Admin.Users, want) {
+		t.Errorf("admin users %q, want %q", cfg.Admin.Users, want)
+	}
+	if cfg.Admin.Database != r70[:63] {
+		t.Errorf("console database %q, want %q", cfg.Admin.Database, r70[:63])
 	}
 }
 

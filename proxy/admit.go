@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/rolegate/rolegate/internal/pgname"
 	"github.com/rolegate/rolegate/internal/wire"
 	"github.com/rolegate/rolegate/limiter"
 )
@@ -58,8 +59,11 @@ type Override struct {
 	Policy      *limiter.Policy
 }
 
-// Override sets or changes role's override; nil leaves a field as it is.
+// Override sets or changes role's override; nil leaves a field as it is. A
+// role name over 63 bytes names the role CREATE ROLE stored for it, as in
+// proxy.toml.
 func (l *Limits) Override(role string, maxSessions *int, policy *limiter.Policy) {
+	role = pgname.Identifier(role)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.overrides == nil {

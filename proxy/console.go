@@ -48,8 +48,9 @@ func (s *Server) serveConsole(ctx context.Context, sess *session, client net.Con
 	} {
 		out = wire.Encode(out, &pgproto3.ParameterStatus{Name: p[0], Value: p[1]})
 	}
-	// The console has nothing to cancel; a random key keeps clients happy.
-	key := newCancelKey()
+	// The console has no server backend and nothing to cancel; a random key
+	// keeps clients happy.
+	key := consoleCancelKey()
 	out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: key.pid, SecretKey: key.secretBytes()})
 	out = wire.Encode(out, &pgproto3.ReadyForQuery{TxStatus: 'I'})
 	if _, err := client.Write(out); err != nil {

@@ -364,7 +364,7 @@ type loggedIn struct {
 // login authenticates the client (proxy mode) or relays its authentication
 // (passthrough), opens the server connection, and hands the session over: the
 // server's parameters and ReadyForQuery go to the client with a BackendKeyData
-// that rolegate issues in place of the server's.
+// of the server's pid and a secret rolegate issues in place of the server's.
 func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
 	p *startupPacket, deadline time.Time, sockets *conns, log *slog.Logger) (*loggedIn, error) {
 	if p.minor > 0 || len(p.unrecognized) > 0 {
@@ -483,7 +483,8 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 }
 
 // handoff passes what the server sends after AuthenticationOk to the client, up
-// to the first ReadyForQuery, and issues the client's own cancel key.
+// to the first ReadyForQuery, and issues the client's cancel key: the server's
+// pid and rolegate's own secret.
 func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reader, out []byte, holdFull bool,
 	beforeReady func() error) (*loggedIn, error) {
 	for {
@@ -498,8 +499,8 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 				return nil, s.serverLost(client, &out, err)
 			}
 			sess.backendPID, sess.backendKey = k.ProcessID, k.SecretKey
-			// Registration issues the client's own key; it must happen before the
-			// client can use it.
+			// Registration issues the client's key: the server's pid with a
+			// secret of rolegate's own. It must happen before the client can use it.
 			s.registry.add(sess)
 			out = wire.Encode(out, &pgproto3.BackendKeyData{ProcessID: sess.cancelKey.pid, SecretKey: sess.cancelKey.secretBytes()})
 		case 'Z':

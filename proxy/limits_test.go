@@ -225,8 +225,7 @@ func wantAlive(t *testing.T, c *pgx.Conn, what string) {
 	}
 }
 
-// backendPID is the server's pid for a session (through rolegate the client's
-// own BackendKeyData carries a pid rolegate made up).
+// backendPID is the server's pid for a session, as the server reports it.
 func backendPID(t *testing.T, c *pgx.Conn) uint32 {
 	t.Helper()
 	var pid uint32

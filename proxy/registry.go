@@ -7,9 +7,11 @@ import (
 	"sync"
 )
 
-// cancelKey is the BackendKeyData rolegate issues to a client: a random process
-// id and a random 4-byte secret (protocol 3.0), so the server's pids and keys never
-// reach clients and a key dies with its session.
+// cancelKey is the BackendKeyData rolegate issues to a client: the server's
+// real process id, so that pg_backend_pid(), pg_stat_activity and the pid a
+// driver reports agree, and a secret of rolegate's own (4 bytes, protocol 3.0),
+// so that the server's secret never reaches clients and a key dies with its
+// session. The pid is public; only the secret protects a cancel.
 type cancelKey struct {
 	pid    uint32
 	secret uint32
@@ -19,38 +21,84 @@ func (k cancelKey) secretBytes() []byte {
 	return binary.BigEndian.AppendUint32(nil, k.secret)
 }
 
-// registry holds the sessions that have logged in, by id and by cancel key.
+// registry holds the sessions that have logged in, by id, by cancel key and by
+// server pid.
 type registry struct {
 	mu       sync.Mutex
 	sessions map[uint64]*session
 	byKey    map[cancelKey]*session
+	// byPID is the newest session registered for each server pid: a pid is
+	// one live backend's, but the session of a backend that has just exited
+	// may still be registered when the server gives its pid to a new one.
+	byPID map[uint32]*session
 }
 
 func newRegistry() *registry {
-	return &registry{sessions: make(map[uint64]*session), byKey: make(map[cancelKey]*session)}
+	return &registry{sessions: make(map[uint64]*session), byKey: make(map[cancelKey]*session),
+		byPID: make(map[uint32]*session)}
 }
 
-// newCancelKey is a random BackendKeyData: a positive process ID, as the
-// server's are, and a secret.
-func newCancelKey() cancelKey {
-	var b [8]byte
+// newSecret is the secret of a cancel key rolegate issues: unpredictable, so
+// that knowing a session's pid (which is public) is not enough to cancel its
+// queries. Every secret rolegate issues comes from here.
+func newSecret() uint32 {
+	var b [4]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails on Linux
-	return cancelKey{pid: binary.BigEndian.Uint32(b[:4]) & 0x7fffffff, secret: binary.BigEndian.Uint32(b[4:])}
+	return binary.BigEndian.Uint32(b[:])
 }
 
-// add registers s under a fresh random cancel key, which it stores in s.
+// consoleCancelKey is the BackendKeyData of an admin console session, which
+// has no server backend: a random positive pid, as clients expect one, with a
+// secret that matches nothing (the key is never registered, so a
+// CancelRequest with it is ignored).
+func consoleCancelKey() cancelKey {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	pid := binary.BigEndian.Uint32(b[:]) & 0x7fffffff
+	if pid == 0 {
+		pid = 1
+	}
+	return cancelKey{pid: pid, secret: newSecret()}
+}
+
+// add registers s. A session whose server sent a BackendKeyData (backendKey
+// set) gets a cancel key of the server's pid and a fresh secret, which add
+// stores in s.cancelKey; one without gets none. A session still registered
+// under the same server pid is of a backend that has exited (the server
+// reuses only a free pid): its key is forgotten at once, so that it can never
+// reach the new backend, and the new secret differs from it.
 func (r *registry) add(s *session) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.dropKey(s) // a session that logs in again (a retried server login) keeps one key
+	var stale uint32
+	var hadStale bool
+	if old := r.byPID[s.backendPID]; old != nil && old != s && s.backendPID != 0 {
+		stale, hadStale = old.cancelKey.secret, old.hasKey
+		r.dropKey(old)
+	}
+	r.sessions[s.id] = s
+	if s.backendPID != 0 {
+		r.byPID[s.backendPID] = s
+	}
+	if s.backendKey == nil {
+		return
+	}
 	for {
-		k := newCancelKey()
-		if _, taken := r.byKey[k]; taken || k.pid == 0 {
+		k := cancelKey{pid: s.backendPID, secret: newSecret()}
+		if _, taken := r.byKey[k]; taken || (hadStale && k.secret == stale) {
 			continue
 		}
-		s.cancelKey = k
+		s.cancelKey, s.hasKey = k, true
 		r.byKey[k] = s
-		r.sessions[s.id] = s
 		return
+	}
+}
+
+// dropKey forgets s's cancel key if it is registered to s; r.mu is held.
+func (r *registry) dropKey(s *session) {
+	if s.hasKey && r.byKey[s.cancelKey] == s {
+		delete(r.byKey, s.cancelKey)
 	}
 }
 
@@ -60,11 +108,16 @@ func (r *registry) remove(s *session) {
 	defer r.mu.Unlock()
 	if r.sessions[s.id] == s {
 		delete(r.sessions, s.id)
-		delete(r.byKey, s.cancelKey)
+		r.dropKey(s)
+		if r.byPID[s.backendPID] == s {
+			delete(r.byPID, s.backendPID)
+		}
 	}
 }
 
-// lookup finds the session a CancelRequest names; the key must match exactly.
+// lookup finds the session a CancelRequest names. The key must be exactly
+// one rolegate issued to a live session: the server's pid and rolegate's
+// 4-byte secret, all of it.
 func (r *registry) lookup(pid uint32, secret []byte) *session {
 	if len(secret) != 4 {
 		return nil
@@ -91,16 +144,12 @@ func (r *registry) len() int {
 	return len(r.sessions)
 }
 
-// byBackendPID finds the session rolegate holds for a server backend.
+// byBackendPID finds the session rolegate holds for a server backend: the
+// newest registered under that pid, as an older one's backend has exited.
 func (r *registry) byBackendPID(pid uint32) *session {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, s := range r.sessions {
-		if s.backendPID == pid {
-			return s
-		}
-	}
-	return nil
+	return r.byPID[pid]
 }
 
 // backendPIDs returns the server pids of the sessions rolegate holds.

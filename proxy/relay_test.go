@@ -658,7 +658,9 @@ func sendCancel(t testing.TB, addr string, pid uint32, key []byte) {
 }
 
 // CancelRequests that do not carry exactly the key rolegate issued to a live
-// session cancel nothing: the query they aim at runs to its end.
+// session cancel nothing: the query they aim at runs to its end. The pid in
+// the key is the server's, which is public; the secret is rolegate's, and the
+// server's own secret does not work through rolegate. The right key cancels.
 func TestRelayCancelWrongKey(t *testing.T) {
 	t.Parallel()
 	p := startProxy(t, proxyOpts{})
@@ -672,8 +674,16 @@ func TestRelayCancelWrongKey(t *testing.T) {
 	if err := c.QueryRow(context.Background(), "select pg_backend_pid()").Scan(&serverPID); err != nil {
 		t.Fatal(err)
 	}
-	if serverPID == pid {
-		t.Errorf("the client was given the server's pid %d", pid)
+	if serverPID != pid {
+		t.Errorf("the client was given pid %d, the server's is %d", pid, serverPID)
+	}
+	held := p.registry.byBackendPID(serverPID)
+	if held == nil || len(held.backendKey) != 4 {
+		t.Fatalf("no session with the server's key for pid %d", serverPID)
+	}
+	serverKey := bytes.Clone(held.backendKey)
+	if bytes.Equal(serverKey, key) {
+		t.Fatalf("the client was given the server's secret %x", key)
 	}
 	// The key of a session that has ended dies with it.
 	old := connect(t, p.DSN("trust_user", "", "app"))
@@ -683,32 +693,51 @@ func TestRelayCancelWrongKey(t *testing.T) {
 	}
 	pollUntil(t, 10*time.Second, "the old session to end", func() bool { return len(p.Sessions()) == 1 })
 
-	done := make(chan error, 1)
-	var v int
+	direct := directApp(t)
+	// A query the wrong keys must leave alone sleeps 1 s; the one the right
+	// key cancels would sleep 30 s, so that the cancel surely finds it running.
 	var running sync.WaitGroup
 	t.Cleanup(running.Wait) // before the connection closes, even when the test fails
-	running.Go(func() { done <- c.QueryRow(context.Background(), "select 7 from pg_sleep(1)").Scan(&v) })
-	// Wrong keys are sent while the server runs the query, where a right one
-	// would cancel it.
-	direct := directApp(t)
-	pollUntil(t, 10*time.Second, "the query to start", func() bool {
-		s := liveSession(p, app)
-		return s != nil && s.State == StateActive && serverRunning(direct, app, "select 7 from pg_sleep(1)")
-	})
+	sleep := func(query string) chan error {
+		done := make(chan error, 1)
+		running.Go(func() {
+			var v int
+			err := c.QueryRow(context.Background(), query).Scan(&v)
+			if err == nil && v != 7 {
+				err = fmt.Errorf("got %d, want 7", v)
+			}
+			done <- err
+		})
+		// Keys are sent while the server runs the query, where a right one
+		// cancels it.
+		pollUntil(t, 10*time.Second, "the query to start", func() bool {
+			s := liveSession(p, app)
+			return s != nil && s.State == StateActive && serverRunning(direct, app, query)
+		})
+		return done
+	}
+	done := sleep("select 7 from pg_sleep(1)")
 	wrong := bytes.Clone(key)
 	wrong[3] ^= 1
-	sendCancel(t, p.Addr(), pid, wrong)                       // the right pid, a wrong key
-	sendCancel(t, p.Addr(), serverPID, key)                   // the server's pid with the issued key
+	sendCancel(t, p.Addr(), pid, wrong)                       // the right pid, a wrong secret
+	sendCancel(t, p.Addr(), pid, serverKey)                   // the server's own key
+	sendCancel(t, p.Addr(), pid+1, key)                       // another pid with the issued secret
 	sendCancel(t, p.Addr(), pid, append(bytes.Clone(key), 0)) // a longer key
 	sendCancel(t, p.Addr(), oldPID, oldKey)                   // an ended session's key
-	if err := <-done; err != nil || v != 7 {
-		t.Fatalf("the query after wrong cancel keys: %d, %v; want it to finish", v, err)
+	if err := <-done; err != nil {
+		t.Fatalf("the query after wrong cancel keys: %v; want it to finish", err)
 	}
-	if got := strings.Count(p.logs.String(), "cancel request with an unknown key ignored"); got != 4 {
-		t.Errorf("%d log lines for ignored cancel requests, want 4", got)
+	if got := strings.Count(p.logs.String(), "cancel request with an unknown key ignored"); got != 5 {
+		t.Errorf("%d log lines for ignored cancel requests, want 5", got)
 	}
 	if strings.Contains(p.logs.String(), "cancel request forwarded") {
 		t.Error("a cancel request was forwarded")
+	}
+
+	done = sleep("select 7 from pg_sleep(30)")
+	sendCancel(t, p.Addr(), pid, key)
+	if err := <-done; pgCode(err) != "57014" {
+		t.Fatalf("the query after the right cancel key: %v; want 57014", err)
 	}
 }
 

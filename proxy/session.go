@@ -73,8 +73,9 @@ type session struct {
 	loggedIn   bool // set by handle once the session holds its server slot
 	verified   bool // the client proved who it is (rolegate's or the server's authentication)
 	backendPID uint32
-	backendKey []byte
-	cancelKey  cancelKey // the key rolegate gave the client
+	backendKey []byte    // the server's secret: never leaves rolegate but in a forwarded cancel
+	cancelKey  cancelKey // the key rolegate gave the client (registry.add sets it)
+	hasKey     bool      // cancelKey was issued: the server sent a BackendKeyData
 
 	// evictMsg, once set, replaces the server's 57P01 message to the client:
 	// the session is being evicted and the client is told why.

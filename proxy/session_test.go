@@ -134,8 +134,8 @@ func TestSessionRegistry(t *testing.T) {
 	if s.BackendPID != pid {
 		t.Errorf("BackendPID %d, but the session's pg_backend_pid() is %d", s.BackendPID, pid)
 	}
-	if pid == c.PgConn().PID() {
-		t.Errorf("the client holds the server's pid %d", pid)
+	if pid != c.PgConn().PID() {
+		t.Errorf("the client holds pid %d, the server's is %d", c.PgConn().PID(), pid)
 	}
 
 	// The state follows the server's, and the counters grow with each round.

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/rolegate/rolegate/internal/pgname"
 )
 
 // Startup packet codes, as PostgreSQL defines them in pqcomm.h.
@@ -84,7 +86,8 @@ func readStartupPacket(r io.Reader) ([]byte, error) {
 }
 
 // parseStartupPacket decodes a startup packet body (without its length word). Its
-// messages and SQLSTATEs follow PostgreSQL's ProcessStartupPacket.
+// messages and SQLSTATEs follow PostgreSQL's ProcessStartupPacket, and so does
+// the cut of user and database to 63 bytes.
 func parseStartupPacket(body []byte) (*startupPacket, error) {
 	if len(body) < 4 {
 		return nil, protocolViolation("invalid length of startup packet")
@@ -141,6 +144,12 @@ func parseStartupPacket(body []byte) (*startupPacket, error) {
 		// PostgreSQL's default: the database named like the user.
 		p.params["database"] = p.params["user"]
 	}
+	// The server cuts both names to 63 bytes before it looks anything up; cut
+	// here, once, so that rules, counts, logs, the console and the password
+	// lookup name the role and database the server will, and the server gets
+	// the names it would have used anyway.
+	p.params["user"] = pgname.Startup(p.params["user"])
+	p.params["database"] = pgname.Startup(p.params["database"])
 	return p, nil
 }
 

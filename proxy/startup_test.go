@@ -56,6 +56,8 @@ func wantStartupError(t *testing.T, err error, code, msg string) {
 
 func TestParseStartupPacket(t *testing.T) {
 	t.Parallel()
+	long70 := strings.Repeat("n", 70)
+	longE := strings.Repeat("é", 40) // byte 63 is inside a character: the server cuts there all the same
 	key32 := bytes.Repeat([]byte{0xab}, 32)
 	key256 := bytes.Repeat([]byte{0xcd}, 256)
 	const (
@@ -107,6 +109,17 @@ func TestParseStartupPacket(t *testing.T) {
 			name: "3.0 with an empty database defaults to the user",
 			pkt:  packet(version(3, 0), params("database", "", "user", "alice")),
 			want: &startupPacket{kind: kindStartup, major: 3, params: map[string]string{"user": "alice", "database": "alice"}},
+		},
+		{
+			name: "long names are cut to 63 bytes, as the server cuts them",
+			pkt:  packet(version(3, 0), params("user", long70, "database", longE, "application_name", long70)),
+			want: &startupPacket{kind: kindStartup, major: 3, params: map[string]string{
+				"user": long70[:63], "database": longE[:63], "application_name": long70}},
+		},
+		{
+			name: "a long user is cut after it names the database",
+			pkt:  packet(version(3, 0), params("user", longE)),
+			want: &startupPacket{kind: kindStartup, major: 3, params: map[string]string{"user": longE[:63], "database": longE[:63]}},
 		},
 		{
 			name: "3.0 with a _pq_ option",

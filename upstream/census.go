@@ -104,7 +104,7 @@ ORDER BY a.backend_start, a.pid`
 // of other roles' sessions: State is then "" and the times are zero.
 func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.Holder, error) {
 	s := c.state()
-	rows, err := c.pool.Query(ctx, censusQuery, role, database, s.appName)
+	rows, err := c.pool.Query(ctx, censusQuery, controlText(role), controlText(database), s.appName)
 	if err != nil {
 		return nil, fmt.Errorf("census: %w", err)
 	}
@@ -179,7 +179,7 @@ func (c *Control) ServerLimits(ctx context.Context, role, database string, ttl t
 	s := c.state()
 	if ttl <= 0 {
 		var rl, dl int32
-		if err := c.pool.QueryRow(ctx, limitsQuery, role, database).Scan(&rl, &superuser, &dl); err != nil {
+		if err := c.pool.QueryRow(ctx, limitsQuery, controlText(role), controlText(database)).Scan(&rl, &superuser, &dl); err != nil {
 			return 0, false, 0, fmt.Errorf("server limits: %w", err)
 		}
 		return noLimit(rl), superuser, noLimit(dl), nil
@@ -322,7 +322,7 @@ func (c *Control) LockDatabase(ctx context.Context, database string) (unlock fun
 func (c *Control) lock(ctx context.Context, class int32, name string) (func(), error) {
 	s := c.state()
 	noop := func() {}
-	key := limitKey{class, name}
+	key := limitKey{class, controlText(name)}
 	release, err := s.token(ctx, key)
 	if err != nil {
 		return noop, lockError(class, name, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -66,11 +67,26 @@ func (c *Control) Close() {
 // Ping checks that the server answers on the control connection.
 func (c *Control) Ping(ctx context.Context) error { return c.pool.Ping(ctx) }
 
+// controlText is a role or database name as the control connection can send
+// it. The connection speaks UTF-8 and the server refuses a parameter that is
+// not (22021 invalid byte sequence); a login's name that is not UTF-8 (a
+// multibyte name the server's 63-byte cut split inside a character) names no
+// role or database the server has, so it goes as "", which names none either.
+func controlText(name string) string {
+	if !utf8.ValidString(name) {
+		return ""
+	}
+	return name
+}
+
 // Secret runs the auth query for role. No row means an unknown role; a NULL
 // secret is a role without a password (auth.NoSecret). The query may return
 // the secret alone or, as PgBouncer's auth_query does, the name and the secret:
 // the last column is the secret.
 func (c *Control) Secret(ctx context.Context, role string) (auth.Secret, bool, error) {
+	if controlText(role) != role {
+		return auth.Secret{}, false, nil // an unknown role, as the server would find
+	}
 	rows, err := c.pool.Query(ctx, c.authQuery, role)
 	if err != nil {
 		return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)

@@ -32,7 +32,7 @@ func TestConsoleBinary(t *testing.T) {
 	p := startBinary(t, bin, c, conf("max_sessions = 1\npolicy = \"reject\""))
 	console := strings.Replace(p.dsnAs(c.SuperUser, c.SuperPassword), "dbname=postgres", "dbname=rolegate", 1)
 	held := login(t, p.dsnAs("con_user", "con_pw"))
-	pid := held.PgConn().PID() // rolegate's own key: find the server pid through the console
+	pid := held.PgConn().PID() // the server's pid: the console shows the same
 
 	run := func(q string) string {
 		t.Helper()
@@ -47,7 +47,7 @@ func TestConsoleBinary(t *testing.T) {
 		t.Fatalf("show sessions:\n%s", sessions)
 	}
 	serverPID, err := strconv.Atoi(strings.SplitN(strings.SplitN(sessions, "\n", 2)[0], "|", 2)[0])
-	if err != nil || uint32(serverPID) == pid {
+	if err != nil || uint32(serverPID) != pid {
 		t.Fatalf("server pid from show sessions %q: %v", sessions, err)
 	}
 	if out := run("show roles"); !strings.Contains(out, "con_user") || !strings.Contains(out, "proxy.toml") {
