@@ -30,8 +30,11 @@ type Holder struct {
 	// Protected sessions (rolegate's own control connections) count but are
 	// never evicted.
 	Protected bool
-	// Replication connections (walsenders) do not count against any limit
-	// and are never evicted, as in PostgreSQL.
+	// Replication connections (walsenders, logical or physical) do not
+	// count against any limit and are never evicted: PostgreSQL 15.18
+	// counts them against neither rolconnlimit nor datconnlimit (the
+	// proxy's TestLimitReplication checks the server), and a replica must
+	// never be cut off to let a login in.
 	Replication bool
 	// ViaRolegate is not used by the limiter; it travels with a victim so
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
@@ -46,7 +49,8 @@ type Login struct {
 	Role     string
 	Database string
 	// Superuser (rolsuper of the login role itself, not membership) and
-	// Replication logins are admitted without counting, as PostgreSQL does.
+	// Replication (walsender) logins are admitted without counting, as
+	// PostgreSQL does: 15.18 checks neither against a connection limit.
 	Superuser   bool
 	Replication bool
 	// Ticket is the ticket an earlier Wait or Evict decision for this login
