@@ -30,8 +30,11 @@ type Holder struct {
 	// Protected sessions (rolegate's own control connections) count but are
 	// never evicted.
 	Protected bool
-	// Replication connections (walsenders) do not count against any limit
-	// and are never evicted, as in PostgreSQL.
+	// Replication connections (walsenders, logical or physical) do not
+	// count against any limit and are never evicted: PostgreSQL 15.18
+	// counts them against neither rolconnlimit nor datconnlimit (the
+	// proxy's TestLimitReplication checks the server), and a replica must
+	// never be cut off to let a login in.
 	Replication bool
 	// ViaRolegate is not used by the limiter; it travels with a victim so
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
@@ -46,7 +49,8 @@ type Login struct {
 	Role     string
 	Database string
 	// Superuser (rolsuper of the login role itself, not membership) and
-	// Replication logins are admitted without counting, as PostgreSQL does.
+	// Replication (walsender) logins are admitted without counting, as
+	// PostgreSQL does: 15.18 checks neither against a connection limit.
 	Superuser   bool
 	Replication bool
 	// Ticket is the ticket an earlier Wait or Evict decision for this login
@@ -146,7 +150,10 @@ type Decision struct {
 // Waiting is FIFO per limit: a login is admitted only if the slots free in
 // the census outnumber the waiters ahead of it for the same limit, and a
 // login never evicts while earlier waiters for that limit exist (it waits
-// behind them and wakes the first, which may now find a victim).
+// behind them and wakes the first, which may now find a victim), except that
+// under an evicting policy a login whose wait is over (or may not wait at
+// all) does not stay behind them: it evicts for itself, or its fallback
+// decides.
 //
 // Decide records the victims it hands out (never the same session twice
 // until it is reported with Evicted or EvictFailed) and counts the decision.
@@ -172,8 +179,19 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 	rv := &scopeView{key: queueKey{ScopeRole, login.Role}, rule: role}
 	dv := &scopeView{key: queueKey{ScopeDatabase, login.Database}, rule: db}
 	l.census(holders, t, rv, dv)
-	rv.ahead = l.ahead(rv.key, t)
-	dv.ahead = l.ahead(dv.key, t)
+	for _, v := range []*scopeView{rv, dv} {
+		v.ahead = l.ahead(v.key, t)
+		// Under an evicting policy the line only keeps the order in which
+		// waiters act; it must not turn into a rejection. A login that may
+		// wait no longer (its wait_timeout ran out while an earlier waiter
+		// had not acted yet, or it is 0) acts itself now: it evicts if its
+		// policy finds a victim, else its fallback decides. Rejecting it
+		// for its place in line would refuse a newest-wins login although
+		// a session could be evicted for it.
+		if v.ahead > 0 && v.rule.policy().Evicts() && !mayWait(now, t, v.rule) {
+			v.passed, v.ahead = v.ahead, 0
+		}
+	}
 
 	o := l.judge(now, rv, nil, dv)
 	if o.kind == Admit || o.kind == Evict {
@@ -203,6 +221,7 @@ type scopeView struct {
 	count   int      // members + ghosts: the slots held
 	leaving int      // how many of count are victims in flight
 	ahead   int      // waiters for this limit that arrived before the login
+	passed  int      // earlier waiters the login passes: it may wait no longer
 	mine    []uint32 // the login's own victims in flight under this limit
 }
 
@@ -405,14 +424,12 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 	}
 	key := CounterKey{login.Role, d.Policy}
 
-	if o.kind == Wait {
-		switch {
-		case t != nil && !t.deadline.IsZero() && !now.Before(t.deadline):
-			d.Kind = Reject
+	if o.kind == Wait && !mayWait(now, t, s.rule) {
+		d.Kind = Reject
+		if t != nil && !t.deadline.IsZero() {
 			d.Reason = fmt.Sprintf("%s; waited %s, wait_timeout reached", o.reason, human(now.Sub(t.waitStart)))
 			l.counter(key).WaitTimeouts++
-		case (t == nil || t.deadline.IsZero()) && s.rule.WaitTimeout <= 0:
-			d.Kind = Reject
+		} else {
 			d.Reason = o.reason + "; wait_timeout is 0"
 		}
 	}
@@ -457,6 +474,16 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 	return d
 }
 
+// mayWait reports whether a Wait decision under r lets the login wait: its
+// deadline (set when it first waited) has not come, or, before its first
+// wait, r's WaitTimeout is above 0.
+func mayWait(now time.Time, t *Ticket, r Rule) bool {
+	if t != nil && !t.deadline.IsZero() {
+		return now.Before(t.deadline)
+	}
+	return r.WaitTimeout > 0
+}
+
 // wakeFree wakes as many waiters of the limit as the census shows free
 // slots, minus those already woken: slots can free without a Released call
 // (sessions opened directly against the server), and a Decide is the first to
@@ -491,6 +518,9 @@ func (s *scopeView) describe() string {
 	}
 	if s.ahead > 0 {
 		use += fmt.Sprintf(", %d waiting before this login", s.ahead)
+	}
+	if s.passed > 0 {
+		use += fmt.Sprintf(", %d waiting before this login, passed as this login may wait no longer", s.passed)
 	}
 	return fmt.Sprintf("%s %q %s %d (%s)", s.key.scope, s.key.name, state, s.rule.MaxSessions, use)
 }

@@ -259,3 +259,74 @@ func TestReleasedWakesNextUnwoken(t *testing.T) {
 		tk.Leave()
 	}
 }
+
+// TestEvictingLoginPassesStalledLine: under an evicting policy, a login
+// waiting in line behind an earlier waiter that has not acted is not
+// rejected at its deadline (or at once, with wait_timeout 0) while a session
+// could be evicted for it: it evicts for itself. FuzzDecide found this
+// (testdata/fuzz/FuzzDecide/699222d54208ae09). Under policy wait the line
+// still holds to the end.
+func TestEvictingLoginPassesStalledLine(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		timeout time.Duration
+		policy  Policy
+		want    Kind
+	}{
+		{"newest-wins at its deadline", 10 * time.Second, PolicyNewestWins, Evict},
+		{"evict-idle at its deadline", 10 * time.Second, PolicyEvictIdle, Evict},
+		{"newest-wins with wait_timeout 0", 0, PolicyNewestWins, Evict},
+		{"wait at its deadline", 10 * time.Second, PolicyWait, Reject},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			clk := newClock()
+			l := New(clk.Now)
+			r := Rule{MaxSessions: 2, Policy: c.policy, WaitTimeout: c.timeout}
+			// a evicts pid 1 and, deciding again before its report, waits
+			// for its own victim: it stands in line.
+			census := []Holder{idle(1, "app", "d", time.Hour), idle(2, "app", "d", time.Minute)}
+			a := login(1)
+			if c.policy == PolicyWait {
+				r.WaitTimeout = 10 * time.Second // a must be able to wait
+				a.Ticket = mustWait(t, l.Decide(a, r, NoLimit(), census))
+				r.WaitTimeout = c.timeout
+			} else {
+				da := l.Decide(a, r, NoLimit(), census)
+				if da.Kind != Evict || da.Victims[0].PID != 1 {
+					t.Fatalf("a: %v (%s)", da.Kind, da.Reason)
+				}
+				a.Ticket = da.Ticket
+				r.WaitTimeout = 10 * time.Second // a waits for its own victim
+				a.Ticket = mustWait(t, l.Decide(a, r, NoLimit(), census))
+				r.WaitTimeout = c.timeout
+			}
+			// b arrives and finds a ahead of it.
+			b := login(2)
+			db := l.Decide(b, r, NoLimit(), census)
+			if c.timeout > 0 {
+				b.Ticket = mustWait(t, db)
+				if !strings.Contains(db.Reason, "1 waiting before this login") {
+					t.Fatalf("b: %s", db.Reason)
+				}
+				// a is slow to come back; b's wait runs out.
+				clk.Advance(c.timeout)
+				db = l.Decide(b, r, NoLimit(), census)
+			}
+			if db.Kind != c.want {
+				t.Fatalf("b: %v (%s), want %v", db.Kind, db.Reason, c.want)
+			}
+			if c.want == Evict {
+				if db.Victims[0].PID != 2 || !strings.Contains(db.Reason, "passed as this login may wait no longer") {
+					t.Fatalf("b: victims %v (%s)", pids(db.Victims), db.Reason)
+				}
+				l.Evicted(2)
+			}
+			db.Ticket.Leave()
+			l.Evicted(1)
+			a.Ticket.Leave()
+			if len(l.tickets) != 0 || len(l.queues) != 0 || len(l.evicting) != 0 {
+				t.Fatalf("left behind: tickets %d queues %d evicting %d", len(l.tickets), len(l.queues), len(l.evicting))
+			}
+		})
+	}
+}
