@@ -331,7 +331,7 @@ func failureClass(e *auth.Error, secret auth.Secret, found bool) string {
 	case errors.Is(e, auth.ErrPasswordMismatch):
 		return "wrong password"
 	case errors.Is(e, auth.ErrChannelBinding):
-		return "channel binding required by client"
+		return "channel binding failed"
 	case errors.Is(e, auth.ErrMalformed):
 		return "malformed authentication message"
 	}
