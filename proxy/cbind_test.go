@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -370,4 +371,32 @@ func TestSCRAMRefusalsLikeServer(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzSASLInitialResponse holds decodeSASLInitialResponse to PostgreSQL's
+// reading: a body is accepted exactly when it is a mechanism name, its
+// terminator, a length and that many bytes (or -1 and none); anything else
+// is a 08P01 error.
+func FuzzSASLInitialResponse(f *testing.F) {
+	f.Add(saslInitial(auth.SCRAMSHA256, 3, "n,,")[5:])
+	f.Add(saslInitial(auth.SCRAMSHA256, 100, "n,,")[5:])
+	f.Add(saslInitial(auth.SCRAMSHA256, -1, "")[5:])
+	f.Add(saslInitial(auth.SCRAMSHA256, -2, "")[5:])
+	f.Add([]byte(auth.SCRAMSHA256 + "\x00\x00"))
+	f.Add([]byte(auth.SCRAMSHA256))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		mechanism, data, err := decodeSASLInitialResponse(body)
+		if err != nil {
+			var e *auth.Error
+			if !errors.As(err, &e) || e.Code != "08P01" {
+				t.Fatalf("error %v, want a 08P01 *auth.Error", err)
+			}
+			return
+		}
+		again := saslInitial(mechanism, int32(len(data)), string(data))[5:]
+		noResponse := saslInitial(mechanism, -1, "")[5:]
+		if !bytes.Equal(again, body) && !(len(data) == 0 && bytes.Equal(noResponse, body)) {
+			t.Fatalf("accepted %q as %q, %q", body, mechanism, data)
+		}
+	})
 }
