@@ -28,7 +28,7 @@ unit:
 
 # A short run of each fuzz target (go test -fuzz takes one target at a time); a
 # failing input lands in the package's testdata/fuzz and then runs in every `unit`.
-FUZZ_TARGETS := proxy:FuzzStartupPacket proxy:FuzzScanner \
+FUZZ_TARGETS := proxy:FuzzStartupPacket proxy:FuzzScanner proxy:FuzzSASLInitialResponse \
 	auth:FuzzSCRAMClientFirst auth:FuzzSCRAMClientFinal auth:FuzzSCRAMServerMessages \
 	auth:FuzzUserlist auth:FuzzParseSecret limiter:FuzzDecide
 fuzz:

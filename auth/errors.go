@@ -22,10 +22,11 @@ var (
 	ErrPasswordMismatch = errors.New("password mismatch")
 	// ErrMalformed: a client's SCRAM message does not follow RFC 5802.
 	ErrMalformed = errors.New("malformed SCRAM message")
-	// ErrChannelBinding: the client requires channel binding (SCRAM-SHA-256-PLUS
-	// or the gs2 flag "p"), which rolegate does not offer because it
-	// terminates TLS itself.
-	ErrChannelBinding = errors.New("channel binding not supported")
+	// ErrChannelBinding: the client's channel binding does not fit the
+	// connection: SCRAM-SHA-256-PLUS without TLS, a gs2 flag that does not
+	// match the mechanism, "y" where -PLUS was offered (a downgrade), or
+	// binding data of another certificate than rolegate's.
+	ErrChannelBinding = errors.New("channel binding failed")
 	// ErrUnsupported: a valid SCRAM feature rolegate does not implement, such
 	// as a mandatory extension or another role as authorization identity.
 	ErrUnsupported = errors.New("unsupported SCRAM feature")
@@ -94,15 +95,12 @@ func protocolViolation(message, detail string) *Error {
 	return &Error{Code: CodeProtocolViolation, Message: message, Detail: detail, Err: ErrMalformed}
 }
 
-// channelBindingRefused uses 08P01 as PostgreSQL does when a client asks for
-// binding the server did not offer.
-func channelBindingRefused(detail string) *Error {
-	return &Error{
-		Code:    CodeProtocolViolation,
-		Message: "channel binding is not supported by rolegate",
-		Detail:  detail,
-		Err:     ErrChannelBinding,
-	}
+// cbindMalformed is PostgreSQL's "malformed SCRAM message" for a gs2 flag
+// that does not match the mechanism the client selected.
+func cbindMalformed(detail string) *Error {
+	e := malformed(detail)
+	e.Err = ErrChannelBinding
+	return e
 }
 
 func unsupported(message string) *Error {

@@ -36,8 +36,14 @@ func FuzzSCRAMClientFirst(f *testing.F) {
 		f.Add(SCRAMSHA256, []byte(seed))
 	}
 	f.Add("SCRAM-SHA-256-PLUS", []byte("p=tls-server-end-point,,n=,r=abc"))
+	f.Add("SCRAM-SHA-256-PLUS", []byte("p=tls-server-end-point,,n=,r=abcd"))
+	f.Add("SCRAM-SHA-256-PLUS", []byte("p=tls-unique,,n=,r=abcd"))
 	f.Fuzz(func(t *testing.T, mechanism string, msg []byte) {
 		s := NewSCRAMServer("u", fuzzVerifier)
+		if len(msg)%2 == 0 {
+			// Half the inputs arrive on a TLS connection, where -PLUS is offered.
+			s.WithChannelBinding([]byte("end point"))
+		}
 		out, err := s.Start(mechanism, msg)
 		if err != nil {
 			checkError(t, err)

@@ -12,12 +12,6 @@ import (
 // SCRAMSHA256 is the SASL mechanism name of SCRAM-SHA-256 (RFC 7677).
 const SCRAMSHA256 = "SCRAM-SHA-256"
 
-// scramSHA256Plus is the channel-binding variant, which rolegate never
-// offers: it terminates TLS itself, so a client's binding to rolegate's
-// certificate would mean nothing to the server, and binding to its own
-// certificate is not implemented.
-const scramSHA256Plus = "SCRAM-SHA-256-PLUS"
-
 const (
 	// nonceBytes is PostgreSQL's SCRAM_RAW_NONCE_LEN: 18 random bytes are
 	// 24 base64 characters, with no padding.
@@ -102,6 +96,19 @@ func charAt(s string, i int) string {
 		return fmt.Sprintf("%q", c)
 	}
 	return fmt.Sprintf("0x%02x", s[i])
+}
+
+// sanitizeStr describes a client's string for an error message as
+// PostgreSQL's sanitize_str does: printable ASCII kept, anything else '?',
+// at most 30 characters.
+func sanitizeStr(s string) string {
+	b := []byte(s[:min(len(s), 30)])
+	for i, c := range b {
+		if c < 0x21 || c > 0x7e {
+			b[i] = '?'
+		}
+	}
+	return string(b)
 }
 
 // isPrintable reports whether s is RFC 5802's printable: ASCII 0x21-0x7e

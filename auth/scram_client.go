@@ -22,8 +22,8 @@ const maxClientIterations = 10_000_000
 // server's signature is checked with ServerKey. Keys holding only a
 // Password work too: the keys are then derived from the server's salt.
 //
-// The caller sends ClientFirst in a SASLInitialResponse for mechanism
-// SCRAMSHA256, passes AuthenticationSASLContinue's data to ClientFinal and
+// The caller sends ClientFirst in a SASLInitialResponse for Mechanism(),
+// passes AuthenticationSASLContinue's data to ClientFinal and
 // sends the result in a SASLResponse, then passes AuthenticationSASLFinal's
 // data to Verify, and only then trusts the AuthenticationOk that follows.
 // A SCRAMClient serves one exchange and is not safe for concurrent use.
@@ -31,6 +31,9 @@ type SCRAMClient struct {
 	clientKey []byte // nil until derived when logging in with a password
 	serverKey []byte
 	password  string
+	// cbindData is the server certificate's tls-server-end-point when the
+	// login is bound to the TLS connection (SCRAM-SHA-256-PLUS); nil if not.
+	cbindData []byte
 
 	state exchangeState
 	// user goes into "n=". PostgreSQL ignores it and libpq sends it empty,
@@ -60,15 +63,46 @@ func NewSCRAMClient(keys *Keys) (*SCRAMClient, error) {
 	return c, nil
 }
 
-// ClientFirst returns the client-first-message: "n,,n=,r=<nonce>". The gs2
-// flag is "n" (no channel binding) and the username empty: PostgreSQL takes
-// the role from the startup packet, and libpq sends the same.
+// WithChannelBinding binds the login to the TLS connection it runs on:
+// data is the tls-server-end-point (TLSServerEndPoint) of the certificate
+// the server presented, and the mechanism becomes SCRAM-SHA-256-PLUS. Use it
+// only when the server offers that mechanism. Call it before ClientFirst;
+// nil or empty data changes nothing. It returns c.
+func (c *SCRAMClient) WithChannelBinding(data []byte) *SCRAMClient {
+	if len(data) > 0 && c.state == stateStart {
+		c.cbindData = append([]byte(nil), data...)
+	}
+	return c
+}
+
+// Mechanism is the SASL mechanism to select in the SASLInitialResponse:
+// SCRAM-SHA-256-PLUS with channel binding, else SCRAM-SHA-256.
+func (c *SCRAMClient) Mechanism() string {
+	if c.cbindData != nil {
+		return SCRAMSHA256Plus
+	}
+	return SCRAMSHA256
+}
+
+// gs2Header is "p=tls-server-end-point,," with channel binding, else "n,,":
+// rolegate never sends "y" (could bind, but thinks the server cannot),
+// since a server on TLS refuses it and a server without TLS gains nothing.
+func (c *SCRAMClient) gs2Header() string {
+	if c.cbindData != nil {
+		return "p=" + cbindType + ",,"
+	}
+	return "n,,"
+}
+
+// ClientFirst returns the client-first-message: "n,,n=,r=<nonce>", or with
+// "p=tls-server-end-point,," in front when binding. The username is empty:
+// PostgreSQL takes the role from the startup packet, and libpq sends the same.
 func (c *SCRAMClient) ClientFirst() []byte {
 	c.clientFirstBare = "n=" + c.user + ",r=" + c.clientNonce
 	if c.state == stateStart {
 		c.state = stateFirstSent
 	}
-	return []byte("n,," + c.clientFirstBare)
+	return []byte(c.gs2Header() + c.clientFirstBare)
 }
 
 // ClientFinal takes the server-first-message and returns the
@@ -95,7 +129,9 @@ func (c *SCRAMClient) ClientFinal(serverFirst []byte) ([]byte, error) {
 		}
 	}
 
-	withoutProof := "c=biws,r=" + nonce // biws = base64("n,,")
+	// c= is the gs2 header and the binding data: "biws" = base64("n,,").
+	cbindInput := append([]byte(c.gs2Header()), c.cbindData...)
+	withoutProof := "c=" + base64.StdEncoding.EncodeToString(cbindInput) + ",r=" + nonce
 	c.authMessage = []byte(c.clientFirstBare + "," + msg + "," + withoutProof)
 	storedKey := sha256.Sum256(c.clientKey)
 	proof := make([]byte, sha256.Size)
@@ -184,7 +220,7 @@ func (c *SCRAMClient) Verify(serverFinal []byte) error {
 
 // String describes the exchange without its keys.
 func (c *SCRAMClient) String() string {
-	return fmt.Sprintf("auth.SCRAMClient{WithPassword:%t}", c.password != "")
+	return fmt.Sprintf("auth.SCRAMClient{WithPassword:%t ChannelBinding:%t}", c.password != "", c.cbindData != nil)
 }
 
 // Format makes every fmt verb print String, keeping the keys out.

@@ -2,8 +2,12 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -49,6 +53,9 @@ type clientAuth struct {
 	cr     *bufio.Reader
 	log    *slog.Logger
 	quiet  *logThrottle // for failures that repeat at every login
+	// cbind is the channel binding data of the client's connection (the
+	// tls-server-end-point of rolegate's certificate); nil without TLS.
+	cbind []byte
 }
 
 // authenticate verifies the client and returns the keys that log it in to the
@@ -106,16 +113,19 @@ func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) 
 	if !found {
 		secret = auth.Secret{} // a mock exchange: no hint the role is unknown
 	}
-	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret, a.cfg.Store.Iterations())
+	// On TLS, SCRAM-SHA-256-PLUS is offered too, bound to rolegate's own
+	// certificate: the client proves it talks to rolegate, which then binds
+	// its own server login to the server's certificate.
+	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret, a.cfg.Store.Iterations()).WithChannelBinding(a.cbind)
 	initial, err := a.ask(&pgproto3.AuthenticationSASL{AuthMechanisms: srv.Mechanisms()})
 	if err != nil {
 		return nil, err
 	}
-	var first pgproto3.SASLInitialResponse
-	if err := first.Decode(initial); err != nil {
-		return nil, &auth.Error{Code: "08P01", Message: "malformed SASLInitialResponse message", Err: auth.ErrMalformed}
+	mechanism, clientFirst, err := decodeSASLInitialResponse(initial)
+	if err != nil {
+		return nil, err
 	}
-	serverFirst, err := srv.Start(first.AuthMechanism, first.Data)
+	serverFirst, err := srv.Start(mechanism, clientFirst)
 	if err != nil {
 		return nil, err
 	}
@@ -230,6 +240,66 @@ func (a *clientAuth) ask(req pgproto3.BackendMessage) ([]byte, error) {
 	return m.Body, nil
 }
 
+// decodeSASLInitialResponse reads a SASLInitialResponse body (mechanism name,
+// int32 length, data) as PostgreSQL does, with its errors: pgproto3's
+// decoder ignores the length, so a length that promises more than the
+// message carries would go unnoticed.
+func decodeSASLInitialResponse(body []byte) (mechanism string, data []byte, err error) {
+	name, rest, ok := bytes.Cut(body, []byte{0})
+	if !ok {
+		// pq_getmsgrawstring: no terminator.
+		return "", nil, &auth.Error{Code: "08P01", Message: "invalid string in message", Err: auth.ErrMalformed}
+	}
+	if len(rest) < 4 {
+		return "", nil, &auth.Error{Code: "08P01", Message: "insufficient data left in message", Err: auth.ErrMalformed}
+	}
+	n := int32(binary.BigEndian.Uint32(rest))
+	rest = rest[4:]
+	if n == -1 {
+		// No initial response; PostgreSQL would ask for it with an empty
+		// challenge. libpq and pgx always send one, so rolegate does not,
+		// and the SCRAM exchange refuses the empty message.
+		n = 0
+	}
+	switch {
+	case n < 0 || int(n) > len(rest):
+		return "", nil, &auth.Error{Code: "08P01", Message: "insufficient data left in message", Err: auth.ErrMalformed}
+	case int(n) < len(rest):
+		return "", nil, &auth.Error{Code: "08P01", Message: "invalid message format", Err: auth.ErrMalformed}
+	}
+	return string(name), rest, nil
+}
+
+// tlsEndPoint is the tls-server-end-point of the certificate rolegate
+// presents to TLS clients, for SCRAM-SHA-256-PLUS. It is known only for a
+// configuration with one certificate (what cmd/rolegate builds from [tls]):
+// with several, or a GetCertificate callback, the certificate a client gets
+// is chosen per handshake, and rolegate offers no channel binding.
+func tlsEndPoint(cfg *tls.Config) []byte {
+	if cfg == nil || cfg.GetCertificate != nil || cfg.GetConfigForClient != nil ||
+		len(cfg.Certificates) != 1 || len(cfg.Certificates[0].Certificate) == 0 {
+		return nil
+	}
+	leaf, err := x509.ParseCertificate(cfg.Certificates[0].Certificate[0])
+	if err != nil {
+		return nil
+	}
+	data, err := auth.TLSServerEndPoint(leaf)
+	if err != nil {
+		return nil
+	}
+	return data
+}
+
+// clientBinding is the channel binding data of a session's client
+// connection: rolegate's tls-server-end-point on TLS, nil without.
+func (s *Server) clientBinding(sess *session) []byte {
+	if !sess.clientTLS {
+		return nil
+	}
+	return s.endPoint
+}
+
 func decodePassword(body []byte) (string, error) {
 	var pm pgproto3.PasswordMessage
 	if err := pm.Decode(body); err != nil {
@@ -261,7 +331,7 @@ func failureClass(e *auth.Error, secret auth.Secret, found bool) string {
 	case errors.Is(e, auth.ErrPasswordMismatch):
 		return "wrong password"
 	case errors.Is(e, auth.ErrChannelBinding):
-		return "channel binding required by client"
+		return "channel binding failed"
 	case errors.Is(e, auth.ErrMalformed):
 		return "malformed authentication message"
 	}

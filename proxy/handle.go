@@ -169,7 +169,7 @@ func (s *Server) handle(raw net.Conn) {
 		s.registry.add(sess)
 	}
 	log.Info("login", "application_name", sess.appName, "client_tls", sess.clientTLS,
-		"server_tls", sess.serverTLS, "replication", sess.replication)
+		"server_tls", sess.serverTLS, "server_auth", sess.serverAuth, "replication", sess.replication)
 
 	sockets.startRelay()
 	why := s.relay(ctx, cancel, sess, client, cr, lg.server, lg.reader)
@@ -336,11 +336,13 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 		s.quiet.log(log, slog.LevelInfo, role+"/"+ReasonRefusedByServer, "login failed",
 			"sqlstate", refused.code, "reason", ReasonRefusedByServer, "detail", refused.msg)
 		s.obs.LoginFailed(role, ReasonRefusedByServer)
-		if sess.clientTLS && sess.serverTLS && strings.Contains(refused.msg, "channel binding") {
-			// A passthrough SCRAM exchange is bound to rolegate's certificate
-			// by the client but checked against the server's by the server.
-			s.quiet.log(log, slog.LevelWarn, "", "SCRAM channel binding cannot pass through rolegate when both sides use TLS; "+
-				"clients should set channel_binding=disable, or rolegate should serve the server's certificate")
+		if s.cfg.Auth == nil && refused.msg == "SCRAM channel binding negotiation error" {
+			// Passthrough removed SCRAM-SHA-256-PLUS from the server's offer;
+			// a TLS client that could bind says so ("y"), and a TLS server
+			// takes that for a downgrade attack. The client's proof covers it.
+			s.quiet.log(log, slog.LevelWarn, "", "a TLS client that supports channel binding cannot log in through "+
+				"passthrough to a TLS server with another certificate; use proxy mode (which binds both legs), "+
+				"channel_binding=disable on the client, or serve the server's certificate")
 		}
 	case errors.Is(err, errConsoleDone):
 	case errors.Is(err, errClientClosed):
@@ -384,7 +386,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
-	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet}
+	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet, cbind: s.clientBinding(sess)}
 	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
 	keys, err := a.authenticate(actx)
 	cancel()
@@ -451,7 +453,8 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 	sr := bufio.NewReader(lc)
 	var beforeReady func() error
 	if keys == nil {
-		if out, err = relayAuth(client, cr, lc, sr); err != nil {
+		sess.serverAuth = "relayed"
+		if out, err = relayAuth(client, cr, lc, sr, s.clientBinding(sess)); err != nil {
 			var lost *serverLostError
 			if errors.As(err, &lost) {
 				return nil, s.serverLost(client, &out, lc.Fail(lost.err))
@@ -473,7 +476,7 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 			_ = client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
 			return nil
 		}
-	} else if err := upstream.Authenticate(sr, lc, keys); err != nil {
+	} else if sess.serverAuth, err = upstream.Authenticate(sr, lc, keys, upstream.ChannelBinding(server)); err != nil {
 		return nil, s.upstreamAuthFailed(sess, client, lc.Fail(err))
 	} else {
 		out = wire.Encode(out, &pgproto3.AuthenticationOk{})
@@ -540,9 +543,11 @@ type serverLostError struct{ err error }
 func (e *serverLostError) Error() string { return e.err.Error() }
 
 // relayAuth passes the authentication exchange between client and server
-// unchanged (passthrough mode) and returns, unsent, the server's messages up to
-// and including AuthenticationOk.
-func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Reader) ([]byte, error) {
+// (passthrough mode) and returns, unsent, the server's messages up to and
+// including AuthenticationOk. Messages pass unchanged, except that
+// SCRAM-SHA-256-PLUS is removed from the server's offer (see withoutPlus);
+// clientBinding is the client connection's binding data, nil without TLS.
+func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Reader, clientBinding []byte) ([]byte, error) {
 	var out []byte
 	for {
 		m, err := wire.ReadMessage(sr, wire.MaxServerLoginMsg)
@@ -561,11 +566,14 @@ func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Rea
 		default:
 			return out, &serverLostError{fmt.Errorf("unexpected message type %q during authentication", m.Type)}
 		}
-		out = append(out, m.Raw()...)
 		if len(m.Body) < 4 {
 			return out, &serverLostError{errors.New("short authentication request")}
 		}
 		code := binary.BigEndian.Uint32(m.Body)
+		if code == 10 {
+			m = withoutPlus(m, clientBinding, upstream.ChannelBinding(server))
+		}
+		out = append(out, m.Raw()...)
 		if code == 0 {
 			return out, nil
 		}
@@ -595,6 +603,25 @@ func relayAuth(client net.Conn, cr *bufio.Reader, server net.Conn, sr *bufio.Rea
 			return nil, &serverLostError{err}
 		}
 	}
+}
+
+// withoutPlus removes SCRAM-SHA-256-PLUS from the server's AuthenticationSASL
+// unless the client's binding data equals the server's (rolegate serves the
+// server's own certificate). A client binds to the certificate it sees, and
+// the server checks the binding against its own, so across two different
+// certificates -PLUS can only fail: offered to a client without TLS, libpq
+// refuses at once; to a TLS client, the server refuses the binding.
+func withoutPlus(m wire.Message, clientBinding, serverBinding []byte) wire.Message {
+	var req pgproto3.AuthenticationSASL
+	if err := req.Decode(m.Body); err != nil || !slices.Contains(req.AuthMechanisms, auth.SCRAMSHA256Plus) {
+		return m // the server's business; relayed as sent
+	}
+	if clientBinding != nil && bytes.Equal(clientBinding, serverBinding) {
+		return m
+	}
+	req.AuthMechanisms = slices.DeleteFunc(req.AuthMechanisms, func(s string) bool { return s == auth.SCRAMSHA256Plus })
+	raw := wire.Encode(nil, &req)
+	return wire.Message{Type: raw[0], Body: raw[5:]}
 }
 
 // refusedBy turns the server's ErrorResponse into a loginError.

@@ -66,6 +66,9 @@ type Server struct {
 	quiet    *logThrottle // repeated failures; successes are always logged
 	registry *registry
 	events   eventLog
+	// endPoint is the tls-server-end-point of the certificate TLS clients
+	// get, for SCRAM channel binding; nil when it cannot be known.
+	endPoint []byte
 	console  atomic.Pointer[consoleBox]
 
 	ctx    context.Context // parent of every connection's context; cancelled by Close
@@ -106,6 +109,7 @@ func New(cfg Config) *Server {
 		obs:       obs,
 		quiet:     newLogThrottle(cfg.throttle),
 		registry:  newRegistry(),
+		endPoint:  tlsEndPoint(cfg.TLS),
 		ctx:       ctx,
 		cancel:    cancel,
 		listeners: make(map[net.Listener]struct{}),

@@ -69,6 +69,7 @@ type session struct {
 	replication bool
 	clientTLS   bool
 	serverTLS   bool
+	serverAuth  string // how rolegate logged in to the server: a method, or "relayed" (passthrough)
 
 	loggedIn   bool // set by handle once the session holds its server slot
 	verified   bool // the client proved who it is (rolegate's or the server's authentication)

@@ -5,10 +5,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -101,8 +105,17 @@ func clientProof(t *testing.T, user, password string, v *auth.SCRAMVerifier) *au
 }
 
 // serverLogin dials the server, sends a StartupMessage for user and runs
-// Authenticate with keys. On success the connection is closed at cleanup.
+// Authenticate with keys and the connection's channel binding data. On
+// success the connection is closed at cleanup.
 func serverLogin(t *testing.T, d *Dialer, user string, keys *auth.Keys) (net.Conn, *bufio.Reader, error) {
+	t.Helper()
+	conn, r, _, err := serverLoginWith(t, d, user, keys, ChannelBinding)
+	return conn, r, err
+}
+
+// serverLoginWith is serverLogin with the binding data binding returns for the
+// connection, and the method Authenticate reports.
+func serverLoginWith(t *testing.T, d *Dialer, user string, keys *auth.Keys, binding func(net.Conn) []byte) (net.Conn, *bufio.Reader, string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
@@ -118,12 +131,13 @@ func serverLogin(t *testing.T, d *Dialer, user string, keys *auth.Keys) (net.Con
 		t.Fatal(err)
 	}
 	r := bufio.NewReader(conn)
-	if err := Authenticate(r, conn, keys); err != nil {
+	method, err := Authenticate(r, conn, keys, binding(conn))
+	if err != nil {
 		conn.Close()
-		return nil, nil, err
+		return nil, nil, "", err
 	}
 	t.Cleanup(func() { conn.Close() })
-	return conn, r, nil
+	return conn, r, method, nil
 }
 
 // session reads a logged-in connection to its first ReadyForQuery, then runs
@@ -220,6 +234,54 @@ func TestAuthenticate(t *testing.T) {
 		}
 		if row1[2] != "f" || row2[2] != "t" {
 			t.Errorf("TLS as the server sees it: %s and %s, want f and t", row1[2], row2[2])
+		}
+	})
+
+	t.Run("SCRAM-SHA-256-PLUS over TLS, checked by the server", func(t *testing.T) {
+		t.Parallel()
+		keys := clientProof(t, "scram_r", scramPW, scramSecret.SCRAM)
+		conn, r, method, err := serverLoginWith(t, tlsDialer, "scram_r", keys, ChannelBinding)
+		if err != nil || method != auth.SCRAMSHA256Plus {
+			t.Fatalf("login over TLS: %q, %v; want %s", method, err, auth.SCRAMSHA256Plus)
+		}
+		if row := session(t, conn, r, "select current_user"); len(row) != 1 || row[0] != "scram_r" {
+			t.Errorf("current_user %q", row)
+		}
+		// The binding data is the end point of the server's own certificate.
+		pemData, err := os.ReadFile(filepath.Join(c.Dir, "tls", "server.crt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		block, _ := pem.Decode(pemData)
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := auth.TLSServerEndPoint(cert)
+		if err != nil || !bytes.Equal(ChannelBinding(conn), want) {
+			t.Errorf("ChannelBinding %x, want %x (%v)", ChannelBinding(conn), want, err)
+		}
+		// The server checks the binding: data of another certificate fails,
+		// which shows the login above was bound and checked.
+		other := func(net.Conn) []byte { return bytes.Repeat([]byte{1}, 32) }
+		_, _, _, err = serverLoginWith(t, tlsDialer, "scram_r", keys, other)
+		var se *ServerError
+		if !errors.As(err, &se) || se.Code != "28000" || se.Message != "SCRAM channel binding check failed" {
+			t.Errorf("login bound to another certificate: %v, want the server's 28000 SCRAM channel binding check failed", err)
+		}
+		// Without TLS there is nothing to bind to.
+		conn, _, method, err = serverLoginWith(t, plain, "scram_r", keys, ChannelBinding)
+		if err != nil || method != auth.SCRAMSHA256 || ChannelBinding(conn) != nil {
+			t.Errorf("login without TLS: %q, %v, binding %x; want %s and none", method, err, ChannelBinding(conn), auth.SCRAMSHA256)
+		}
+		// A server that offers only SCRAM-SHA-256 gets no binding even over TLS.
+		var sent bytes.Buffer
+		sasl := wire.Encode(nil, &pgproto3.AuthenticationSASL{AuthMechanisms: []string{auth.SCRAMSHA256}})
+		_, _ = Authenticate(bufio.NewReader(bytes.NewReader(sasl)), &sent, keys, want)
+		m, err := wire.ReadMessage(bufio.NewReader(&sent), wire.MaxClientAuthMessage)
+		var first pgproto3.SASLInitialResponse
+		if err != nil || first.Decode(m.Body) != nil || first.AuthMechanism != auth.SCRAMSHA256 || !bytes.HasPrefix(first.Data, []byte("n,,")) {
+			t.Errorf("initial response %q %q (%v), want SCRAM-SHA-256 with n,,", first.AuthMechanism, first.Data, err)
 		}
 	})
 
@@ -384,7 +446,7 @@ func TestAuthenticateReplies(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			var sent bytes.Buffer
-			err := Authenticate(bufio.NewReader(bytes.NewReader(tt.server)), &sent, tt.keys)
+			_, err := Authenticate(bufio.NewReader(bytes.NewReader(tt.server)), &sent, tt.keys, nil)
 			switch {
 			case tt.want == "" && err != nil:
 				t.Fatalf("error %v, want success", err)
