@@ -367,6 +367,12 @@ type loggedIn struct {
 // that rolegate issues in place of the server's.
 func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
 	p *startupPacket, deadline time.Time, sockets *conns, log *slog.Logger) (*loggedIn, error) {
+	var lk *lookup
+	if s.cfg.Auth != nil {
+		// The role's secret is fetched while the client is asked for its password.
+		lk = s.cfg.Auth.startLookup(ctx, sess.user, deadline)
+		defer lk.stop()
+	}
 	if p.minor > 0 || len(p.unrecognized) > 0 {
 		// Speak 3.0: PostgreSQL's answer to a newer minor or unknown _pq_ options.
 		msg := wire.Encode(nil, &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: p.unrecognized})
@@ -384,7 +390,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
-	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet}
+	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet, lk: lk}
 	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
 	keys, err := a.authenticate(actx)
 	cancel()
