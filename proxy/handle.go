@@ -607,7 +607,8 @@ func refusedBy(m wire.Message) error {
 
 // upstreamAuthFailed reports a server that refused the keys of a client
 // rolegate had authenticated: the server's own error goes to the client as
-// sent. A 28P01 means the cached verifier is stale, so it is dropped.
+// sent. A 28P01 means the verifier rolegate checked was stale (a stand-in, or
+// a password changed during the login), so nothing may stand in for it again.
 func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) error {
 	var se *upstream.ServerError
 	if errors.As(err, &se) {
