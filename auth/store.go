@@ -87,7 +87,9 @@ type StoreOptions struct {
 //
 //   - A name no source knows is answered as unknown for TTL without asking
 //     again (a client can invent any number of names; each costs one query
-//     per TTL, and the same name repeated costs one).
+//     per TTL, and the same name repeated costs one). The answer comes after
+//     about as long as a query takes (a moving average), so that it does
+//     not tell a prober which names exist.
 //   - A role's last answer stands in for a fresh one, for TTL after it was
 //     fetched, when the sources fail or take longer than Patience.
 //   - One query per role runs at a time, and a lookup only takes the answer
@@ -112,6 +114,9 @@ type Store struct {
 	flights map[string]*flight                // roles being looked up
 	// iterations is the count of the last SCRAM verifier a source returned.
 	iterations atomic.Int64
+	// typical is a moving average of the queries' durations (ns).
+	typical atomic.Int64
+	sleep   func(ctx context.Context, d time.Duration)
 }
 
 // known is a role's last secret and when the sources returned it.
@@ -158,7 +163,7 @@ func NewStoreWith(o StoreOptions, sources ...Source) *Store {
 	if o.Patience <= 0 {
 		o.Patience = DefaultPatience
 	}
-	s := &Store{sources: sources, ttl: o.TTL, patience: o.Patience, now: time.Now,
+	s := &Store{sources: sources, ttl: o.TTL, patience: o.Patience, now: time.Now, sleep: sleep,
 		slots: make(chan struct{}, o.MaxFetches), flights: make(map[string]*flight)}
 	var err error
 	if s.known, err = simplelru.NewLRU[string, known](max(o.Size, 1), nil); err != nil {
@@ -179,6 +184,9 @@ func (s *Store) Lookup(ctx context.Context, role string) (Answer, error) {
 	s.mu.Lock()
 	if s.isUnknown(role) {
 		s.mu.Unlock()
+		// Answer as late as a query would: a known role's login waits for
+		// its query, and an unknown one must not stand out by its speed.
+		s.sleep(ctx, time.Duration(s.typical.Load()))
 		return Answer{}, nil
 	}
 	last, hasLast := s.known.Peek(role)
@@ -284,7 +292,8 @@ func (s *Store) fetch(ctx context.Context, role string) (Answer, error) {
 		}
 	}()
 	for _, src := range s.sources {
-		if _, local := src.(Userlist); !local && !slot {
+		_, local := src.(Userlist)
+		if !local && !slot {
 			select {
 			case s.slots <- struct{}{}:
 				slot = true
@@ -292,9 +301,13 @@ func (s *Store) fetch(ctx context.Context, role string) (Answer, error) {
 				return Answer{}, context.Cause(ctx)
 			}
 		}
+		start := s.now()
 		sec, found, err := src.Secret(ctx, role)
 		if err != nil {
 			return Answer{}, err
+		}
+		if !local {
+			s.observe(s.now().Sub(start))
 		}
 		if found {
 			if sec.Kind == SCRAM && sec.SCRAM != nil {
@@ -315,6 +328,36 @@ func (s *Store) fetch(ctx context.Context, role string) (Answer, error) {
 	}
 	s.mu.Unlock()
 	return Answer{}, nil
+}
+
+// observe adds a query's duration to the moving average (weight 1/8, the
+// first one whole), capped
+// at the patience so that one stuck query cannot slow every unknown name.
+func (s *Store) observe(d time.Duration) {
+	d = min(max(d, 0), s.patience)
+	for {
+		old := s.typical.Load()
+		next := old + (int64(d)-old)/8
+		if old == 0 {
+			next = int64(d)
+		}
+		if s.typical.CompareAndSwap(old, next) {
+			return
+		}
+	}
+}
+
+// sleep waits for d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // isUnknown reports whether role is remembered as unknown; s.mu is held.

@@ -438,6 +438,37 @@ func TestStoreMaxFetches(t *testing.T) {
 	}
 }
 
+// An unknown name remembered is answered after about as long as a query
+// takes, so that its speed does not tell it from a known role; a userlist's
+// answers, which take no query, do not count.
+func TestStoreUnknownNameTakesAQuerysTime(t *testing.T) {
+	now := time.Unix(1000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	took := 8 * time.Millisecond
+	src := SourceFunc(func(context.Context, string) (Secret, bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		now = now.Add(took) // the query takes this long, by the store's clock
+		return Secret{}, false, nil
+	})
+	s := NewStore(10, time.Minute, Userlist{"local": {Kind: Plain, Plain: "pw"}}, src)
+	s.now = clock
+	var slept []time.Duration
+	s.sleep = func(_ context.Context, d time.Duration) { slept = append(slept, d) }
+
+	lookupPlain(t, s, "local") // no query: no measure
+	lookupPlain(t, s, "ghost") // a query of 8 ms
+	lookupPlain(t, s, "ghost") // remembered: waits 8 ms
+	took = 16 * time.Millisecond
+	lookupPlain(t, s, "ghost2") // a query of 16 ms: average 8 + 8/8 = 9 ms
+	lookupPlain(t, s, "ghost2")
+	want := []time.Duration{8 * time.Millisecond, 9 * time.Millisecond}
+	if fmt.Sprint(slept) != fmt.Sprint(want) {
+		t.Errorf("remembered unknown names waited %v, want %v", slept, want)
+	}
+}
+
 func TestStoreIterationsFromVerifiers(t *testing.T) {
 	ctx := context.Background()
 	v := NewSCRAMVerifier("pw", []byte("0123456789abcdef"), 10000)
