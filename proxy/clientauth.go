@@ -140,7 +140,8 @@ func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
 			class := failureClass(ae, a.secret, a.found)
 			if a.kindChanged && errors.Is(ae, auth.ErrPasswordMismatch) {
 				class = "password type changed"
-				a.log.Info("the role's password is no longer a SCRAM verifier on the server; its next login is asked for " + a.method(a.secret))
+				a.log.Info("the role's password is no longer a SCRAM verifier on the server; its next login is asked for the method that fits",
+					"method", a.method(a.secret))
 			}
 			f := a.fail(ae, class)
 			f.roleExists = a.found

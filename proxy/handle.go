@@ -391,7 +391,7 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
 	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet, lk: lk}
-	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
+	actx, cancel := context.WithDeadline(ctx, deadline)
 	keys, err := a.authenticate(actx)
 	cancel()
 	if err != nil {
