@@ -65,6 +65,45 @@ func TestPasswordLookupTimeout(t *testing.T) {
 	}
 }
 
+// A lookup that outlasts the startup timeout (no LookupTimeout) ends like
+// any authentication timeout: closed without a word, as PostgreSQL does at
+// authentication_timeout. A lookup cut short by the proxy's Close ends the
+// login as a shutdown.
+func TestPasswordLookupOutlived(t *testing.T) {
+	t.Parallel()
+	blocking := func(entered chan struct{}) auth.Source {
+		return auth.SourceFunc(func(ctx context.Context, _ string) (auth.Secret, bool, error) {
+			entered <- struct{}{}
+			<-ctx.Done()
+			return auth.Secret{}, false, ctx.Err()
+		})
+	}
+	t.Run("startup timeout", func(t *testing.T) {
+		t.Parallel()
+		p := startProxy(t, proxyOpts{auth: proxyAuth(time.Hour, blocking(make(chan struct{}, 10))), startupTimeout: 300 * time.Millisecond})
+		c, fe := rawLogin(t, p, "scram_user")
+		if m, err := fe.Receive(); err == nil {
+			t.Fatalf("got %T %+v, want the connection closed", m, m)
+		}
+		c.Close()
+		wantFailureLines(t, p, 1, map[string]int{"authentication timeout": 1})
+	})
+	t.Run("proxy closed", func(t *testing.T) {
+		t.Parallel()
+		entered := make(chan struct{}, 10)
+		p := startProxy(t, proxyOpts{auth: proxyAuth(time.Hour, blocking(entered)), startupTimeout: time.Hour})
+		_, fe := rawLogin(t, p, "scram_user")
+		<-entered
+		p.Close()
+		if m, err := fe.Receive(); err == nil {
+			t.Fatalf("got %T %+v, want the connection closed", m, m)
+		}
+		waitFor(t, "the login ended by the shutdown", func() bool {
+			return strings.Contains(p.logs.String(), "login ended by shutdown")
+		})
+	})
+}
+
 // lockedQuery is an auth query that waits for advisory lock key (shared) before
 // it reads pg_authid, so a test can hold it up by taking the lock.
 func lockedQuery(key int) string {
