@@ -121,8 +121,13 @@ func (s *SCRAMServer) WithChannelBinding(data []byte) *SCRAMServer {
 // Mechanisms lists the SASL mechanisms to offer in AuthenticationSASL, in
 // PostgreSQL's order: SCRAM-SHA-256-PLUS first when the connection allows
 // channel binding, then SCRAM-SHA-256.
-func (s *SCRAMServer) Mechanisms() []string {
-	if s.cbindData != nil {
+func (s *SCRAMServer) Mechanisms() []string { return SASLMechanisms(s.cbindData != nil) }
+
+// SASLMechanisms lists the mechanisms a SCRAM server offers, -PLUS first
+// when the connection allows channel binding. It lets a caller send
+// AuthenticationSASL before it has the verifier a SCRAMServer needs.
+func SASLMechanisms(channelBinding bool) []string {
+	if channelBinding {
 		return []string{SCRAMSHA256Plus, SCRAMSHA256}
 	}
 	return []string{SCRAMSHA256}

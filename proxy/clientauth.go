@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -32,6 +33,44 @@ type ClientAuth struct {
 	Method string
 	// CleartextWithoutTLS allows "password" on unencrypted client connections.
 	CleartextWithoutTLS bool
+	// LookupTimeout bounds the lookup of a role's secret ([server]
+	// connect_timeout); 0: only the startup timeout does.
+	LookupTimeout time.Duration
+}
+
+// lookup is the role's secret being fetched for one login. It starts when the
+// startup packet arrives and runs while the client is asked for its password;
+// the login owns it and stops it when the login ends.
+type lookup struct {
+	done    chan struct{}
+	answer  auth.Answer
+	err     error
+	expired bool // err came with the lookup's deadline
+	cancel  context.CancelFunc
+	bounded bool          // the deadline is LookupTimeout's, not the startup timeout's
+	timeout time.Duration // LookupTimeout, for the client's message
+}
+
+// startLookup fetches user's secret in the background, bounded by
+// LookupTimeout and by the login's deadline.
+func (c *ClientAuth) startLookup(ctx context.Context, user string, deadline time.Time) *lookup {
+	l := &lookup{done: make(chan struct{}), timeout: c.LookupTimeout}
+	if c.LookupTimeout > 0 && time.Now().Add(c.LookupTimeout).Before(deadline) {
+		deadline, l.bounded = time.Now().Add(c.LookupTimeout), true
+	}
+	ctx, l.cancel = context.WithDeadline(ctx, deadline)
+	go func() {
+		defer close(l.done)
+		l.answer, l.err = c.Store.Lookup(ctx, user)
+		l.expired = l.err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded)
+	}()
+	return l
+}
+
+// stop cancels the lookup and waits for it to end.
+func (l *lookup) stop() {
+	l.cancel()
+	<-l.done
 }
 
 // authFailure is a client login rolegate refused itself; the client has been told.
@@ -56,41 +95,102 @@ type clientAuth struct {
 	// cbind is the channel binding data of the client's connection (the
 	// tls-server-end-point of rolegate's certificate); nil without TLS.
 	cbind []byte
+	lk    *lookup // the role's secret, being fetched
+
+	// The lookup's answer, once resolve has waited for it.
+	resolved    bool
+	secret      auth.Secret
+	found       bool
+	kindChanged bool // a SCRAM exchange began, but the fresh secret wants another
 }
 
 // authenticate verifies the client and returns the keys that log it in to the
 // server. A failure has been sent to the client when it returns an *authFailure.
+//
+// The role's secret is being fetched (a.lk) while the client is asked for its
+// password: only the exchange's next step waits for it (SCRAM's
+// server-first-message, the check of an md5 or cleartext response). Which
+// request to send first depends on the kind of secret, so it is chosen from
+// the role's last known secret when that calls for SCRAM (the kind rarely
+// changes; if the fresh one no longer fits, this login fails as a wrong
+// password would and the next one is asked the right way), and otherwise
+// after the lookup.
 func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
-	user := a.sess.user
-	secret, found, err := a.cfg.Store.Lookup(ctx, user)
-	if err != nil {
-		a.quiet.log(a.log, slog.LevelError, "", "verifier lookup failed", "err", err)
-		return nil, a.fail(&auth.Error{Code: "08006", Message: "rolegate could not look up the role's password on the server"}, "lookup failed")
+	method := a.cfg.Method
+	if method != "password" {
+		last, ok := a.cfg.Store.Last(a.sess.user)
+		if !ok || a.method(last) != "scram-sha-256" {
+			if err := a.resolve(ctx); err != nil {
+				return nil, err
+			}
+			last = a.secret
+		}
+		method = a.method(last)
 	}
-	method := a.method(secret)
 	var keys *auth.Keys
+	var err error
 	switch method {
 	case "password":
 		if !a.sess.clientTLS && !a.cfg.CleartextWithoutTLS {
 			return nil, a.fail(&auth.Error{Code: "28000",
 				Message: "rolegate accepts cleartext passwords only over TLS (see [auth] cleartext_without_tls)"}, "cleartext without TLS")
 		}
-		keys, err = a.password(ctx, secret, found)
+		keys, err = a.password(ctx)
 	case "md5":
-		keys, err = a.md5(ctx, secret, found)
+		keys, err = a.md5(ctx)
 	default:
-		keys, err = a.scram(ctx, secret, found)
+		keys, err = a.scram(ctx)
 	}
 	if err != nil {
 		var ae *auth.Error
 		if errors.As(err, &ae) {
-			f := a.fail(ae, failureClass(ae, secret, found))
-			f.roleExists = found
+			class := failureClass(ae, a.secret, a.found)
+			if a.kindChanged && errors.Is(ae, auth.ErrPasswordMismatch) {
+				class = "password type changed"
+				a.log.Info("the role's password is no longer a SCRAM verifier on the server; its next login is asked for the method that fits",
+					"method", a.method(a.secret))
+			}
+			f := a.fail(ae, class)
+			f.roleExists = a.found
 			return nil, f
 		}
 		return nil, err
 	}
 	return keys, nil
+}
+
+// resolve waits for the lookup and records the role's secret in a. A lookup
+// that failed is told to the client (FATAL 08006 naming the step, never the
+// driver's text; the cause goes to the log) and returned as an *authFailure.
+func (a *clientAuth) resolve(ctx context.Context) error {
+	if a.resolved {
+		return nil
+	}
+	<-a.lk.done // bounded by its deadline, and ended with the session
+	ans, err := a.lk.answer, a.lk.err
+	switch {
+	case err == nil:
+	case !a.lk.expired && ctx.Err() != nil:
+		return context.Cause(ctx) // the session ends (shutdown)
+	case a.lk.expired && !a.lk.bounded:
+		// The startup timeout covers authentication: close without a word,
+		// as PostgreSQL does at authentication_timeout.
+		return &authFailure{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout"}
+	case a.lk.expired:
+		a.quiet.log(a.log, slog.LevelError, "", "password lookup timed out", "timeout", a.lk.timeout)
+		return a.fail(&auth.Error{Code: "08006",
+			Message: fmt.Sprintf("rolegate could not look up the role's password: timeout after %v", a.lk.timeout)}, "lookup failed")
+	default:
+		a.quiet.log(a.log, slog.LevelError, "", "password lookup failed", "err", err)
+		return a.fail(&auth.Error{Code: "08006",
+			Message: "rolegate could not look up the role's password: the auth query failed"}, "lookup failed")
+	}
+	if ans.StandIn {
+		a.quiet.log(a.log, slog.LevelWarn, "", "password lookup failed; using the role's password as fetched earlier",
+			"fetched_ago", time.Since(ans.Fetched).Round(time.Millisecond), "err", ans.Err)
+	}
+	a.secret, a.found, a.resolved = ans.Secret, ans.Found, true
+	return nil
 }
 
 // method picks the exchange for a role, following PostgreSQL's rules for a
@@ -109,15 +209,11 @@ func (a *clientAuth) method(secret auth.Secret) string {
 	return "scram-sha-256"
 }
 
-func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
-	if !found {
-		secret = auth.Secret{} // a mock exchange: no hint the role is unknown
-	}
+func (a *clientAuth) scram(ctx context.Context) (*auth.Keys, error) {
 	// On TLS, SCRAM-SHA-256-PLUS is offered too, bound to rolegate's own
 	// certificate: the client proves it talks to rolegate, which then binds
 	// its own server login to the server's certificate.
-	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret, a.cfg.Store.Iterations()).WithChannelBinding(a.cbind)
-	initial, err := a.ask(&pgproto3.AuthenticationSASL{AuthMechanisms: srv.Mechanisms()})
+	initial, err := a.ask(&pgproto3.AuthenticationSASL{AuthMechanisms: auth.SASLMechanisms(a.cbind != nil)})
 	if err != nil {
 		return nil, err
 	}
@@ -125,6 +221,17 @@ func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) 
 	if err != nil {
 		return nil, err
 	}
+	// The server-first-message carries the verifier's salt: the lookup must be done.
+	if err := a.resolve(ctx); err != nil {
+		return nil, err
+	}
+	secret := a.secret
+	if !a.found {
+		secret = auth.Secret{} // a mock exchange: no hint the role is unknown
+	} else if a.method(secret) != "scram-sha-256" {
+		secret, a.kindChanged = auth.Secret{}, true
+	}
+	srv := auth.NewSCRAMServerForSecret(a.sess.user, secret, a.cfg.Store.Iterations()).WithChannelBinding(a.cbind)
 	serverFirst, err := srv.Start(mechanism, clientFirst)
 	if err != nil {
 		return nil, err
@@ -139,11 +246,6 @@ func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) 
 	}
 	serverFinal, keys, err := srv.Finish(resp.Data)
 	if err != nil {
-		if errors.Is(err, auth.ErrPasswordMismatch) && found {
-			// The proof was made with this verifier's salt, so a changed
-			// verifier cannot check it; refreshing lets the next login use it.
-			a.refreshed(ctx, secret)
-		}
 		return nil, err
 	}
 	if _, err := a.client.Write(wire.Encode(nil, &pgproto3.AuthenticationSASLFinal{Data: serverFinal})); err != nil {
@@ -152,7 +254,7 @@ func (a *clientAuth) scram(ctx context.Context, secret auth.Secret, found bool) 
 	return keys, nil
 }
 
-func (a *clientAuth) md5(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
+func (a *clientAuth) md5(ctx context.Context) (*auth.Keys, error) {
 	var salt [4]byte
 	_, _ = rand.Read(salt[:])
 	body, err := a.ask(&pgproto3.AuthenticationMD5Password{Salt: salt})
@@ -163,12 +265,13 @@ func (a *clientAuth) md5(ctx context.Context, secret auth.Secret, found bool) (*
 	if err != nil {
 		return nil, err
 	}
-	return a.verifyAgain(ctx, secret, found, func(s auth.Secret) (*auth.Keys, error) {
-		return auth.VerifyMD5(s, a.sess.user, salt, response)
-	})
+	if err := a.resolve(ctx); err != nil {
+		return nil, err
+	}
+	return auth.VerifyMD5(a.usable(), a.sess.user, salt, response)
 }
 
-func (a *clientAuth) password(ctx context.Context, secret auth.Secret, found bool) (*auth.Keys, error) {
+func (a *clientAuth) password(ctx context.Context) (*auth.Keys, error) {
 	body, err := a.ask(&pgproto3.AuthenticationCleartextPassword{})
 	if err != nil {
 		return nil, err
@@ -177,42 +280,18 @@ func (a *clientAuth) password(ctx context.Context, secret auth.Secret, found boo
 	if err != nil {
 		return nil, err
 	}
-	return a.verifyAgain(ctx, secret, found, func(s auth.Secret) (*auth.Keys, error) {
-		return auth.VerifyPassword(s, a.sess.user, password)
-	})
-}
-
-// verifyAgain checks a response that does not depend on the stored secret's
-// salt, and after a mismatch checks it once more against a freshly fetched
-// secret, so that a password changed on the server works at once.
-func (a *clientAuth) verifyAgain(ctx context.Context, secret auth.Secret, found bool, verify func(auth.Secret) (*auth.Keys, error)) (*auth.Keys, error) {
-	if !found {
-		secret = auth.Secret{}
-	}
-	keys, err := verify(secret)
-	if err == nil || !errors.Is(err, auth.ErrPasswordMismatch) {
-		return keys, err
-	}
-	fresh, ok := a.refreshed(ctx, secret)
-	if !ok {
+	if err := a.resolve(ctx); err != nil {
 		return nil, err
 	}
-	return verify(fresh)
+	return auth.VerifyPassword(a.usable(), a.sess.user, password)
 }
 
-// refreshed fetches the role's secret again after a failed login and reports
-// whether it differs from the one that failed.
-func (a *clientAuth) refreshed(ctx context.Context, old auth.Secret) (auth.Secret, bool) {
-	fresh, found, err := a.cfg.Store.Refresh(ctx, a.sess.user)
-	if err != nil {
-		a.quiet.log(a.log, slog.LevelWarn, "", "verifier refresh failed", "err", err)
-		return auth.Secret{}, false
+// usable is the secret to check a response against: none for an unknown role.
+func (a *clientAuth) usable() auth.Secret {
+	if !a.found {
+		return auth.Secret{}
 	}
-	if !found || auth.Same(fresh, old) {
-		return auth.Secret{}, false
-	}
-	a.log.Info("the role's password changed on the server; using the new one from now on")
-	return fresh, true
+	return a.secret
 }
 
 // ask sends an authentication request and returns the body of the client's

@@ -369,6 +369,12 @@ type loggedIn struct {
 // of the server's pid and a secret rolegate issues in place of the server's.
 func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
 	p *startupPacket, deadline time.Time, sockets *conns, log *slog.Logger) (*loggedIn, error) {
+	var lk *lookup
+	if s.cfg.Auth != nil {
+		// The role's secret is fetched while the client is asked for its password.
+		lk = s.cfg.Auth.startLookup(ctx, sess.user, deadline)
+		defer lk.stop()
+	}
 	if p.minor > 0 || len(p.unrecognized) > 0 {
 		// Speak 3.0: PostgreSQL's answer to a newer minor or unknown _pq_ options.
 		msg := wire.Encode(nil, &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: p.unrecognized})
@@ -386,8 +392,9 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 		return s.connect(ctx, sess, client, cr, p, deadline, sockets, nil, false, log)
 	}
 	// The client proves who it is before rolegate counts, waits or evicts for it.
-	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet, cbind: s.clientBinding(sess)}
-	actx, cancel := context.WithDeadline(ctx, deadline) // the auth query too
+	a := &clientAuth{cfg: s.cfg.Auth, sess: sess, client: client, cr: cr, log: log, quiet: s.quiet,
+		cbind: s.clientBinding(sess), lk: lk}
+	actx, cancel := context.WithDeadline(ctx, deadline)
 	keys, err := a.authenticate(actx)
 	cancel()
 	if err != nil {
@@ -635,7 +642,8 @@ func refusedBy(m wire.Message) error {
 
 // upstreamAuthFailed reports a server that refused the keys of a client
 // rolegate had authenticated: the server's own error goes to the client as
-// sent. A 28P01 means the cached verifier is stale, so it is dropped.
+// sent. A 28P01 means the verifier rolegate checked was stale (a stand-in, or
+// a password changed during the login), so nothing may stand in for it again.
 func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) error {
 	var se *upstream.ServerError
 	if errors.As(err, &se) {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/rolegate/rolegate/auth"
@@ -83,11 +84,48 @@ func controlText(name string) string {
 // secret is a role without a password (auth.NoSecret). The query may return
 // the secret alone or, as PgBouncer's auth_query does, the name and the secret:
 // the last column is the secret.
+//
+// A name that is not valid UTF-8 is an unknown role, and is not sent: the
+// control connection speaks UTF8, so the server would refuse the parameter
+// (with an ERROR in its log) rather than find a role. A query that fails
+// because its connection died (the server terminated it, restarted, or the
+// network dropped it) is run once more on another connection: the pool has
+// dropped the dead one, and the query only reads.
 func (c *Control) Secret(ctx context.Context, role string) (auth.Secret, bool, error) {
 	if controlText(role) != role {
 		return auth.Secret{}, false, nil // an unknown role, as the server would find
 	}
-	rows, err := c.pool.Query(ctx, c.authQuery, role)
+	sec, found, err := c.secret(ctx, role)
+	var lost *connLostError
+	if errors.As(err, &lost) && ctx.Err() == nil {
+		sec, found, err = c.secret(ctx, role)
+	}
+	return sec, found, err
+}
+
+// connLostError is a query that failed because its connection died.
+type connLostError struct{ err error }
+
+func (e *connLostError) Error() string { return e.err.Error() }
+func (e *connLostError) Unwrap() error { return e.err }
+
+func (c *Control) secret(ctx context.Context, role string) (auth.Secret, bool, error) {
+	conn, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)
+	}
+	defer conn.Release() // the pool destroys a closed connection
+	sec, found, err := runAuthQuery(ctx, conn.Conn(), c.authQuery, role)
+	if err != nil && conn.Conn().IsClosed() {
+		// pgx closes a connection on a network error, a FATAL from the
+		// server, or a cancelled context (which the caller checks).
+		err = &connLostError{err}
+	}
+	return sec, found, err
+}
+
+func runAuthQuery(ctx context.Context, conn *pgx.Conn, query, role string) (auth.Secret, bool, error) {
+	rows, err := conn.Query(ctx, query, role)
 	if err != nil {
 		return auth.Secret{}, false, fmt.Errorf("auth query: %w", err)
 	}

@@ -149,10 +149,15 @@ func components(cfg *config.Config) (*parts, error) {
 	if p.control != nil {
 		sources = append(sources, auth.SourceFunc(p.control.Secret))
 	}
+	// Password lookups take at most half the control pool, so that a flood
+	// of logins cannot starve the census and the admission locks.
+	store := auth.NewStoreWith(auth.StoreOptions{Size: cfg.Auth.CacheSize, TTL: cfg.Auth.CacheTTL.Value(),
+		MaxFetches: max(1, cfg.Control.MaxConns/2)}, sources...)
 	p.auth = &proxy.ClientAuth{
-		Store:               auth.NewStore(cfg.Auth.CacheSize, cfg.Auth.CacheTTL.Value(), sources...),
+		Store:               store,
 		Method:              cfg.Auth.Method,
 		CleartextWithoutTLS: cfg.Auth.CleartextWithoutTLS,
+		LookupTimeout:       cfg.Server.ConnectTimeout.Value(),
 	}
 	return p, nil
 }
