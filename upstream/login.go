@@ -146,6 +146,9 @@ func Authenticate(r *bufio.Reader, w io.Writer, keys *auth.Keys, binding []byte)
 // presented, or nil when conn is not TLS or the binding is undefined for the
 // certificate's signature algorithm (the login then goes without binding).
 func ChannelBinding(conn net.Conn) []byte {
+	if lc, ok := conn.(*LoginConn); ok {
+		conn = lc.Conn
+	}
 	tc, ok := conn.(*tls.Conn)
 	if !ok {
 		return nil
