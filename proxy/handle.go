@@ -341,8 +341,8 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 			// a TLS client that could bind says so ("y"), and a TLS server
 			// takes that for a downgrade attack. The client's proof covers it.
 			s.quiet.log(log, slog.LevelWarn, "", "a TLS client that supports channel binding cannot log in through "+
-				"passthrough to a TLS server with another certificate; use proxy mode (which binds both legs), "+
-				"channel_binding=disable on the client, or serve the server's certificate")
+				"passthrough to a TLS server with another certificate; proxy mode ([auth] mode = \"proxy\") binds both legs, "+
+				"or [tls] can serve the server's own certificate")
 		}
 	case errors.Is(err, errConsoleDone):
 	case errors.Is(err, errClientClosed):
