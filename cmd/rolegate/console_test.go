@@ -78,7 +78,7 @@ func TestConsoleBinary(t *testing.T) {
 	alive(t, second, "second session under the override")
 	run("set policy con_user newest-wins")
 	run(fmt.Sprintf("kill %d", serverPID))
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	_, err = held.Exec(cctx, "select 1")
 	cancel()
 	if err == nil || !strings.Contains(err.Error(), "operator's request") {

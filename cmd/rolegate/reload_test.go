@@ -36,7 +36,7 @@ func (p *proc) reload(t *testing.T) string {
 	from := len(p.stderr.String())
 	p.signal(t, syscall.SIGHUP)
 	var since string
-	waitFor(t, 10*time.Second, "the reload log line", func() bool {
+	waitFor(t, 30*time.Second, "the reload log line", func() bool {
 		if p.done() {
 			t.Fatalf("rolegate exited on SIGHUP: %v", p.cmd.ProcessState)
 		}
@@ -53,7 +53,7 @@ func (p *proc) evictions() int { return strings.Count(p.stderr.String(), "msg=ev
 // login opens a pgx session; it is closed at cleanup.
 func login(t *testing.T, dsn string) *pgx.Conn {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	c, err := pgx.Connect(ctx, dsn)
 	if err != nil {
@@ -66,7 +66,7 @@ func login(t *testing.T, dsn string) *pgx.Conn {
 // psqlQuery runs one query with psql, returning its stdout and stderr.
 func psqlQuery(t *testing.T, dsn, query string) (stdout, stderr string, err error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "psql", "-X", "-At", "-d", dsn, "-c", query)
 	var out, errOut strings.Builder
@@ -78,7 +78,7 @@ func psqlQuery(t *testing.T, dsn, query string) (stdout, stderr string, err erro
 // alive fails the test unless c still answers queries.
 func alive(t *testing.T, c *pgx.Conn, what string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	var n int
 	if err := c.QueryRow(ctx, "select 41 + 1").Scan(&n); err != nil || n != 42 {
@@ -90,7 +90,7 @@ func alive(t *testing.T, c *pgx.Conn, what string) {
 // newer login of role under policy.
 func evicted(t *testing.T, c *pgx.Conn, what, role, policy string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	_, err := c.Exec(ctx, "select 1")
 	want := fmt.Sprintf("terminating connection: rolegate evicted this session for a newer login of role %q (policy %s)", role, policy)
