@@ -67,9 +67,12 @@ func rulesProxyWith(t *testing.T, rules mapRules, o proxyOpts) *testProxy {
 	return startProxy(t, o)
 }
 
+// sessionsOf counts the role's client backends, on a connection of its own
+// that it closes (callers poll it).
 func sessionsOf(t *testing.T, role string) int {
 	t.Helper()
 	c := connect(t, shared.SuperDSN())
+	defer c.Close(context.Background())
 	var n int
 	if err := c.QueryRow(context.Background(),
 		"select count(*) from pg_stat_activity where usename = $1 and backend_type = 'client backend'", role).Scan(&n); err != nil {
@@ -94,6 +97,8 @@ func TestLimitSeed(t *testing.T) {
 		if err := first.Ping(ctx); err != nil {
 			t.Fatalf("the held session was disturbed: %v", err)
 		}
+		// The event, like the log line, is recorded once the client has been told.
+		waitUntil(t, 30*time.Second, "the rejection event", func() bool { return len(p.Events()) > 0 })
 		if ev := p.Events(); len(ev) != 1 || ev[0].Kind != "rejection" || ev[0].Role != "seed_user" || ev[0].Policy != "reject" {
 			t.Errorf("events: %+v", ev)
 		}
@@ -111,9 +116,8 @@ func TestLimitSeed(t *testing.T) {
 		if !errors.As(err, &pe) || pe.Code != "57P01" || !strings.Contains(pe.Message, `rolegate evicted this session for a newer login of role "seed_user" (policy newest-wins)`) {
 			t.Fatalf("the old session got %v", err)
 		}
-		if n := sessionsOf(t, "seed_user"); n != 0 {
-			t.Errorf("%d seed_user sessions left after psql ended", n)
-		}
+		// psql's backend ends shortly after psql does.
+		waitUntil(t, 30*time.Second, "no seed_user sessions after psql ended", func() bool { return sessionsOf(t, "seed_user") == 0 })
 		if !strings.Contains(p.logs.String(), "msg=evicted") {
 			t.Errorf("no eviction log line:\n%s", p.logs.String())
 		}
@@ -324,6 +328,16 @@ func logLines(p *testProxy, parts ...string) []string {
 	return out
 }
 
+// logged waits until rolegate's log holds at least n lines that contain every
+// one of parts, and returns them all. rolegate logs a rejection or a failed
+// login after it has told the client, so a test that has just seen the
+// failure may be ahead of the line.
+func logged(t *testing.T, p *testProxy, n int, parts ...string) []string {
+	t.Helper()
+	waitUntil(t, 30*time.Second, fmt.Sprintf("%d log lines with %q", n, parts), func() bool { return len(logLines(p, parts...)) >= n })
+	return logLines(p, parts...)
+}
+
 // clientLines returns the log lines about one client above debug level.
 func clientLines(p *testProxy, addr string) []string {
 	var out []string
@@ -412,7 +426,7 @@ func TestLimitEvictIdle(t *testing.T) {
 		if l := logLines(p, "msg=evicted"); len(l) != 0 {
 			t.Errorf("evict-idle evicted a busy session: %q", l)
 		}
-		rej := logLines(p, "msg=rejected")
+		rej := logged(t, p, 1, "msg=rejected")
 		if len(rej) != 1 || !strings.Contains(rej[0], "policy=evict-idle") ||
 			!strings.Contains(rej[0], "no session can be evicted for evict-idle (2 not idle); fallback reject") {
 			t.Errorf("rejection log lines: %q", rej)
@@ -560,6 +574,7 @@ func TestLimitWait(t *testing.T) {
 			t.Errorf("rejected after %s, before wait_timeout 500ms", took)
 		}
 		wantAlive(t, held, "the held session")
+		logged(t, p, 1, "client="+addr+" ", "msg=rejected")
 		lines := clientLines(p, addr)
 		if len(lines) != 2 || !strings.Contains(lines[0], `msg="waiting for a slot"`) ||
 			!strings.Contains(lines[1], "msg=rejected") || !strings.Contains(lines[1], "wait_timeout reached") {
@@ -741,7 +756,7 @@ func TestLimitSuperuser(t *testing.T) {
 		if l := logLines(p, "msg=evicted"); len(l) != 1 || !strings.Contains(l[0], "victim_role=lim_su_n1") {
 			t.Errorf("evictions: %q", l)
 		}
-		if l := logLines(p, "msg=rejected"); len(l) != 1 || !strings.Contains(l[0], "2 superuser") || !strings.Contains(l[0], "scope=database") {
+		if l := logged(t, p, 1, "msg=rejected"); len(l) != 1 || !strings.Contains(l[0], "2 superuser") || !strings.Contains(l[0], "scope=database") {
 			t.Errorf("rejections: %q", l)
 		}
 	})
@@ -766,7 +781,7 @@ func TestLimitMinSessionAge(t *testing.T) {
 	_, err := tryConnect(p.DSN(role, pw, "app"), 30*time.Second, nil)
 	wantTooMany(t, err, "role", role)
 	wantAlive(t, first, "the young session")
-	if l := logLines(p, "msg=rejected"); len(l) != 1 || !strings.Contains(l[0], "younger than min_session_age 1h0m0s") {
+	if l := logged(t, p, 1, "msg=rejected"); len(l) != 1 || !strings.Contains(l[0], "younger than min_session_age 1h0m0s") {
 		t.Errorf("rejections: %q", l)
 	}
 
@@ -798,7 +813,7 @@ func TestLimitDatabase(t *testing.T) {
 		wantAlive(t, other, "a session in another database")
 		wantAlive(t, a, "the first session")
 		wantAlive(t, b, "the second session")
-		if l := logLines(p, "msg=rejected", "scope=database", "limit=2"); len(l) != 2 {
+		if l := logged(t, p, 2, "msg=rejected", "scope=database", "limit=2"); len(l) != 2 {
 			t.Errorf("rejections: %q", l)
 		}
 	})
@@ -845,7 +860,7 @@ func TestLimitDatabase(t *testing.T) {
 		}
 		wantAlive(t, a, "the session holding the slot")
 		// rolegate refused it itself, without a server connection.
-		if l := logLines(p, "msg=rejected", "scope=database", "limit=1"); len(l) != 1 {
+		if l := logged(t, p, 1, "msg=rejected", "scope=database", "limit=1"); len(l) != 1 {
 			t.Errorf("rejections: %q\n%s", l, p.logs.String())
 		}
 		if l := logLines(p, "refused by server"); len(l) != 0 {
@@ -1187,9 +1202,15 @@ func TestLimitConcurrentLogins(t *testing.T) {
 		}
 		// Every rejection is one log line: rolegate's own, or the server's
 		// 53300 passed on after a race with a direct login.
-		own := len(logLines(p, "msg=rejected", "sqlstate=53300", "role="+role))
-		passed := len(logLines(p, `msg="login failed"`, "sqlstate=53300"))
-		if own+passed != rejected {
+		var own, passed int
+		count := func() bool {
+			own = len(logLines(p, "msg=rejected", "sqlstate=53300", "role="+role))
+			passed = len(logLines(p, `msg="login failed"`, "sqlstate=53300"))
+			return own+passed >= rejected
+		}
+		// Each line is written once its client has been told.
+		waitUntil(t, 30*time.Second, fmt.Sprintf("%d rejection log lines", rejected), count)
+		if count(); own+passed != rejected {
 			t.Errorf("%d rejections through rolegate, %d rejection log lines and %d passed-on server refusals", rejected, own, passed)
 		}
 		noWarnings(t, p)
