@@ -521,8 +521,13 @@ func TestWaitingMetrics(t *testing.T) {
 	if n := metric(t, base, "rolegate_rejections_total", "role", "rej_user", "policy", "reject"); n != 1 {
 		t.Errorf("rolegate_rejections_total = %v, want 1", n)
 	}
-	events := getJSON[[]event](t, base+"/api/evictions")
-	if len(events) == 0 || events[0].Kind != "rejection" || events[0].Role != "rej_user" {
+	// The event is recorded once the client has been told.
+	var events []event
+	waitFor(t, "the rejection in /api/evictions", func() bool {
+		events = getJSON[[]event](t, base+"/api/evictions")
+		return len(events) > 0
+	})
+	if events[0].Kind != "rejection" || events[0].Role != "rej_user" {
 		t.Errorf("/api/evictions = %+v, want rej_user's rejection first", events)
 	}
 }

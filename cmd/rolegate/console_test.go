@@ -61,9 +61,10 @@ func TestConsoleBinary(t *testing.T) {
 		!strings.Contains(errOut, `too many connections for role "con_user"`) {
 		t.Fatalf("second login under reject: %v, %s", err, errOut)
 	}
-	if out := run("show evictions"); !strings.Contains(out, "rejection") {
-		t.Errorf("show evictions:\n%s", out)
-	}
+	// The rejection is recorded once the client has been told.
+	waitFor(t, 30*time.Second, "the rejection in show evictions", func() bool {
+		return strings.Contains(run("show evictions"), "rejection")
+	})
 	if out := run("show config"); !strings.Contains(out, "redacted") || strings.Contains(out, c.SuperPassword) {
 		t.Errorf("show config shows the control password or redacts nothing:\n%s", out)
 	}

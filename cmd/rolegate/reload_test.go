@@ -159,9 +159,11 @@ func TestReload(t *testing.T) {
 		t.Fatalf("second login under reject: %v, stderr %q", err, errOut)
 	}
 	alive(t, first, "the first session after a rejected login")
-	if log := p.stderr.String(); !strings.Contains(log, "msg=rejected") || !strings.Contains(log, "policy=reject") {
-		t.Fatalf("no rejection log line under policy reject:\n%s", log)
-	}
+	// rolegate logs the rejection once the client has been told.
+	waitFor(t, 30*time.Second, "the rejection log line under policy reject", func() bool {
+		log := p.stderr.String()
+		return strings.Contains(log, "msg=rejected") && strings.Contains(log, "policy=reject")
+	})
 
 	// Config 2, newest-wins: the session open across the reload survives it,
 	// and the next login evicts it.
@@ -241,6 +243,16 @@ func TestReload(t *testing.T) {
 	if n := p.evictions(); n != evictionsBefore {
 		t.Fatalf("an eviction with the server's limit cached as none:\n%s", p.stderr.String())
 	}
+	// The server's refusal is logged once the client has been told; by then a
+	// rejection of rolegate's own would have been logged too.
+	waitFor(t, 30*time.Second, "the server's refusal in the log", func() bool {
+		for _, l := range strings.Split(p.stderr.String(), "\n") {
+			if strings.Contains(l, `msg="login failed"`) && strings.Contains(l, "role=srv_user") && strings.Contains(l, "refused by server") {
+				return true
+			}
+		}
+		return false
+	})
 	for _, l := range strings.Split(p.stderr.String(), "\n") {
 		if strings.Contains(l, "msg=rejected") && strings.Contains(l, "role=srv_user") {
 			t.Fatalf("rolegate knew the server's new limit before the reload: %s", l)
