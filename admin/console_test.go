@@ -454,7 +454,7 @@ func TestConsole(t *testing.T) {
 
 	t.Run("terminate ends the console", func(t *testing.T) {
 		cc.send(t, &pgproto3.Terminate{})
-		_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_ = cc.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := cc.fe.Receive(); err == nil {
 			t.Fatal("console answered after Terminate")
 		}
@@ -479,7 +479,7 @@ func TestConsoleWithoutLimits(t *testing.T) {
 	}
 
 	cancel()
-	_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = cc.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	m, err := cc.fe.Receive()
 	if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Code != "57P01" || e.Severity != "FATAL" {
 		t.Fatalf("after cancel: %#v %v, want FATAL 57P01", m, err)
@@ -796,7 +796,7 @@ func TestServerSessionsAndLimits(t *testing.T) {
 		}
 	})
 	cc.send(t, &pgproto3.Terminate{})
-	_ = cc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = cc.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	_, _ = cc.fe.Receive()
 }
 

@@ -138,7 +138,7 @@ func startHTTP(t *testing.T, opts Options) string {
 	done := make(chan error, 1)
 	go func() { done <- h.Serve(ln) }()
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if err := h.Shutdown(ctx); err != nil {
 			t.Errorf("Shutdown: %v", err)
@@ -241,7 +241,7 @@ next:
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -521,8 +521,13 @@ func TestWaitingMetrics(t *testing.T) {
 	if n := metric(t, base, "rolegate_rejections_total", "role", "rej_user", "policy", "reject"); n != 1 {
 		t.Errorf("rolegate_rejections_total = %v, want 1", n)
 	}
-	events := getJSON[[]event](t, base+"/api/evictions")
-	if len(events) == 0 || events[0].Kind != "rejection" || events[0].Role != "rej_user" {
+	// The event is recorded once the client has been told.
+	var events []event
+	waitFor(t, "the rejection in /api/evictions", func() bool {
+		events = getJSON[[]event](t, base+"/api/evictions")
+		return len(events) > 0
+	})
+	if events[0].Kind != "rejection" || events[0].Role != "rej_user" {
 		t.Errorf("/api/evictions = %+v, want rej_user's rejection first", events)
 	}
 }

@@ -98,6 +98,8 @@ func TestObserverMetrics(t *testing.T) {
 			t.Fatalf("%s got in with a wrong password", login[0])
 		}
 	}
+	// A failure is counted once the client has been told.
+	waitFor(t, "two login failures counted", func() bool { return metric(t, base, "rolegate_login_failures_total") >= 2 })
 	if n := metric(t, base, "rolegate_login_failures_total", "role", "obs_user", "reason", "wrong password"); n != 1 {
 		t.Errorf(`rolegate_login_failures_total{role="obs_user",reason="wrong password"} = %v, want 1`, n)
 	}

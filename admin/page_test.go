@@ -93,7 +93,7 @@ func TestLivePage(t *testing.T) {
 	served := make(chan error, 1)
 	go func() { served <- h.Serve(ln) }()
 	stopHTTP := sync.OnceFunc(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if err := h.Shutdown(ctx); err != nil {
 			t.Errorf("Shutdown: %v", err)
@@ -207,7 +207,7 @@ func itoa(n uint32) string { return strconv.FormatUint(uint64(n), 10) }
 // pageText is the visible text of the first element matching sel.
 func pageText(t *testing.T, ctx context.Context, sel string) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
 	if err != nil {
@@ -220,7 +220,7 @@ func pageText(t *testing.T, ctx context.Context, sel string) string {
 // a deadline with what the page showed.
 func waitText(t *testing.T, ctx context.Context, sel string, parts ...string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		got := pageText(t, ctx, sel)
 		missing := ""

@@ -114,13 +114,13 @@ func TestShutdownDeadline(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
-	start := time.Now()
 	err := p.Shutdown(ctx)
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Shutdown returned %v, want context.DeadlineExceeded", err)
 	}
-	if elapsed := time.Since(start); elapsed < 250*time.Millisecond {
-		t.Errorf("Shutdown returned after %v, before its deadline", elapsed)
+	// Not a duration: whether the deadline had passed when Shutdown returned.
+	if ctx.Err() == nil {
+		t.Errorf("Shutdown returned before its deadline")
 	}
 	// Shutdown closed what was left before it returned.
 	if s := p.Sessions(); len(s) != 0 {

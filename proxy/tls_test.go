@@ -425,6 +425,7 @@ func TestServerTLS(t *testing.T) {
 		if err != nil || strings.TrimSpace(out) != user {
 			t.Errorf("psql with channel_binding=disable: %v, output %q, stderr %q", err, out, errOut)
 		}
+		// Logged once the client has been told of the failure.
 		waitFor(t, "the channel binding hint in the log", func() bool {
 			return strings.Contains(p.logs.String(), "a TLS client that supports channel binding cannot log in through passthrough")
 		})

@@ -7,8 +7,10 @@ import (
 	"maps"
 	"math"
 	"net"
+	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,7 +61,7 @@ func TestServerView(t *testing.T) {
 
 	t.Run("sessions", func(t *testing.T) {
 		t.Parallel()
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		defer cancel()
 		a := connect(t, c.DSN("sessions_r", rolePW, "sessions_db")+"&application_name=app_a")
 		b := connect(t, c.DSN("sessions_s", rolePW, "sessions_db"))
@@ -92,7 +94,7 @@ func TestServerView(t *testing.T) {
 
 	t.Run("census", func(t *testing.T) {
 		t.Parallel()
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		defer cancel()
 		su := connect(t, c.SuperDSN())
 
@@ -218,7 +220,7 @@ func TestServerView(t *testing.T) {
 
 	t.Run("server limits", func(t *testing.T) {
 		t.Parallel()
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		defer cancel()
 		ctl := control(t, 2)
 		check := func(role, db string, ttl time.Duration, wantRole int, wantSuper bool, wantDB int) {
@@ -300,7 +302,7 @@ func TestServerView(t *testing.T) {
 
 	t.Run("terminate", func(t *testing.T) {
 		t.Parallel()
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		defer cancel()
 		su := connect(t, c.SuperDSN())
 		ctl := control(t, 2)
@@ -340,15 +342,30 @@ func TestServerView(t *testing.T) {
 		}
 		wantSQLState(t, <-idleErr, "57P01")
 
-		// A timeout that passes: false (the server warns), not an error. The
-		// server looks for the process right after the signal, while it is
-		// still exiting, and waits 1 ms; the signal still ends the session.
+		// A timeout that passes: false (the server warns), not an error; the
+		// signal still ends the session. The victim is stopped (SIGSTOP) so
+		// that it cannot exit within the 1 ms however the machine schedules
+		// it; it goes on, and ends, once continued.
 		slow := connect(t, c.DSN("term_r", rolePW, "postgres"))
 		slowErr := make(chan error, 1)
 		go func() { slowErr <- slow.PgConn().WaitForNotification(ctx) }()
+		stopped, err := os.FindProcess(int(slow.PgConn().PID()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := stopped.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatalf("stop the victim: %v", err)
+		}
+		resume := sync.OnceFunc(func() {
+			if err := stopped.Signal(syscall.SIGCONT); err != nil {
+				t.Errorf("continue the victim: %v", err)
+			}
+		})
+		t.Cleanup(resume)
 		if ok, err := ctl.Terminate(ctx, slow.PgConn().PID(), time.Millisecond); ok || err != nil {
 			t.Errorf("Terminate(slow, 1ms) = %v, %v; want false, nil", ok, err)
 		}
+		resume()
 		wantSQLState(t, <-slowErr, "57P01")
 
 		// A pid that is no backend (any more): false, not an error, with
@@ -375,7 +392,7 @@ func TestServerView(t *testing.T) {
 
 	t.Run("lock role", func(t *testing.T) {
 		t.Parallel()
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		defer cancel()
 		su := connect(t, c.SuperDSN())
 		// a and b are two rolegate instances.
@@ -435,7 +452,7 @@ func TestServerView(t *testing.T) {
 			select {
 			case unlock := <-ch:
 				return unlock
-			case <-time.After(5 * time.Second):
+			case <-time.After(30 * time.Second):
 				t.Fatal("LockRole did not return after the holder unlocked")
 				return nil
 			}
@@ -580,7 +597,7 @@ func TestServerView(t *testing.T) {
 		go func() { closing.Close(); close(closed) }()
 		select {
 		case <-closed:
-		case <-time.After(5 * time.Second):
+		case <-time.After(30 * time.Second):
 			t.Fatal("Close waited for the lock holder")
 		}
 		unlockC()
@@ -626,7 +643,7 @@ func sleep(t *testing.T, conn *pgx.Conn) <-chan error {
 // waitState waits until pid's pg_stat_activity state is state.
 func waitState(t *testing.T, su *pgx.Conn, pid uint32, state string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var got *string
 		err := su.QueryRow(t.Context(), "select state from pg_stat_activity where pid = $1", int32(pid)).Scan(&got)
