@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -107,13 +108,24 @@ func TestLimitReplication(t *testing.T) {
 	}, true, 0)
 	p := startProxy(t, proxyOpts{server: c, auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim})
 	via := func(role, db string, extra ...string) string { return p.DSN(role, "repl_pw", db, extra...) }
-	lastEvent := func(t *testing.T) Event {
+	// wantLastEvent waits for the newest event to be what want accepts: a
+	// rejection is recorded just after the client has been told.
+	wantLastEvent := func(t *testing.T, what string, want func(Event) bool) {
 		t.Helper()
-		ev := p.Events() // newest first
-		if len(ev) == 0 {
-			t.Fatal("no events")
+		var last Event
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if ev := p.Events(); len(ev) > 0 { // newest first
+				last = ev[0]
+			}
+			if want(last) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("last event %+v, want %s", last, what)
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
-		return ev[0]
 	}
 
 	t.Run("rolegate", func(t *testing.T) {
@@ -134,9 +146,9 @@ func TestLimitReplication(t *testing.T) {
 		// session, never a walsender (which holds no slot anyway).
 		newer := connect(t, via("repl_r", "postgres"))
 		wantEvicted(t, normal, "role", "repl_r", limiter.PolicyNewestWins)
-		if ev := lastEvent(t); ev.Kind != "eviction" || ev.VictimPID != normalPID {
-			t.Errorf("last event %+v, want the eviction of pid %d", ev, normalPID)
-		}
+		wantLastEvent(t, fmt.Sprintf("the eviction of pid %d", normalPID), func(ev Event) bool {
+			return ev.Kind == "eviction" && ev.VictimPID == normalPID
+		})
 		identifySystem(t, logical)
 		identifySystem(t, physical)
 
@@ -151,9 +163,9 @@ func TestLimitReplication(t *testing.T) {
 			t.Fatalf("psql replication=database at the limit: %v, %q, %q", err, out, errOut)
 		}
 		refused(t, via("repl_r", "postgres"), "role", "repl_r")
-		if ev := lastEvent(t); ev.Kind != "rejection" || !strings.Contains(ev.Reason, `role "repl_r" at limit 1 (1 session): policy reject`) {
-			t.Errorf("last event %+v, want rolegate's rejection counting 1 session", ev)
-		}
+		wantLastEvent(t, "rolegate's rejection counting 1 session", func(ev Event) bool {
+			return ev.Kind == "rejection" && strings.Contains(ev.Reason, `role "repl_r" at limit 1 (1 session): policy reject`)
+		})
 		wantAlive(t, newer, "the session at the limit")
 		if n := walsenders(t, "repl_r"); n != 2 {
 			t.Errorf("%d walsenders of repl_r, want 2", n)
@@ -165,10 +177,10 @@ func TestLimitReplication(t *testing.T) {
 		identifySystem(t, w)
 		connect(t, via("repl_d", "repl_db"))
 		refused(t, via("repl_d", "repl_db"), "database", "repl_db")
-		if ev := lastEvent(t); ev.Kind != "rejection" || ev.Scope != "database" ||
-			!strings.Contains(ev.Reason, `database "repl_db" at limit 1 (1 session)`) {
-			t.Errorf("last event %+v, want rolegate's rejection counting 1 session", ev)
-		}
+		wantLastEvent(t, "rolegate's rejection counting 1 session", func(ev Event) bool {
+			return ev.Kind == "rejection" && ev.Scope == "database" &&
+				strings.Contains(ev.Reason, `database "repl_db" at limit 1 (1 session)`)
+		})
 		identifySystem(t, w)
 	})
 }
