@@ -290,22 +290,6 @@ func TestSCRAMRefusalsLikeServer(t *testing.T) {
 		clientTLS: &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "127.0.0.1")}}})
 
 	const first = "n=,r=abcdefghijklmnopqrstuvwx"
-	// boundFirst runs a bound exchange with the password, with binding data
-	// of a certificate that is not the one the connection has.
-	boundWrong := func(t *testing.T, c net.Conn, fe *pgproto3.Frontend) {
-		sc, err := auth.NewSCRAMClient(&auth.Keys{Password: scramPW})
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc.WithChannelBinding(make([]byte, 32))
-		sendRaw(t, c, saslInitial(auth.SCRAMSHA256Plus, int32(len(sc.ClientFirst())), string(sc.ClientFirst())))
-		cont := receive[*pgproto3.AuthenticationSASLContinue](t, fe)
-		final, err := sc.ClientFinal(cont.Data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sendRaw(t, c, saslResponse(final))
-	}
 	tests := []struct {
 		name   string
 		useTLS bool
@@ -348,7 +332,7 @@ func TestSCRAMRefusalsLikeServer(t *testing.T) {
 			data := "p=tls-unique,," + first
 			sendRaw(t, c, saslInitial(auth.SCRAMSHA256Plus, int32(len(data)), data))
 		}, "08P01", `unsupported SCRAM channel-binding type "tls-unique"`},
-		{"binding to another certificate", true, boundWrong, "28000", "SCRAM channel binding check failed"},
+		{"binding to another certificate", true, boundToOtherCertificate, "28000", "SCRAM channel binding check failed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -399,4 +383,23 @@ func FuzzSASLInitialResponse(f *testing.F) {
 			t.Fatalf("accepted %q as %q, %q", body, mechanism, data)
 		}
 	})
+}
+
+// boundToOtherCertificate runs a SCRAM-SHA-256-PLUS exchange with
+// scram_user's password whose binding data is not that of the connection's
+// certificate, as a client behind a relay would send it.
+func boundToOtherCertificate(t *testing.T, c net.Conn, fe *pgproto3.Frontend) {
+	t.Helper()
+	sc, err := auth.NewSCRAMClient(&auth.Keys{Password: scramPW})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc.WithChannelBinding(make([]byte, 32))
+	sendRaw(t, c, saslInitial(auth.SCRAMSHA256Plus, int32(len(sc.ClientFirst())), string(sc.ClientFirst())))
+	cont := receive[*pgproto3.AuthenticationSASLContinue](t, fe)
+	final, err := sc.ClientFinal(cont.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendRaw(t, c, saslResponse(final))
 }
