@@ -3,6 +3,7 @@ package limiter
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -40,6 +41,11 @@ type Holder struct {
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
 	// on its own server socket, or to use the timeout form.
 	ViaRolegate bool
+	// Client is the backend's client address and port as the server sees
+	// them (pg_stat_activity's client_addr and client_port); invalid for a
+	// Unix socket or when the control role may not see them. Not used by the
+	// limiter: the caller recognizes its own server connections by it.
+	Client netip.AddrPort
 }
 
 // Login is a client that has authenticated and asks for a slot.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -195,8 +196,16 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			s.obs.Waited(sess.user, time.Since(started), err == nil)
 		}
 	}()
+	// What the login waits for when its time runs out: the limit it last
+	// waited on, or, in the lock, the role's (or the database's).
+	waitedOn := a.lockWait()
 	for {
 		if a.unlock, err = a.lock(ctx); err != nil {
+			if ranOut(ctx) {
+				// The logins of the role ahead of it took all its time: it
+				// found no slot, which is 53300, not a failure of rolegate.
+				return nil, a.reject(client, a.timedOut(waitedOn, started, "waited for the admission lock"))
+			}
 			return nil, err
 		}
 		d, err := a.decide(ctx)
@@ -219,13 +228,44 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			waiting = true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
 		}
+		waitedOn = d
 		if err := a.wait(ctx, d, client, cr); err != nil {
+			if ranOut(ctx) {
+				return nil, a.reject(client, a.timedOut(waitedOn, started, "waited"))
+			}
 			if waiting {
 				log.Info("left the wait queue", "waited", time.Since(started).Round(time.Millisecond), "why", err.Error())
 			}
 			return nil, err
 		}
 	}
+}
+
+// ranOut reports whether the admission's own time (startup_timeout plus
+// wait_timeout) is over, while the session itself goes on.
+func ranOut(ctx context.Context) bool {
+	return errors.Is(context.Cause(ctx), context.DeadlineExceeded)
+}
+
+// lockWait is the decision a login that runs out of time waiting for the
+// admission lock gets: the role's limit, or the database's if only that is set.
+func (a *admission) lockWait() limiter.Decision {
+	if a.role.Limited() {
+		return limiter.Decision{Kind: limiter.Wait, Scope: limiter.ScopeRole, Limit: a.role.MaxSessions, Policy: a.role.Policy}
+	}
+	return limiter.Decision{Kind: limiter.Wait, Scope: limiter.ScopeDatabase, Limit: a.db.MaxSessions, Policy: a.db.Policy}
+}
+
+// timedOut turns the last wait of a login whose admission time ran out into
+// its rejection.
+func (a *admission) timedOut(d limiter.Decision, started time.Time, what string) limiter.Decision {
+	d.Kind = limiter.Reject
+	why := what + " " + time.Since(started).Round(time.Millisecond).String() + ", admission time (startup_timeout + wait_timeout) ran out"
+	if d.Reason != "" {
+		why = d.Reason + "; " + why
+	}
+	d.Reason = why
+	return d
 }
 
 // serverLocker serializes admissions across rolegate instances with the
@@ -351,7 +391,10 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 		if err != nil {
 			return limiter.Decision{}, fmt.Errorf("census of role %q: %w", a.sess.user, err)
 		}
-		holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool { return a.self != 0 && h.PID == a.self })
+		pending := a.s.pending.matcher()
+		holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool {
+			return a.self != 0 && h.PID == a.self || pending(h)
+		})
 		a.s.markOwn(holders)
 		d := a.lim.Limiter.Decide(a.login, a.role, a.db, holders)
 		a.login.Ticket = d.Ticket
@@ -480,13 +523,21 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 		out = wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	}
 	out = wire.Encode(out, wire.Error("FATAL", "53300", msg))
-	_, _ = client.Write(out)
+	// Recorded before the client is told: what a client has seen is
+	// already in the events, the metrics and the log.
 	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(), Reason: d.Reason})
+	a.s.obs.LoginFailed(a.sess.user, ReasonTooMany) // the client proved who it is before admission
 	// A leaked pool retrying at its limit is rejected thousands of times a
 	// second; the events and the metrics still count every rejection.
 	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", "sqlstate", "53300", "scope", d.Scope.String(),
 		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
+	// The login's startup deadline may be long past (it waited): the write
+	// has a bound of its own, so a client that does not read cannot keep
+	// the session open.
+	if err := writeClient(client, out); err != nil {
+		a.log.Debug("could not send the rejection", "err", err)
+	}
 	return &tooManyError{msg: msg}
 }
 
@@ -499,6 +550,97 @@ func (s *Server) markOwn(holders []limiter.Holder) {
 	own := s.registry.backendPIDs()
 	for i := range holders {
 		holders[i].ViaRolegate = own[holders[i].PID]
+	}
+}
+
+// pendingLogins are the passthrough logins from their server connection to
+// their admission. In passthrough the server logs a client in before rolegate
+// decides on it, so a census taken meanwhile lists the backend of every login
+// still in admission. Such a backend holds no slot in rolegate's count: it is
+// left out of every census (not only its own login's) and never chosen as a
+// victim, so pending logins neither wait for nor evict each other; a login
+// leaves the set when it is admitted, with its role's admission lock still
+// held, and counts from then on.
+//
+// What holds: rolegate admits one login of a role (and of a limited database)
+// at a time and counts every admitted session, so admitted sessions never
+// exceed the limit. The server's own count is higher while logins are
+// pending: it counts their backends, which it let in when each logged in
+// (PostgreSQL checks rolconnlimit and datconnlimit once, at backend start,
+// never later). A pending backend therefore cannot make the server refuse a
+// login it already let in; it can make the server refuse a new login at the
+// server's own limit (the server's 53300, as without rolegate), and a pending
+// login rolegate rejects gives its backend back when its connection closes.
+type pendingLogins struct {
+	mu     sync.Mutex
+	logins map[*session]pendingLogin
+}
+
+type pendingLogin struct {
+	// client is the server connection's local end: pg_stat_activity shows it
+	// as the backend's client_addr and client_port from the backend's first
+	// row on, before rolegate knows the backend's pid.
+	client netip.AddrPort
+	pid    uint32 // the backend, once its BackendKeyData has come
+}
+
+// add records sess, whose server connection is server, as pending.
+func (p *pendingLogins) add(sess *session, server net.Conn) {
+	var client netip.AddrPort
+	if a, ok := server.LocalAddr().(*net.TCPAddr); ok {
+		client = a.AddrPort()
+		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.logins == nil {
+		p.logins = make(map[*session]pendingLogin)
+	}
+	p.logins[sess] = pendingLogin{client: client}
+}
+
+// setPID records the backend pid of a pending login.
+func (p *pendingLogins) setPID(sess *session, pid uint32) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if l, ok := p.logins[sess]; ok {
+		l.pid = pid
+		p.logins[sess] = l
+	}
+}
+
+// remove ends sess's pending state; removing twice is harmless.
+func (p *pendingLogins) remove(sess *session) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.logins, sess)
+}
+
+// matcher returns a test for census rows of pending logins, as of now. A row
+// is matched by its client address when the census shows one (exact: the
+// server connection is open while its login is pending, so no other
+// connection has its port), else by pid.
+func (p *pendingLogins) matcher() func(limiter.Holder) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.logins) == 0 {
+		return func(limiter.Holder) bool { return false }
+	}
+	clients := make(map[netip.AddrPort]bool, len(p.logins))
+	pids := make(map[uint32]bool, len(p.logins))
+	for _, l := range p.logins {
+		if l.client.IsValid() {
+			clients[l.client] = true
+		}
+		if l.pid != 0 {
+			pids[l.pid] = true
+		}
+	}
+	return func(h limiter.Holder) bool {
+		if h.Client.IsValid() {
+			return clients[h.Client]
+		}
+		return h.PID != 0 && pids[h.PID]
 	}
 }
 

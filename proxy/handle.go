@@ -278,7 +278,23 @@ func (s *Server) startupFailed(c net.Conn, err error, log *slog.Logger) {
 
 // sendFatal writes a FATAL ErrorResponse; the caller closes the connection.
 func sendFatal(c net.Conn, code, msg string) {
-	_, _ = c.Write(wire.Encode(nil, wire.Error("FATAL", code, msg)))
+	_ = writeClient(c, wire.Encode(nil, wire.Error("FATAL", code, msg)))
+}
+
+// clientWriteTimeout bounds one write to a client during its login. A login
+// may have waited for a slot past its startup deadline, so what rolegate
+// sends from admission on (the rejection, an error, the handoff) cannot rely
+// on that deadline; and a client that stops reading must not hold the
+// session open.
+const clientWriteTimeout = 10 * time.Second
+
+// writeClient writes b to a client within clientWriteTimeout, whatever
+// deadline c had, and leaves c without a write deadline.
+func writeClient(c net.Conn, b []byte) error {
+	_ = c.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
+	_, err := c.Write(b)
+	_ = c.SetWriteDeadline(time.Time{})
+	return err
 }
 
 // forwardCancel passes a CancelRequest that carries a key rolegate issued to the
@@ -321,8 +337,8 @@ func (s *Server) loginFailed(sess *session, err error, log *slog.Logger) {
 	}
 	switch {
 	case errors.As(err, &tooMany):
-		// Admission logged the rejection, once, with its reason.
-		s.obs.LoginFailed(role, ReasonTooMany)
+		// Admission logged the rejection, once, with its reason, and told
+		// the Observer, before the client heard of it.
 	case errors.As(err, &failed):
 		if failed.roleExists {
 			role = sess.user
@@ -448,6 +464,12 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 		return nil, context.Cause(ctx)
 	}
 	sess.serverTLS = useTLS
+	if keys == nil && s.cfg.Limits != nil {
+		// Passthrough: the backend the server gives this login counts
+		// against no one until admission has decided on it (see pendingLogins).
+		s.pending.add(sess, server)
+		defer s.pending.remove(sess)
+	}
 
 	// Each of the server's turns from here to ReadyForQuery is bounded by
 	// connect_timeout, and fails with an error that names its step.
@@ -474,10 +496,14 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 		// client hears AuthenticationOk, with the new backend left out of the count.
 		authOut := slices.Clone(out) // the server's last auth messages, up to AuthenticationOk
 		beforeReady = func() error {
+			s.pending.setPID(sess, sess.backendPID)
 			done, err := s.admit(ctx, sess, client, cr, log, admitFor{self: sess.backendPID, authOut: authOut})
 			if err != nil {
 				return err
 			}
+			// Admitted: the backend counts from here on, for the next login
+			// of the role too, which done lets decide.
+			s.pending.remove(sess)
 			done()
 			// Time spent waiting for a slot does not count against the login.
 			_ = client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
@@ -520,7 +546,7 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 				}
 			}
 			out = append(out, m.Raw()...)
-			if _, err := client.Write(out); err != nil {
+			if err := writeClient(client, out); err != nil {
 				return nil, errClientClosed
 			}
 			if len(m.Body) == 1 {
@@ -534,7 +560,7 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 				return nil, errServerFull
 			}
 			out = append(out, m.Raw()...)
-			_, _ = client.Write(out)
+			_ = writeClient(client, out)
 			return nil, err
 		case 'S', 'N':
 			out = append(out, m.Raw()...)
@@ -647,7 +673,7 @@ func refusedBy(m wire.Message) error {
 func (s *Server) upstreamAuthFailed(sess *session, client net.Conn, err error) error {
 	var se *upstream.ServerError
 	if errors.As(err, &se) {
-		_, _ = client.Write(se.Raw)
+		_ = writeClient(client, se.Raw)
 		if se.Code == "28P01" {
 			s.cfg.Auth.Store.Forget(sess.user)
 		}
@@ -678,7 +704,7 @@ func (s *Server) serverLost(client net.Conn, out *[]byte, err error) error {
 		err = de
 	}
 	*out = wire.Encode(*out, wire.Error("FATAL", "08006", de.Message()))
-	_, _ = client.Write(*out)
+	_ = writeClient(client, *out)
 	return err
 }
 

@@ -101,11 +101,26 @@ type proxyOpts struct {
 	sslmode        config.SSLMode  // default: prefer
 	sslrootcert    string
 	clientTLS      *tls.Config
-	startupTimeout time.Duration   // default: 10 s
-	connectTimeout time.Duration   // [server] connect_timeout; default: 5 s
-	auth           *ClientAuth     // nil: passthrough
-	limits         *Limits         // nil: no limits
-	throttle       throttleOptions // repeated-failure log lines; zero: the defaults
+	startupTimeout time.Duration           // default: 10 s
+	connectTimeout time.Duration           // [server] connect_timeout; default: 5 s
+	auth           *ClientAuth             // nil: passthrough
+	limits         *Limits                 // nil: no limits
+	throttle       throttleOptions         // repeated-failure log lines; zero: the defaults
+	wrap           func(net.Conn) net.Conn // wraps each accepted connection; nil: none
+}
+
+// wrapListener hands Serve its connections through wrap.
+type wrapListener struct {
+	net.Listener
+	wrap func(net.Conn) net.Conn
+}
+
+func (l *wrapListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.wrap(c), nil
 }
 
 // testProxy is a proxy Server serving on a loopback port.
@@ -166,6 +181,9 @@ func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy 
 		t.Fatal(err)
 	}
 	p := &testProxy{Server: srv, Host: "127.0.0.1", Port: ln.Addr().(*net.TCPAddr).Port, logs: logs, done: make(chan error, 1)}
+	if o.wrap != nil {
+		ln = &wrapListener{Listener: ln, wrap: o.wrap}
+	}
 	go func() { p.done <- srv.Serve(ln) }()
 	t.Cleanup(func() {
 		srv.Close()

@@ -65,6 +65,7 @@ type Server struct {
 	obs      Observer     // never nil
 	quiet    *logThrottle // repeated failures; successes are always logged
 	registry *registry
+	pending  pendingLogins // passthrough logins not yet admitted
 	events   eventLog
 	// endPoint is the tls-server-end-point of the certificate TLS clients
 	// get, for SCRAM channel binding; nil when it cannot be known.

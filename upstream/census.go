@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -82,7 +83,8 @@ func (c *Control) state() *census {
 const censusQuery = `SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
 	a.backend_start, coalesce(a.state, ''), a.state_change,
 	coalesce(r.rolsuper, false),
-	coalesce(a.application_name = $3 AND a.usename = session_user, false)
+	coalesce(a.application_name = $3 AND a.usename = session_user, false),
+	coalesce(host(a.client_addr), ''), coalesce(a.client_port, -1)
 FROM pg_catalog.pg_stat_activity a
 LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
 WHERE a.backend_type = 'client backend'
@@ -98,10 +100,12 @@ ORDER BY a.backend_start, a.pid`
 // control connections (the control pool's application_name, "rolegate" by
 // default, and the control role). Backends still authenticating (no usename
 // yet) and walsenders are left out, as the server leaves them out of its own
-// counts. ViaRolegate is the caller's to set.
+// counts. ViaRolegate is the caller's to set. Client is the address and port
+// the backend's client connected from (rolegate's own, for its sessions).
 //
-// Without pg_read_all_stats the control role sees no state or backend_start
-// of other roles' sessions: State is then "" and the times are zero.
+// Without pg_read_all_stats the control role sees no state, backend_start or
+// client address of other roles' sessions: State is then "", the times are
+// zero and Client is invalid.
 func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.Holder, error) {
 	s := c.state()
 	rows, err := c.pool.Query(ctx, censusQuery, controlText(role), controlText(database), s.appName)
@@ -116,8 +120,10 @@ func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.
 			pid         int32
 			start, chg  *time.Time
 			super, prot bool
+			addr        string
+			port        int32
 		)
-		if err := rows.Scan(&pid, &h.Role, &h.Database, &start, &h.State, &chg, &super, &prot); err != nil {
+		if err := rows.Scan(&pid, &h.Role, &h.Database, &start, &h.State, &chg, &super, &prot, &addr, &port); err != nil {
 			return nil, fmt.Errorf("census: %w", err)
 		}
 		h.PID, h.Superuser, h.Protected = uint32(pid), super, prot
@@ -126,6 +132,9 @@ func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.
 		}
 		if chg != nil {
 			h.StateChange = *chg
+		}
+		if ip, err := netip.ParseAddr(addr); err == nil && port > 0 && port <= math.MaxUint16 {
+			h.Client = netip.AddrPortFrom(ip.Unmap(), uint16(port))
 		}
 		holders = append(holders, h)
 	}

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -145,9 +146,18 @@ func TestServerView(t *testing.T) {
 			otherInDB.PgConn().PID(): {"census_other", "census_db", "idle", false, false},
 			superInDB.PgConn().PID(): {"census_super", "census_db", "idle", true, false},
 		}
+		// Client is the backend's client end: here the pgx connection's own.
+		clients := make(map[uint32]netip.AddrPort)
+		for _, conn := range []*pgx.Conn{idle, inTx, active, roleElsewhere, otherInDB, superInDB} {
+			a := conn.PgConn().Conn().LocalAddr().(*net.TCPAddr).AddrPort()
+			clients[conn.PgConn().PID()] = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+		}
 		got := make(map[uint32]want)
 		for i, h := range holders {
 			got[h.PID] = want{h.Role, h.Database, h.State, h.Superuser, h.Protected}
+			if h.Client != clients[h.PID] {
+				t.Errorf("pid %d: client %v, want %v", h.PID, h.Client, clients[h.PID])
+			}
 			if h.BackendStart.IsZero() || h.BackendStart.After(before) || h.StateChange.Before(h.BackendStart) || h.StateChange.After(before) {
 				t.Errorf("pid %d: backend_start %v, state_change %v", h.PID, h.BackendStart, h.StateChange)
 			}
