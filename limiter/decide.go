@@ -37,6 +37,11 @@ type Holder struct {
 	// proxy's TestLimitReplication checks the server), and a replica must
 	// never be cut off to let a login in.
 	Replication bool
+	// Reserved marks a slot another rolegate instance reserved for a login
+	// that has not reached the census yet (its PID is 0): it counts, and is
+	// never evicted. This instance's own reservations are the limiter's
+	// (Reserve), not census rows.
+	Reserved bool
 	// ViaRolegate is not used by the limiter; it travels with a victim so
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
 	// on its own server socket, or to use the timeout form.
@@ -224,7 +229,9 @@ type scopeView struct {
 	rule    Rule
 	members []Holder // census rows that count against the limit
 	ghosts  int      // victims in flight that already left the census
-	count   int      // members + ghosts: the slots held
+	booked  int      // this instance's reservations (Reserve)
+	logging int      // booked + reserved census rows: logins not yet in the census
+	count   int      // members + ghosts + booked: the slots held
 	leaving int      // how many of count are victims in flight
 	ahead   int      // waiters for this limit that arrived before the login
 	passed  int      // earlier waiters the login passes: it may wait no longer
@@ -284,7 +291,14 @@ func (l *Limiter) census(holders []Holder, t *Ticket, views ...*scopeView) {
 				s.mine = append(s.mine, pid)
 			}
 		}
-		s.count = len(s.members) + s.ghosts
+		s.booked = l.reservedFor(s)
+		s.logging = s.booked
+		for _, h := range s.members {
+			if h.Reserved {
+				s.logging++
+			}
+		}
+		s.count = len(s.members) + s.ghosts + s.booked
 		slices.Sort(s.mine)
 	}
 }
@@ -364,13 +378,15 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other *scopeView) ([]Holder, string) {
 	p := s.rule.policy()
 	var c []Holder
-	var superuser, protected, leaving, young, busy int
+	var superuser, protected, leaving, young, busy, logging int
 	for _, h := range s.members {
 		switch {
 		case slices.ContainsFunc(chosen, func(v Holder) bool { return v.PID == h.PID }):
 			// already a victim for the role limit
 		case h.Superuser:
 			superuser++
+		case h.Reserved:
+			logging++
 		case h.Protected || h.PID == 0:
 			protected++
 		case l.evicting[h.PID] != nil:
@@ -411,6 +427,7 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 	add(busy, "not idle")
 	add(leaving, "already being evicted")
 	add(protected, "protected")
+	add(logging, "still logging in")
 	add(superuser, "superuser")
 	if len(why) == 0 {
 		return c, ""
@@ -521,6 +538,9 @@ func (s *scopeView) describe() string {
 	use := plural(s.count, "session")
 	if s.leaving > 0 {
 		use += fmt.Sprintf(", %d being evicted", s.leaving)
+	}
+	if s.logging > 0 {
+		use += fmt.Sprintf(", %d logging in", s.logging)
 	}
 	if s.ahead > 0 {
 		use += fmt.Sprintf(", %d waiting before this login", s.ahead)

@@ -24,8 +24,8 @@
 //	login := limiter.Login{ID: id, Role: role, Database: db, Superuser: rolsuper}
 //	defer func() { login.Ticket.Leave() }() // nil-safe; a no-op after Admit or Reject
 //	for {
-//		// The lock is held across census, evictions and server login, so
-//		// no other login of the role takes the slot an eviction freed.
+//		// The lock is held across census, evictions and the reservation,
+//		// so no other login of the role takes the slot an eviction freed.
 //		unlock, err := l.Lock(ctx, login.Role)
 //		if err != nil {
 //			return err
@@ -45,8 +45,10 @@
 //		login.Ticket = d.Ticket
 //		switch d.Kind {
 //		case limiter.Admit:
-//			err := dialAndLogIn() // the new session must be in the next census
+//			r := l.Reserve(login) // counted until the session is in the census
 //			unlock()
+//			err := dialAndLogIn()
+//			r.Release(err == nil)
 //			return err
 //		case limiter.Reject:
 //			unlock()
@@ -56,14 +58,15 @@
 //		select {
 //		case <-d.Ticket.Ready():
 //		case <-time.After(time.Until(d.Ticket.Deadline())): // Decide then rejects, unless a slot freed
-//		case <-poll.C:
+//		case <-poll.C: // only while d.Ticket.First()
 //		case <-ctx.Done():
 //			return ctx.Err()
 //		}
 //	}
 //
 // When a session that held a slot ends (its server socket closes), the proxy
-// calls Released(role, database), which wakes the first waiter.
+// calls Released(role, database), which wakes the first waiter; a reserved
+// login that failed (Release(false)) does the same.
 //
 // # Combined role and database limits
 //

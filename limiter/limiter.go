@@ -25,6 +25,7 @@ type Limiter struct {
 	seq      uint64                 // last ticket sequence number handed out
 	counters map[CounterKey]*Counters
 	locks    map[string]*keyLock
+	reserved map[*Reservation]struct{} // admitted logins not yet in the census
 }
 
 // New returns an empty limiter reading time from now (time.Now in production,
@@ -40,6 +41,7 @@ func New(now func() time.Time) *Limiter {
 		queues:   make(map[queueKey][]*Ticket),
 		counters: make(map[CounterKey]*Counters),
 		locks:    make(map[string]*keyLock),
+		reserved: make(map[*Reservation]struct{}),
 	}
 }
 

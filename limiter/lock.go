@@ -6,10 +6,12 @@ import (
 )
 
 // Lock serializes admissions of one role within this rolegate. The proxy
-// holds it across census, Decide, the evictions and the server login, so that
-// two logins of the role never decide on the same census and the limit is
-// exact here (across instances the proxy adds pg_advisory_lock). unlock is
-// safe to call more than once.
+// holds it across census, Decide and the evictions (and reserves an admitted
+// login's slot before it unlocks), so that two logins of the role never
+// decide on the same census and the limit is exact here. With a server that
+// has advisory locks the proxy takes those instead, which serialize this
+// instance's logins and the instances'. unlock is safe to call more than
+// once.
 //
 // Lock waits until the role is free or ctx ends; then it returns ctx's cause
 // and a no-op unlock (so a deferred unlock is harmless). Waiters acquire

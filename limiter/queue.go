@@ -59,6 +59,44 @@ func (t *Ticket) Deadline() time.Time {
 	return t.deadline
 }
 
+// First reports whether the ticket is the first waiter for its limit (or not
+// waiting at all). Only the first waiter needs to re-check on a poll
+// interval, for slots freed by sessions that end without telling rolegate
+// (opened directly or through another instance): nobody behind it can be
+// admitted before it. The others sleep until Ready or Deadline; when the
+// first leaves the queue the next one is signalled, and re-checks as the new
+// first.
+func (t *Ticket) First() bool {
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	if !t.queued {
+		return true
+	}
+	q := t.l.queues[t.queue]
+	return len(q) > 0 && q[0] == t
+}
+
+// Abandon is Leave for a login whose admission broke off (a panic): any
+// eviction it was handed and did not report is reported as failed, so that
+// the victim does not hold a slot in the limiter's books for good. After
+// every eviction was reported it is the same as Leave.
+func (t *Ticket) Abandon() {
+	if t == nil {
+		return
+	}
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	if !t.gone {
+		for pid, e := range t.l.evicting {
+			if e.claimant == t {
+				delete(t.l.evicting, pid)
+				t.l.counter(e.key).EvictFailures++
+			}
+		}
+	}
+	t.l.retire(t)
+}
+
 // Leave takes the login out of line at once: the client disconnected, its
 // context ended, or the caller is done with the login. A wake-up it had not
 // used passes to the next waiter. Leaving twice, or after Admit or Reject, is
@@ -148,16 +186,23 @@ func (l *Limiter) enqueue(t *Ticket, key queueKey) {
 	t.queued, t.queue = true, key
 }
 
-// dequeue takes t out of its queue; it keeps its ticket (and position).
+// dequeue takes t out of its queue; it keeps its ticket (and position). If t
+// was first, the new first waiter is signalled: it is the one that re-checks
+// on a poll interval from now on (see First).
 func (l *Limiter) dequeue(t *Ticket) {
 	if !t.queued {
 		return
 	}
-	q := slices.DeleteFunc(l.queues[t.queue], func(u *Ticket) bool { return u == t })
+	q := l.queues[t.queue]
+	first := len(q) > 0 && q[0] == t
+	q = slices.DeleteFunc(q, func(u *Ticket) bool { return u == t })
 	if len(q) == 0 {
 		delete(l.queues, t.queue)
 	} else {
 		l.queues[t.queue] = q
+		if first && !q[0].woken {
+			l.signal(q[0])
+		}
 	}
 	t.queued = false
 }

@@ -47,13 +47,18 @@ func TestWaitFIFO(t *testing.T) {
 	if d := l.Decide(a, r, NoLimit(), free); d.Kind != Admit || d.Ticket != nil {
 		t.Fatalf("a: %v (%s)", d.Kind, d.Reason)
 	}
-	if isReady(b.Ticket) {
-		t.Fatal("b woken although a took the only slot")
+	// b is first now: it is signalled once, to re-check as the one waiter
+	// that polls (First); it finds a in and waits on.
+	if !ready(b.Ticket) || !b.Ticket.First() {
+		t.Fatal("b not signalled as the new first waiter")
 	}
 	// a is in; a ends; b wakes and gets in.
 	withA := append(free, idle(2, "app", "d", 0))
 	if d := l.Decide(b, r, NoLimit(), withA); d.Kind != Wait {
 		t.Fatalf("b: %v (%s)", d.Kind, d.Reason)
+	}
+	if isReady(b.Ticket) {
+		t.Fatal("b woken again although a took the only slot")
 	}
 	l.Released("app", "d")
 	if !ready(b.Ticket) {

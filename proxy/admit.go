@@ -135,7 +135,6 @@ type admission struct {
 	login   limiter.Login
 	role    limiter.Rule
 	db      limiter.Rule
-	unlock  func()
 	self    uint32 // the login's own backend (passthrough), not counted
 	authOut []byte // passthrough: the server's messages up to AuthenticationOk, not yet sent
 }
@@ -154,27 +153,29 @@ type tooManyError struct{ msg string }
 func (e *tooManyError) Error() string { return e.msg }
 
 // admit decides whether sess may log in, evicting or waiting as the role's
-// policy says. On success it returns holding the role's admission lock: the
-// caller logs in to the server and then calls done, so that the next login of
-// the role sees this session in its census.
-func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
-	done, err = s.admitOnce(ctx, sess, client, cr, log, pass)
+// policy says. The admission locks are held only while it decides; a login
+// admitted before it has a backend (proxy mode) gets a lease on a reserved
+// slot, which every census counts until the caller releases it: once the
+// login's backend is in pg_stat_activity, or when the login failed. The lease
+// is nil when nothing was reserved (no limits, exempt, passthrough).
+func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (l *lease, err error) {
+	l, err = s.admitOnce(ctx, sess, client, cr, log, pass)
 	var tooMany *tooManyError
 	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) &&
 		!errors.Is(context.Cause(ctx), errShutdown) { // shutdown is not a failure, and the socket is gone
 		s.quiet.log(log, slog.LevelWarn, "", "admission failed", "err", err)
 		sendFatal(client, "08006", "rolegate could not check the connection limits: "+err.Error())
 	}
-	return done, err
+	return l, err
 }
 
 // controlTimeout bounds each query admission sends on the control connection.
 const controlTimeout = 10 * time.Second
 
-func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (done func(), err error) {
+func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (l *lease, err error) {
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
-		return func() {}, nil
+		return nil, nil
 	}
 	a := &admission{s: s, lim: lim, sess: sess, log: log, self: pass.self, authOut: pass.authOut,
 		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
@@ -182,7 +183,7 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 		return nil, err
 	}
 	if a.login.Superuser || !a.role.Limited() && !a.db.Limited() {
-		return func() {}, nil // no limit anywhere costs nothing more
+		return nil, nil // no limit anywhere costs nothing more
 	}
 	// A login waits at most its wait_timeout for a slot, plus the time its own
 	// evictions and queries take; nothing here may hang it for good.
@@ -190,7 +191,9 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 	defer cancel()
 	started := time.Now()
 	waiting := false
-	defer func() { a.login.Ticket.Leave() }()
+	// Abandon, not Leave: after a panic in decide or evict, victims handed
+	// out and not reported must not hold slots in the limiter's books.
+	defer func() { a.login.Ticket.Abandon() }()
 	defer func() {
 		if waiting { // counted once per login, however many rounds it waited
 			s.obs.Waited(sess.user, time.Since(started), err == nil)
@@ -199,18 +202,18 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 	// What the login waits for when its time runs out: the limit it last
 	// waited on, or, in the lock, the role's (or the database's).
 	waitedOn := a.lockWait()
+	// Passthrough admits a login whose backend exists and is counted
+	// already: there is nothing to reserve.
+	reserve := pass.authOut == nil
 	for {
-		if a.unlock, err = a.lock(ctx); err != nil {
-			if ranOut(ctx) {
+		d, l, err := a.round(ctx, reserve)
+		if err != nil {
+			var locking *lockError
+			if errors.As(err, &locking) && ranOut(ctx) {
 				// The logins of the role ahead of it took all its time: it
 				// found no slot, which is 53300, not a failure of rolegate.
 				return nil, a.reject(client, a.timedOut(waitedOn, started, "waited for the admission lock"))
 			}
-			return nil, err
-		}
-		d, err := a.decide(ctx)
-		if err != nil {
-			a.unlock()
 			return nil, err
 		}
 		switch d.Kind {
@@ -218,12 +221,11 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			if waiting {
 				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
-			return a.unlock, nil
+			return l, nil
 		case limiter.Reject:
-			a.unlock()
 			return nil, a.reject(client, d)
 		}
-		a.unlock() // Wait: let other logins of the role through while this one waits
+		// Wait: the locks are free; other logins of the role decide meanwhile.
 		if d.Ticket != nil && !waiting {
 			waiting = true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
@@ -268,8 +270,49 @@ func (a *admission) timedOut(d limiter.Decision, started time.Time, what string)
 	return d
 }
 
+// lockError is a login that could not take the admission locks (in time).
+type lockError struct{ err error }
+
+func (e *lockError) Error() string { return e.err.Error() }
+func (e *lockError) Unwrap() error { return e.err }
+
+// round is one pass of a login through admission: take the locks, decide
+// (census, Decide, evictions) and, for a login admitted before it has a
+// backend, reserve its slot. The locks are released when round returns, on
+// every path: an error, a panic in decide or evict (handle recovers it; the
+// role must not stay locked on every instance), and an admission, whose
+// server login runs without them because the reservation stands in for it.
+//
+// Under newest-wins and evict-idle an admitted login keeps the locks, in its
+// lease, until its server login ends: the next login may have to evict it,
+// which it can only once it is a session in pg_stat_activity, not a
+// reservation. Those policies admit a role's logins one at a time, as each
+// waits for its victim to exit anyway.
+func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision, l *lease, err error) {
+	unlock, err := a.lock(ctx)
+	if err != nil {
+		return d, nil, &lockError{err}
+	}
+	handed := false
+	defer func() {
+		if !handed {
+			unlock()
+		}
+	}()
+	if d, err = a.decide(ctx); err != nil || d.Kind != limiter.Admit || !reserve {
+		return d, nil, err
+	}
+	if a.role.Limited() && a.role.Policy.Evicts() || a.db.Limited() && a.db.Policy.Evicts() {
+		handed = true
+		return d, &lease{unlock: unlock}, nil
+	}
+	l, err = a.reserve(ctx)
+	return d, l, err
+}
+
 // serverLocker serializes admissions across rolegate instances with the
-// server's advisory locks (upstream.Control implements it).
+// server's advisory locks (upstream.Control implements it). Its locks
+// serialize the instance's own logins too.
 type serverLocker interface {
 	LockRole(ctx context.Context, role string) (unlock func(), err error)
 	LockDatabase(ctx context.Context, database string) (unlock func(), err error)
@@ -277,36 +320,113 @@ type serverLocker interface {
 
 // lock takes the role's admission lock and, when the database has a limit,
 // the database's (always in that order: logins of other roles count against
-// the same database limit): first inside this instance, then on the server,
-// so that several instances admit one role's logins one at a time.
+// the same database limit). With a server that has advisory locks those are
+// the locks (they serialize this instance's logins first, then the
+// instances'), else the limiter's in-process ones. unlock releases what was
+// taken, once; on an error or a panic while locking nothing stays held.
 func (a *admission) lock(ctx context.Context) (unlock func(), err error) {
-	steps := []func(context.Context, string) (func(), error){a.lim.Limiter.Lock}
-	keys := []string{a.sess.user}
-	remote, shared := a.lim.Server.(serverLocker)
-	if shared {
-		steps, keys = append(steps, remote.LockRole), append(keys, a.sess.user)
+	role, database := a.lim.Limiter.Lock, a.lim.Limiter.LockDatabase
+	if remote, ok := a.lim.Server.(serverLocker); ok {
+		role, database = remote.LockRole, remote.LockDatabase
 	}
+	steps := []func(context.Context, string) (func(), error){role}
+	keys := []string{a.sess.user}
 	if a.db.Limited() {
-		steps, keys = append(steps, a.lim.Limiter.LockDatabase), append(keys, a.sess.database)
-		if shared {
-			steps, keys = append(steps, remote.LockDatabase), append(keys, a.sess.database)
-		}
+		steps, keys = append(steps, database), append(keys, a.sess.database)
 	}
 	var held []func()
+	var once sync.Once
 	release := func() {
-		for i := len(held) - 1; i >= 0; i-- {
-			held[i]()
-		}
+		once.Do(func() {
+			for i := len(held) - 1; i >= 0; i-- {
+				held[i]()
+			}
+		})
 	}
+	locked := false
+	defer func() {
+		if !locked {
+			release()
+		}
+	}()
 	for i, step := range steps {
 		u, err := step(ctx, keys[i])
 		if err != nil {
-			release()
 			return nil, err
 		}
 		held = append(held, u)
 	}
+	locked = true
 	return release, nil
+}
+
+// serverReserver holds reserved slots on the server, where every rolegate
+// instance's census counts them (upstream.Control implements it).
+type serverReserver interface {
+	Reserve(ctx context.Context, role, database string) (release func(), err error)
+}
+
+// A lease is an admitted login's reserved slot, from the decision until the
+// login's backend is in pg_stat_activity (the login is counted there from
+// then on) or the login failed. It is the limiter's reservation, which this
+// instance's admissions count, and, with a server that can hold them, an
+// advisory lock that other instances' census counts. Under an evicting
+// policy it holds the admission locks instead (see round). release runs once
+// whatever the path; a nil lease releases nothing.
+type lease struct {
+	once   sync.Once
+	local  *limiter.Reservation
+	server func()
+	unlock func()
+}
+
+// reserved reports whether the lease holds a reserved slot (not locks).
+func (l *lease) reserved() bool { return l != nil && l.local != nil }
+
+// release ends the lease: loggedIn once the backend is in pg_stat_activity
+// (rolegate has the server's ReadyForQuery), false when the login failed,
+// which frees the slot and wakes the first waiters.
+func (l *lease) release(loggedIn bool) {
+	if l == nil {
+		return
+	}
+	l.once.Do(func() {
+		if l.unlock != nil {
+			l.unlock()
+		}
+		if l.server != nil {
+			l.server()
+		}
+		l.local.Release(loggedIn)
+	})
+}
+
+// reserve takes the lease of a login just admitted, while the admission
+// locks are held, so that the next login to decide counts it.
+func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
+	l := &lease{local: a.lim.Limiter.Reserve(a.login)}
+	remote, ok := a.lim.Server.(serverReserver)
+	if !ok {
+		return l, nil
+	}
+	taken := false
+	defer func() {
+		if !taken { // an error or a panic: the login will not use the slot
+			l.local.Release(false)
+		}
+	}()
+	database := "" // a database without a limit needs no count
+	if a.db.Limited() {
+		database = a.sess.database
+	}
+	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	release, err := remote.Reserve(cctx, a.sess.user, database)
+	if err != nil {
+		return nil, err
+	}
+	l.server, taken = release, true
+	return l, nil
 }
 
 // rules resolves the effective rules of the login's role and database.
@@ -464,7 +584,12 @@ func (a *admission) wait(ctx context.Context, d limiter.Decision, client net.Con
 	delay := waitPoll
 	var ready <-chan struct{}
 	if t := d.Ticket; t != nil {
-		delay = min(waitPoll, max(time.Until(t.Deadline()), time.Millisecond))
+		// Only the first waiter polls; the others are signalled when a
+		// slot frees here or when they become first (limiter.Ticket.First).
+		delay = max(time.Until(t.Deadline()), time.Millisecond)
+		if t.First() {
+			delay = min(waitPoll, delay)
+		}
 		ready = t.Ready()
 	}
 	timer := time.NewTimer(delay)

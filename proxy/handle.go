@@ -420,28 +420,60 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	if console {
 		return nil, s.serveConsole(ctx, sess, client, cr, log)
 	}
+	var lease *lease
+	admitted := false
 	for attempt := 1; ; attempt++ {
-		done, err := s.admit(ctx, sess, client, cr, log, admitFor{})
-		if err != nil {
-			return nil, err
+		if !admitted {
+			if lease, err = s.admit(ctx, sess, client, cr, log, admitFor{}); err != nil {
+				return nil, err
+			}
+			admitted = true
+			if time.Until(deadline) < s.cfg.StartupTimeout/2 {
+				// Time spent waiting for a slot does not count against the login.
+				deadline = time.Now().Add(s.cfg.StartupTimeout / 2)
+				_ = client.SetDeadline(deadline)
+			}
 		}
-		if time.Until(deadline) < s.cfg.StartupTimeout/2 {
-			// Time spent waiting for a slot does not count against the login.
-			deadline = time.Now().Add(s.cfg.StartupTimeout / 2)
-			_ = client.SetDeadline(deadline)
-		}
-		lg, err := func() (*loggedIn, error) {
-			defer done() // also on a panic: a held admission lock would block the role for good
+		lg, err := func() (lg *loggedIn, err error) {
+			defer func() {
+				if !errors.Is(err, errServerFull) || !lease.reserved() {
+					// The reserved slot passes to the backend, which is in
+					// pg_stat_activity once the server sent ReadyForQuery,
+					// or is freed when the login failed; also on a panic.
+					lease.release(lg != nil)
+				}
+			}()
 			return s.connect(ctx, sess, client, cr, p, deadline, sockets, keys, attempt < serverRetries && s.cfg.Limits != nil, log)
 		}()
 		if !errors.Is(err, errServerFull) {
 			return lg, err
 		}
+		sockets.drop(&sockets.server)
+		if lease.reserved() {
+			// The census showed the slot free, and it is still reserved for
+			// this login: the server counts a backend on its way out (its
+			// pg_stat_activity row goes before its slot does), or a session
+			// from elsewhere took it. Try again shortly, keeping the slot.
+			log.Info("server at its limit after admission; trying again", "attempt", attempt)
+			t := time.NewTimer(time.Duration(attempt) * serverFullBackoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				lease.release(false)
+				return nil, context.Cause(ctx)
+			}
+			continue
+		}
 		// A session from elsewhere took the slot between census and login.
 		log.Info("server at its limit after admission; admitting again", "attempt", attempt)
-		sockets.drop(&sockets.server)
+		admitted = false
 	}
 }
+
+// serverFullBackoff is the first pause before a login that holds a reserved
+// slot tries the server again after its 53300; each retry waits longer.
+const serverFullBackoff = 20 * time.Millisecond
 
 // connect opens the server connection and logs in: relaying the client's
 // exchange (keys nil) or with the client's recovered keys. With holdFull, the
@@ -497,14 +529,14 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 		authOut := slices.Clone(out) // the server's last auth messages, up to AuthenticationOk
 		beforeReady = func() error {
 			s.pending.setPID(sess, sess.backendPID)
-			done, err := s.admit(ctx, sess, client, cr, log, admitFor{self: sess.backendPID, authOut: authOut})
+			lease, err := s.admit(ctx, sess, client, cr, log, admitFor{self: sess.backendPID, authOut: authOut})
 			if err != nil {
 				return err
 			}
 			// Admitted: the backend counts from here on, for the next login
-			// of the role too, which done lets decide.
+			// of the role too, which releasing the lease lets decide.
 			s.pending.remove(sess)
-			done()
+			lease.release(true) // nothing reserved: the backend is counted already
 			// Time spent waiting for a slot does not count against the login.
 			_ = client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
 			return nil

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -62,9 +63,17 @@ type census struct {
 	// session guards the fields below: a token in the channel while held.
 	session chan struct{}
 	conn    *pgxpool.Conn // the lock session while it holds any lock, else nil
-	held    int           // locks conn holds
+	held    int           // locks conn holds (reservations too)
 	gen     uint64        // bumped for every new session, so stale unlocks do nothing
 	closed  bool          // Close was called: no new session
+
+	// lockPID is the lock session's backend pid (0 while there is none),
+	// which Census reads without the session token: reservations held
+	// there are this instance's own, counted by its limiter instead.
+	lockPID atomic.Uint32
+	// reserveSeq numbers reservations; it starts at a random value so that
+	// instances rarely pick the same key (a clash only costs a retry).
+	reserveSeq atomic.Uint32
 }
 
 func (c *Control) state() *census {
@@ -76,6 +85,7 @@ func (c *Control) state() *census {
 		}
 		s.keys = make(map[limitKey]*keyToken)
 		s.session = make(chan struct{}, 1)
+		s.reserveSeq.Store(rand.Uint32())
 	})
 	return s
 }
@@ -91,7 +101,16 @@ WHERE a.backend_type = 'client backend'
 	AND a.usename IS NOT NULL
 	AND (a.usename = $1 OR a.datname = $2)
 	AND a.pid <> pg_catalog.pg_backend_pid()
-ORDER BY a.backend_start, a.pid`
+UNION ALL
+SELECT 0, CASE WHEN l.objid::int8 < 2147483648 THEN $1::text ELSE '' END,
+	CASE WHEN l.objid::int8 >= 2147483648 THEN $2::text ELSE '' END,
+	NULL::timestamptz, '', NULL::timestamptz, false, false, '', -1
+FROM pg_catalog.pg_locks l
+WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+	AND l.pid <> $4
+	AND (l.classid::int8 = (pg_catalog.hashtext($1)::int8 & 4294967295) AND l.objid::int8 < 2147483648
+		OR l.classid::int8 = (pg_catalog.hashtext($2)::int8 & 4294967295) AND l.objid::int8 >= 2147483648)
+ORDER BY backend_start, pid`
 
 // Census returns the client backends that hold slots of role or database:
 // the pg_stat_activity rows with backend_type 'client backend' whose usename
@@ -103,12 +122,18 @@ ORDER BY a.backend_start, a.pid`
 // counts. ViaRolegate is the caller's to set. Client is the address and port
 // the backend's client connected from (rolegate's own, for its sessions).
 //
+// Slots other rolegate instances reserved (Reserve) for logins of role or
+// into database that have not reached pg_stat_activity yet are rows too,
+// with PID 0 and Reserved set: Role is role for a reservation of the role,
+// Database is database for one of the database. This instance's own
+// reservations are left out; its limiter counts them.
+//
 // Without pg_read_all_stats the control role sees no state, backend_start or
 // client address of other roles' sessions: State is then "", the times are
 // zero and Client is invalid.
 func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.Holder, error) {
 	s := c.state()
-	rows, err := c.pool.Query(ctx, censusQuery, controlText(role), controlText(database), s.appName)
+	rows, err := c.pool.Query(ctx, censusQuery, controlText(role), controlText(database), s.appName, int32(s.lockPID.Load()))
 	if err != nil {
 		return nil, fmt.Errorf("census: %w", err)
 	}
@@ -127,6 +152,7 @@ func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.
 			return nil, fmt.Errorf("census: %w", err)
 		}
 		h.PID, h.Superuser, h.Protected = uint32(pid), super, prot
+		h.Reserved = pid == 0
 		if start != nil {
 			h.BackendStart = *start
 		}
@@ -418,55 +444,73 @@ func (s *census) token(ctx context.Context, key limitKey) (release func(), err e
 	}
 }
 
-// try takes key's lock on the lock session if it is free on the server,
-// first taking a session from the pool when there is none. It returns the
-// session's generation, for unlock. The session token is never held while
-// waiting for the pool, only across one short query, so unlock and
-// closeLocks never wait long for it.
+// try takes key's lock on the lock session if it is free on the server. It
+// returns the session's generation, for unlock.
 func (s *census) try(ctx context.Context, pool *pgxpool.Pool, key limitKey) (gen uint64, got bool, err error) {
+	gen, err = s.onSession(ctx, pool, func(ctx context.Context, conn *pgxpool.Conn) (int, error) {
+		err := conn.QueryRow(ctx, "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&got)
+		if err != nil || !got {
+			return 0, err
+		}
+		return 1, nil
+	})
+	return gen, got, err
+}
+
+// onSession runs f, one short query that takes locks, on the lock session,
+// first taking a session from the pool when there is none; f returns how
+// many locks it took. onSession returns the session's generation, for
+// unlock. The session token is never held while waiting for the pool, only
+// across one short query, so unlock and closeLocks never wait long for it.
+// A session left holding nothing goes back to the pool.
+func (s *census) onSession(ctx context.Context, pool *pgxpool.Pool, f func(context.Context, *pgxpool.Conn) (int, error)) (gen uint64, err error) {
 	if err := s.take(ctx); err != nil {
-		return 0, false, err
+		return 0, err
 	}
 	if s.conn == nil && !s.closed {
 		<-s.session
 		conn, err := pool.Acquire(ctx)
 		if err != nil {
-			return 0, false, err
+			return 0, err
 		}
 		if err := s.take(ctx); err != nil {
 			conn.Release()
-			return 0, false, err
+			return 0, err
 		}
 		if s.conn == nil && !s.closed {
 			s.conn, s.held = conn, 0
 			s.gen++
+			s.lockPID.Store(conn.Conn().PgConn().PID())
 		} else {
 			conn.Release() // another caller was quicker, or Close came
 		}
 	}
 	defer func() { <-s.session }()
 	if s.closed {
-		return 0, false, errControlClosed
+		return 0, errControlClosed
 	}
 	// Not ctx: a query cancelled half-way would leave it unknown whether
 	// the lock was taken. The query does not wait on the server, so it is
 	// short unless something is wrong.
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockQueryTimeout)
 	defer cancel()
-	err = s.conn.QueryRow(qctx, "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&got)
+	n, err := f(qctx, s.conn)
 	if err != nil {
 		s.drop()
-		return 0, false, err
+		return 0, err
 	}
-	if got {
-		s.held++
-		return s.gen, true, nil
-	}
+	s.held += n
 	if s.held == 0 {
-		s.conn.Release() // do not keep a pool connection while polling
-		s.conn = nil
+		s.releaseSession() // do not keep a pool connection while polling
 	}
-	return 0, false, nil
+	return s.gen, nil
+}
+
+// releaseSession gives the lock session, which holds nothing, back to the pool.
+func (s *census) releaseSession() {
+	s.conn.Release()
+	s.conn, s.held = nil, 0
+	s.lockPID.Store(0)
 }
 
 // take waits for the session token.
@@ -497,24 +541,31 @@ func (c *Control) closeLocks() {
 
 // unlock releases key's lock taken on session generation gen.
 func (s *census) unlock(key limitKey, gen uint64) {
+	s.release(gen, 1, func(ctx context.Context, conn *pgxpool.Conn) error {
+		var ok bool
+		// ok is false only if the lock was not held, which the in-process
+		// tokens rule out; there is nothing better to do than go on.
+		return conn.QueryRow(ctx, "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&ok)
+	})
+}
+
+// release runs f, a query that releases n locks taken on session
+// generation gen, unless that session is gone (the server released its
+// locks with it). A failed query drops the session, which releases them too.
+func (s *census) release(gen uint64, n int, f func(context.Context, *pgxpool.Conn) error) {
 	s.session <- struct{}{}
 	defer func() { <-s.session }()
 	if s.conn == nil || s.gen != gen {
-		return // that session is gone, and the server released its locks with it
+		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), lockQueryTimeout)
 	defer cancel()
-	var ok bool
-	err := s.conn.QueryRow(ctx, "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))", key.class, key.name).Scan(&ok)
-	if err != nil {
-		s.drop() // closing the session releases this lock and any other it held
+	if err := f(ctx, s.conn); err != nil {
+		s.drop()
 		return
 	}
-	// ok is false only if the lock was not held, which the in-process
-	// tokens rule out; there is nothing better to do than go on.
-	if s.held--; s.held <= 0 {
-		s.conn.Release()
-		s.conn, s.held = nil, 0
+	if s.held -= n; s.held <= 0 {
+		s.releaseSession()
 	}
 }
 
@@ -523,6 +574,7 @@ func (s *census) unlock(key limitKey, gen uint64) {
 func (s *census) drop() {
 	conn := s.conn.Hijack()
 	s.conn, s.held = nil, 0
+	s.lockPID.Store(0)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = conn.Close(ctx)

@@ -1,0 +1,72 @@
+package limiter
+
+import "time"
+
+// A Reservation is a slot held for a login that Decide admitted and that is
+// now logging in to the server. Until its backend appears in the census the
+// login is invisible there, so the reservation stands in for it: every Decide
+// counts it against the login's role and database, and the caller may let the
+// next login of the role decide at once instead of holding a lock across the
+// whole server login.
+//
+// The caller releases it exactly once, when the login ends either way:
+// Release(true) once the login's backend is visible in the census (the slot
+// passes to the backend; nobody is woken), Release(false) when the login
+// failed (the slot is free again; the first waiters are woken). Between the
+// backend appearing and Release(true) a census counts the login twice: that
+// errs on the safe side (a concurrent login may wait or be refused), never
+// admits one too many.
+type Reservation struct {
+	l        *Limiter
+	loginID  uint64
+	role     string
+	database string
+	since    time.Time
+
+	gone bool // guarded by l.mu
+}
+
+// Reserve holds a slot of login's role and database for it, counted by every
+// Decide until Release. Call it right after Decide admitted the login, under
+// the same lock, so that no other login decides without it.
+func (l *Limiter) Reserve(login Login) *Reservation {
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := &Reservation{l: l, loginID: login.ID, role: login.Role, database: login.Database, since: now}
+	l.reserved[r] = struct{}{}
+	return r
+}
+
+// Release ends the reservation; calls after the first do nothing, and so does
+// a nil Reservation. loggedIn says the login's backend is in the census now;
+// otherwise its slot is free and the first waiter of the role's queue and of
+// the database's queue (not yet woken) is woken, in arrival order.
+func (r *Reservation) Release(loggedIn bool) {
+	if r == nil {
+		return
+	}
+	l := r.l
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if r.gone {
+		return
+	}
+	r.gone = true
+	delete(l.reserved, r)
+	if !loggedIn {
+		l.wake(queueKey{ScopeRole, r.role}, 1, nil)
+		l.wake(queueKey{ScopeDatabase, r.database}, 1, nil)
+	}
+}
+
+// reservedFor counts the reservations that hold slots of the limit s.
+func (l *Limiter) reservedFor(s *scopeView) int {
+	n := 0
+	for r := range l.reserved {
+		if s.key.scope == ScopeRole && r.role == s.key.name || s.key.scope == ScopeDatabase && r.database == s.key.name {
+			n++
+		}
+	}
+	return n
+}
