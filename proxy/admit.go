@@ -484,11 +484,15 @@ func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err err
 }
 
 // clientCause is why a terminate failed, in words a client may read (the
-// server's own message, or what kind of failure it was), and a class that
-// keys the log throttle.
+// server's own message for the terminate, or what kind of failure it was),
+// and a class that keys the log throttle. A failure to connect says no more
+// than that: its message would name the control role and its server.
 func clientCause(err error) (cause, class string) {
 	var pe *pgconn.PgError
+	var ce *pgconn.ConnectError
 	switch {
+	case errors.As(err, &ce):
+		return "the control connection failed", "connect"
 	case errors.As(err, &pe):
 		return pe.Message, pe.Code
 	case errors.Is(err, context.DeadlineExceeded):

@@ -444,3 +444,23 @@ func TestEvictIdleGuard(t *testing.T) {
 		})
 	}
 }
+
+// What a client is told of a terminate that failed: the server's message for
+// the terminate itself, else only the kind of failure (a failure to connect
+// would name the control role and its server).
+func TestEvictFailClientCause(t *testing.T) {
+	for _, c := range []struct {
+		err          error
+		cause, class string
+	}{
+		{fmt.Errorf("terminate backend 7: %w", errDenied), "permission denied to terminate process", "42501"},
+		{fmt.Errorf("terminate backend 7: %w", &pgconn.ConnectError{}), "the control connection failed", "connect"},
+		{fmt.Errorf("terminate backend 7: %w", context.DeadlineExceeded), "the control connection did not answer in time", "timeout"},
+		{fmt.Errorf("terminate backend 7: %w", context.Canceled), "the login ended", "canceled"},
+		{errors.New("conn closed"), "the control connection failed", "control"},
+	} {
+		if cause, class := clientCause(c.err); cause != c.cause || class != c.class {
+			t.Errorf("clientCause(%v) = %q, %q; want %q, %q", c.err, cause, class, c.cause, c.class)
+		}
+	}
+}
