@@ -123,6 +123,11 @@ type Decision struct {
 	// policy chose them. They may come from both limits when the login hits
 	// its role limit and its database limit.
 	Victims []Holder
+	// VictimPolicies is, for each of Victims, the policy that chose it: the
+	// caller terminates a victim chosen by evict-idle only if it is still
+	// idle since the census (and any victim only if its pid still belongs
+	// to the backend the census saw).
+	VictimPolicies []Policy
 	// Scope, Limit and Count describe the limit that decided: for Evict the
 	// role's if it needed victims, else the database's. Count is the number of
 	// sessions holding that limit's slots, victims in flight included. They
@@ -167,7 +172,8 @@ type Decision struct {
 // decides.
 //
 // Decide records the victims it hands out (never the same session twice
-// until it is reported with Evicted or EvictFailed) and counts the decision.
+// until it is reported with Evicted or EvictFailed; never again to a login
+// that reported it with EvictFailed) and counts the decision.
 func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision {
 	now := l.now()
 	l.mu.Lock()
@@ -227,15 +233,24 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 type scopeView struct {
 	key     queueKey
 	rule    Rule
-	members []Holder // census rows that count against the limit
-	ghosts  int      // victims in flight that already left the census
-	booked  int      // this instance's reservations (Reserve)
-	logging int      // booked + reserved census rows: logins not yet in the census
-	count   int      // members + ghosts + booked: the slots held
-	leaving int      // how many of count are victims in flight
-	ahead   int      // waiters for this limit that arrived before the login
-	passed  int      // earlier waiters the login passes: it may wait no longer
-	mine    []uint32 // the login's own victims in flight under this limit
+	members []Holder             // census rows that count against the limit
+	ghosts  int                  // victims in flight that already left the census
+	booked  int                  // this instance's reservations (Reserve)
+	logging int                  // booked + reserved census rows: logins not yet in the census
+	count   int                  // members + ghosts + booked: the slots held
+	leaving int                  // how many of count are victims in flight
+	ahead   int                  // waiters for this limit that arrived before the login
+	passed  int                  // earlier waiters the login passes: it may wait no longer
+	mine    []uint32             // the login's own victims in flight under this limit
+	failed  map[uint32]time.Time // victims the login could not evict (its ticket's)
+}
+
+// failedFor reports whether the login could not evict h before: the same
+// pid with the same backend_start (a newer backend on the pid is another
+// session).
+func (s *scopeView) failedFor(h Holder) bool {
+	start, ok := s.failed[h.PID]
+	return ok && (start.IsZero() || h.BackendStart.IsZero() || start.Equal(h.BackendStart))
 }
 
 // counts reports whether h holds one of this limit's slots.
@@ -274,6 +289,9 @@ func (l *Limiter) census(holders []Holder, t *Ticket, views ...*scopeView) {
 		}
 	}
 	for _, s := range views {
+		if t != nil {
+			s.failed = t.failed
+		}
 		for _, h := range rows {
 			if s.counts(h) {
 				s.members = append(s.members, h)
@@ -378,7 +396,7 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other *scopeView) ([]Holder, string) {
 	p := s.rule.policy()
 	var c []Holder
-	var superuser, protected, leaving, young, busy, logging int
+	var superuser, protected, leaving, failed, young, busy, logging int
 	for _, h := range s.members {
 		switch {
 		case slices.ContainsFunc(chosen, func(v Holder) bool { return v.PID == h.PID }):
@@ -391,6 +409,8 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 			protected++
 		case l.evicting[h.PID] != nil:
 			leaving++
+		case s.failedFor(h):
+			failed++
 		case s.rule.MinSessionAge > 0 && now.Sub(h.BackendStart) < s.rule.MinSessionAge:
 			young++
 		case p == PolicyEvictIdle && h.State != "idle":
@@ -426,6 +446,7 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 	add(young, "younger than min_session_age "+s.rule.MinSessionAge.String())
 	add(busy, "not idle")
 	add(leaving, "already being evicted")
+	add(failed, "could not be evicted for this login")
 	add(protected, "protected")
 	add(logging, "still logging in")
 	add(superuser, "superuser")
@@ -471,8 +492,10 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 		l.dequeue(t) // it is acting now, not waiting; it keeps its place
 		d.Ticket = t
 		d.Victims = o.victims
+		d.VictimPolicies = make([]Policy, len(o.victims))
 		for i, v := range o.victims {
 			by := o.chosenBy[i]
+			d.VictimPolicies[i] = by.rule.policy()
 			k := CounterKey{login.Role, by.rule.policy()}
 			l.evicting[v.PID] = &eviction{victim: v, claimant: t, loginID: login.ID, key: k, scope: by.key.scope, since: now}
 			l.counter(k).Evictions++

@@ -283,14 +283,30 @@ func TestNoDoubleEviction(t *testing.T) {
 	}
 	census = append(gone1, idle(10, "app", "d", 0))
 
-	// b's eviction failed: pid 2 may be chosen again, for b.
+	// b's eviction failed: pid 2 counts as an ordinary session again, but
+	// b never chooses it again; it takes the next candidate.
 	l.EvictFailed(2)
 	b.Ticket = db.Ticket
-	if d := l.Decide(b, r, NoLimit(), census); d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{2}) {
-		t.Fatalf("b after EvictFailed: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	d := l.Decide(b, r, NoLimit(), census)
+	if d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{10}) || !slices.Equal(d.VictimPolicies, []Policy{PolicyNewestWins}) {
+		t.Fatalf("b after EvictFailed: %v %v %v (%s)", d.Kind, pids(d.Victims), d.VictimPolicies, d.Reason)
 	}
-	if s := l.Snapshot(); len(s.Evicting) != 1 || s.Evicting[0].LoginID != 2 || s.Evicting[0].Victim.PID != 2 {
+	if s := l.Snapshot(); len(s.Evicting) != 1 || s.Evicting[0].LoginID != 2 || s.Evicting[0].Victim.PID != 10 {
 		t.Fatalf("evicting %+v", s.Evicting)
+	}
+	// That one fails too: b has no candidate left, and its fallback (reject)
+	// decides at once, saying why.
+	l.EvictFailed(10)
+	b.Ticket = d.Ticket
+	d = l.Decide(b, r, NoLimit(), census)
+	if d.Kind != Reject || !d.Fallback || !strings.Contains(d.Reason, "2 could not be evicted for this login") {
+		t.Fatalf("b with both evictions failed: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	// Another login may choose pid 2: it failed for b, not for c.
+	c.Ticket = nil
+	d = l.Decide(c, r, NoLimit(), census)
+	if d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{2}) {
+		t.Fatalf("c: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
 	}
 	// Reporting twice or unknown pids is harmless.
 	l.Evicted(2)
@@ -298,6 +314,67 @@ func TestNoDoubleEviction(t *testing.T) {
 	l.EvictFailed(99)
 	if s := l.Snapshot(); len(s.Evicting) != 0 {
 		t.Fatalf("evicting %+v", s.Evicting)
+	}
+	if s := l.Snapshot(); s.Counters[CounterKey{"app", PolicyNewestWins}].EvictFailures != 2 {
+		t.Fatalf("counters %+v", s.Counters)
+	}
+}
+
+// TestEvictFailedNewBackendOnPID: a login that could not evict a session
+// may evict a newer backend that got the same pid.
+func TestEvictFailedNewBackendOnPID(t *testing.T) {
+	l := New(newClock().Now)
+	r := rule(1, PolicyNewestWins)
+	lg := Login{ID: 1, Role: "app", Database: "d"}
+	d := l.Decide(lg, r, NoLimit(), []Holder{idle(7, "app", "d", time.Hour)})
+	if d.Kind != Evict {
+		t.Fatal(d.Kind)
+	}
+	l.EvictFailed(7)
+	lg.Ticket = d.Ticket
+	if d := l.Decide(lg, r, NoLimit(), []Holder{idle(7, "app", "d", time.Hour)}); d.Kind != Reject || !d.Fallback {
+		t.Fatalf("same session: %v (%s)", d.Kind, d.Reason)
+	}
+	lg.Ticket = nil // that login is over; a new one fails on pid 7 too
+	d = l.Decide(lg, r, NoLimit(), []Holder{idle(7, "app", "d", time.Hour)})
+	l.EvictFailed(7)
+	lg.Ticket = d.Ticket
+	reused := idle(7, "app", "d", time.Minute)
+	d = l.Decide(lg, r, NoLimit(), []Holder{reused})
+	if d.Kind != Evict || d.Victims[0].BackendStart != reused.BackendStart {
+		t.Fatalf("new backend on pid 7: %v %+v (%s)", d.Kind, d.Victims, d.Reason)
+	}
+	l.Evicted(7)
+	d.Ticket.Leave()
+}
+
+// TestEvictFailedFallbackWait: with fallback wait, a login whose victims all
+// failed waits, and is admitted when a slot frees.
+func TestEvictFailedFallbackWait(t *testing.T) {
+	clk := newClock()
+	l := New(clk.Now)
+	r := withFallbackWait(rule(1, PolicyEvictIdle))
+	census := []Holder{idle(3, "app", "d", time.Hour)}
+	lg := Login{ID: 1, Role: "app", Database: "d"}
+	d := l.Decide(lg, r, NoLimit(), census)
+	if d.Kind != Evict || !slices.Equal(d.VictimPolicies, []Policy{PolicyEvictIdle}) {
+		t.Fatalf("%v %v (%s)", d.Kind, d.VictimPolicies, d.Reason)
+	}
+	l.EvictFailed(3)
+	lg.Ticket = d.Ticket
+	d = l.Decide(lg, r, NoLimit(), census)
+	if d.Kind != Wait || !d.Fallback || !strings.Contains(d.Reason, "1 could not be evicted for this login") {
+		t.Fatalf("after the failure: %v (%s)", d.Kind, d.Reason)
+	}
+	// Woken again while the victim is still there: still no victim.
+	clk.Advance(time.Second)
+	lg.Ticket = d.Ticket
+	if d = l.Decide(lg, r, NoLimit(), census); d.Kind != Wait {
+		t.Fatalf("again: %v (%s)", d.Kind, d.Reason)
+	}
+	lg.Ticket = d.Ticket
+	if d = l.Decide(lg, r, NoLimit(), nil); d.Kind != Admit {
+		t.Fatalf("slot freed: %v (%s)", d.Kind, d.Reason)
 	}
 }
 

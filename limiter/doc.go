@@ -64,6 +64,12 @@
 //		}
 //	}
 //
+// The inner loop ends: a victim reported with EvictFailed is never chosen
+// again for the same login (its ticket remembers it), so once the login's
+// candidates are exhausted its fallback decides. A caller should still bound
+// the rounds, as the proxy does, so that a bug cannot spin with the locks
+// held.
+//
 // When a session that held a slot ends (its server socket closes), the proxy
 // calls Released(role, database), which wakes the first waiter; a reserved
 // login that failed (Release(false)) does the same.

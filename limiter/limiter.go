@@ -79,10 +79,13 @@ func (l *Limiter) Evicted(pid uint32) {
 }
 
 // EvictFailed reports that a victim could not be terminated (not permitted,
-// the timeout passed, the control connection failed) or that the caller no
-// longer knows its fate. The limiter forgets the eviction: if the session is
-// still in the census it counts as an ordinary session again and may be
-// chosen again.
+// the timeout passed, the control connection failed, the session was no
+// longer the one the census saw) or that the caller no longer knows its
+// fate. The limiter forgets the eviction: if the session is still in the
+// census it counts as an ordinary session again. It is never handed out
+// again to the login it was evicted for (that login's fallback decides once
+// no other victim is left), so a victim that cannot be evicted makes no
+// login try again and again; other logins may still choose it.
 func (l *Limiter) EvictFailed(pid uint32) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -92,6 +95,12 @@ func (l *Limiter) EvictFailed(pid uint32) {
 	}
 	delete(l.evicting, pid)
 	l.counter(e.key).EvictFailures++
+	if c := e.claimant; c != nil && !c.gone {
+		if c.failed == nil {
+			c.failed = make(map[uint32]time.Time)
+		}
+		c.failed[pid] = e.victim.BackendStart
+	}
 	if c := e.claimant; c != nil && c.queued {
 		l.signal(c)
 	}

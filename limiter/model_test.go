@@ -12,16 +12,22 @@ import (
 // The model test plays the proxy and the server: random logins, session
 // ends, state changes, clock steps, waits and evictions (some failing, some
 // carried out only after another login was decided, some victims leaving
-// pg_stat_activity before they are reported), and checks after every
-// decision that
+// pg_stat_activity before they are reported), sessions that can never be
+// evicted (the control role may not signal them, or they do not exit in
+// time: they linger, and some end later on their own), and checks after
+// every decision that
 //
 //   - victims are valid: in the census, of the login's role or database,
 //     never superuser, protected, replication, already in flight, too young,
 //     or (evict-idle) busy;
 //   - the slots held (sessions plus victims not yet reported) never exceed a
 //     limit once the caller carried out the decision;
+//   - a login is never handed a victim it reported with EvictFailed, and
+//     gets its decision in a bounded number of rounds however many
+//     evictions fail;
 //   - under newest-wins with min_session_age 0 and fallback reject, a login
-//     is never rejected for its role while an evictable session exists;
+//     is never rejected for its role while an evictable session exists
+//     (one it has not failed to evict);
 //   - with only a role limit, an eviction asks for exactly the slots needed;
 //   - the limiter's tickets and victims in flight match the caller's.
 
@@ -61,8 +67,10 @@ type sim struct {
 	dbs      map[string]Rule
 	supers   map[string]bool // roles that are superusers
 	sessions map[uint32]Holder
-	ghosts   map[uint32]Holder // victims gone from the census, not reported yet
-	inflight map[uint32]bool   // victims handed out, not reported yet
+	ghosts   map[uint32]Holder               // victims gone from the census, not reported yet
+	inflight map[uint32]bool                 // victims handed out, not reported yet
+	stuck    map[uint32]bool                 // sessions whose eviction always fails
+	failed   map[uint64]map[uint32]time.Time // per login: victims it failed to evict, by backend_start
 	waiting  []Login
 	pid      uint32
 	id       uint64
@@ -81,6 +89,7 @@ func newSim(tb testing.TB, ch chooser) *sim {
 		tb: tb, ch: ch, clk: clk, l: New(clk.Now),
 		roles: map[string]Rule{}, dbs: map[string]Rule{}, supers: map[string]bool{"postgres": true},
 		sessions: map[uint32]Holder{}, ghosts: map[uint32]Holder{}, inflight: map[uint32]bool{},
+		stuck: map[uint32]bool{}, failed: map[uint64]map[uint32]time.Time{},
 	}
 	for _, r := range simRoles {
 		s.roles[r] = s.rule()
@@ -222,6 +231,7 @@ func (s *sim) direct() {
 	}
 	s.logf("direct session %+v", h)
 	s.sessions[h.PID] = h
+	s.stuck[h.PID] = s.pick(4) == 0
 }
 
 // held counts the slots of a limit the server sees taken: sessions and
@@ -257,6 +267,7 @@ func (s *sim) login(lg Login, nest bool) {
 			s.pid++
 			s.sessions[s.pid] = Holder{PID: s.pid, Role: lg.Role, Database: lg.Database, BackendStart: s.clk.Now(),
 				State: "idle", StateChange: s.clk.Now(), Superuser: lg.Superuser, Replication: lg.Replication, ViaRolegate: true}
+			s.stuck[s.pid] = s.pick(6) == 0
 			s.checkLimits(true, lg)
 			return
 		case Reject:
@@ -286,26 +297,32 @@ func (s *sim) login(lg Login, nest bool) {
 				s.fail("deciding again before reporting: %v", again.Kind)
 			}
 			if again.Kind == Reject {
-				s.report(d.Victims)
+				s.report(lg, d.Victims)
 				return
 			}
 		}
 		if nest && s.pick(3) == 0 {
 			s.login(s.newLogin(), false) // decided while these victims are in flight
 		}
-		s.report(d.Victims)
+		s.report(lg, d.Victims)
 	}
 	s.fail("login %d still evicting after 50 rounds", lg.ID)
 }
 
-// report carries out the evictions: most succeed, some fail.
-func (s *sim) report(victims []Holder) {
+// report carries out the evictions of lg: most succeed, some fail, and a
+// stuck session's always fails (it stays, lingering, until it ends on its
+// own).
+func (s *sim) report(lg Login, victims []Holder) {
 	for _, v := range victims {
 		delete(s.inflight, v.PID)
 		_, present := s.sessions[v.PID]
-		if present && s.pick(6) == 0 {
+		if present && (s.stuck[v.PID] || s.pick(6) == 0) {
 			s.logf("evicting pid %d fails", v.PID)
 			s.l.EvictFailed(v.PID)
+			if s.failed[lg.ID] == nil {
+				s.failed[lg.ID] = map[uint32]time.Time{}
+			}
+			s.failed[lg.ID][v.PID] = v.BackendStart
 			continue
 		}
 		delete(s.sessions, v.PID)
@@ -342,6 +359,8 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %d is already being evicted", v.PID)
 		case v.Superuser || v.Protected || v.Replication || v.PID == 0:
 			s.fail("victim %+v is exempt", v)
+		case s.failedFor(lg, v):
+			s.fail("victim %d handed again to login %d, which could not evict it", v.PID, lg.ID)
 		}
 		seen[v.PID] = true
 		ok := false
@@ -358,16 +377,30 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %+v is not evictable for login %+v", v, lg)
 		}
 	}
+	if d.Kind == Evict && len(d.VictimPolicies) != len(d.Victims) {
+		s.fail("%d victims, %d victim policies", len(d.Victims), len(d.VictimPolicies))
+	}
+	for i, p := range d.VictimPolicies {
+		if v := d.Victims[i]; !(v.Role == lg.Role && p == rr.policy() || v.Database == lg.Database && p == dr.policy()) || !p.Evicts() {
+			s.fail("victim %d chosen by policy %s for login %+v", v.PID, p, lg)
+		}
+	}
 	if d.Kind == Evict && !dr.Limited() && len(d.Victims) != d.Count+1-d.Limit {
 		s.fail("%d victims for count %d limit %d", len(d.Victims), d.Count, d.Limit)
 	}
 	if d.Kind == Reject && d.Scope == ScopeRole && rr.policy() == PolicyNewestWins && rr.MinSessionAge == 0 && rr.fallback() == PolicyReject {
 		for _, h := range census {
-			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] {
+			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] && !s.failedFor(lg, h) {
 				s.fail("rejected under newest-wins although pid %d could be evicted", h.PID)
 			}
 		}
 	}
+}
+
+// failedFor reports whether lg reported h's eviction as failed before.
+func (s *sim) failedFor(lg Login, h Holder) bool {
+	start, ok := s.failed[lg.ID][h.PID]
+	return ok && start.Equal(h.BackendStart)
 }
 
 // checkLimits: the slots held never exceed a limit; at an admission the

@@ -30,6 +30,10 @@ type Ticket struct {
 	waitStart time.Time // when it first had to wait
 	deadline  time.Time
 	gone      bool
+	// failed are the victims this login could not evict (EvictFailed), by
+	// pid, with their backend_start: they are not chosen for it again. A
+	// newer backend that reuses the pid is not one of them.
+	failed map[uint32]time.Time
 }
 
 // queueKey names one wait queue: the role's or the database's limit.

@@ -9,11 +9,11 @@ import (
 func TestSnapshotCounters(t *testing.T) {
 	clk := newClock()
 	l := New(clk.Now)
-	nw := rule(1, PolicyNewestWins)
+	nw := rule(2, PolicyNewestWins)
 
-	// newest-wins: evict, fail, evict again, succeed, admit.
+	// newest-wins: evict, fail, evict another, succeed, admit.
 	a := Login{ID: 1, Role: "app", Database: "d"}
-	census := []Holder{idle(1, "app", "d", time.Hour)}
+	census := []Holder{idle(1, "app", "d", time.Hour), idle(9, "app", "d", time.Minute)}
 	d := l.Decide(a, nw, NoLimit(), census)
 	a.Ticket = d.Ticket
 	if s := l.Snapshot(); len(s.Evicting) != 1 || s.Evicting[0] != (Eviction{
@@ -21,9 +21,12 @@ func TestSnapshotCounters(t *testing.T) {
 		t.Fatalf("evicting %+v", s.Evicting)
 	}
 	l.EvictFailed(1)
-	a.Ticket = l.Decide(a, nw, NoLimit(), census).Ticket
-	l.Evicted(1)
-	if d := l.Decide(a, nw, NoLimit(), nil); d.Kind != Admit {
+	if d = l.Decide(a, nw, NoLimit(), census); d.Kind != Evict || d.Victims[0].PID != 9 {
+		t.Fatalf("%v %+v (%s)", d.Kind, d.Victims, d.Reason)
+	}
+	a.Ticket = d.Ticket
+	l.Evicted(9)
+	if d := l.Decide(a, nw, NoLimit(), census[:1]); d.Kind != Admit {
 		t.Fatal(d.Kind)
 	}
 

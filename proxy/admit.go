@@ -10,15 +10,18 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rolegate/rolegate/internal/pgname"
 	"github.com/rolegate/rolegate/internal/wire"
 	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/upstream"
 )
 
 // ServerView is what admission needs from the server, through rolegate's control
@@ -28,8 +31,11 @@ type ServerView interface {
 	Census(ctx context.Context, role, database string) ([]limiter.Holder, error)
 	// ServerLimits returns rolconnlimit, rolsuper and datconnlimit, cached for ttl.
 	ServerLimits(ctx context.Context, role, database string, ttl time.Duration) (roleLimit int, superuser bool, dbLimit int, err error)
-	// Terminate runs pg_terminate_backend(pid, timeout).
-	Terminate(ctx context.Context, pid uint32, timeout time.Duration) (bool, error)
+	// Terminate runs pg_terminate_backend(t.PID, timeout) if the backend
+	// still passes t's guards (the census's backend_start, and for
+	// evict-idle its idle state_change), in the same statement; a guard
+	// that fails is not an error (upstream.Control.Terminate).
+	Terminate(ctx context.Context, t upstream.Target, timeout time.Duration) (upstream.Termination, error)
 }
 
 // Rules gives the limits proxy.toml sets for a role and a database
@@ -124,6 +130,13 @@ const (
 	victimGoneTimeout = 5 * time.Second
 	waitPoll          = 250 * time.Millisecond
 	serverRetries     = 3
+	// maxEvictRounds bounds the rounds of census and eviction in one
+	// decide. Every round either frees a slot or rules a victim out for the
+	// login (a victim that could not be evicted is never chosen for it
+	// again), so only sessions arriving from elsewhere faster than rolegate
+	// evicts them, or a bug, need more; the login then fails with 08006
+	// instead of spinning with the role's locks held.
+	maxEvictRounds = 32
 )
 
 // admission is one login's pass through the limiter.
@@ -137,6 +150,17 @@ type admission struct {
 	db      limiter.Rule
 	self    uint32 // the login's own backend (passthrough), not counted
 	authOut []byte // passthrough: the server's messages up to AuthenticationOk, not yet sent
+	// failed are the victims this login could not evict, and why, for the
+	// DETAIL of a rejection its fallback then decides.
+	failed []evictFailure
+}
+
+// evictFailure is one victim admission could not evict; cause is in words a
+// client may read (the server's message, or what did not happen), never a
+// connection string or a secret.
+type evictFailure struct {
+	pid   uint32
+	cause string
 }
 
 // admitFor is what passthrough mode adds to an admission: the server has
@@ -502,9 +526,15 @@ func sourceOf(r limiter.Rule, source string) string {
 }
 
 // decide takes the census and asks the limiter until the answer is not Evict,
-// carrying out each eviction.
+// carrying out each eviction. A victim that could not be evicted is reported
+// with EvictFailed, which rules it out for this login, so the rounds end once
+// the candidates are exhausted (the rule's fallback decides); maxEvictRounds
+// bounds them whatever happens.
 func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
-	for {
+	for round := 0; ; round++ {
+		if round == maxEvictRounds {
+			return limiter.Decision{}, fmt.Errorf("admission of role %q gave up after %d rounds of census and eviction", a.sess.user, maxEvictRounds)
+		}
 		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 		holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
 		cancel()
@@ -521,8 +551,12 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 		if d.Kind != limiter.Evict {
 			return d, nil
 		}
-		for _, v := range d.Victims {
-			if a.evict(ctx, v, d) {
+		for i, v := range d.Victims {
+			policy := d.Policy
+			if i < len(d.VictimPolicies) {
+				policy = d.VictimPolicies[i]
+			}
+			if a.evict(ctx, v, policy, d) {
 				a.lim.Limiter.Evicted(v.PID)
 			} else {
 				a.lim.Limiter.EvictFailed(v.PID)
@@ -531,8 +565,12 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 	}
 }
 
-// evict terminates one victim and returns once its slot is free.
-func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decision) bool {
+// evict terminates one victim, chosen under policy (which decides the
+// guard; the messages name the decision's policy), and returns once its slot
+// is free. It reports false when the victim was not evicted: the terminate
+// failed, the victim was no longer the session the census saw (its pid
+// reused, or, under evict-idle, no longer idle), or it did not exit in time.
+func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) bool {
 	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
 		`" (policy ` + d.Policy.String() + `)`
 	if d.Scope == limiter.ScopeDatabase {
@@ -542,30 +580,37 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 	attrs := []any{"victim_pid", v.PID, "victim_role", v.Role, "victim_database", v.Database,
 		"victim_state", v.State, "victim_age", time.Since(v.BackendStart).Round(time.Millisecond),
 		"via_rolegate", v.ViaRolegate, "policy", d.Policy.String(), "scope", d.Scope.String(), "reason", d.Reason}
+	// The server signals the victim only if it is still the session the
+	// census saw: same backend_start (the pid was not reused) and, for
+	// evict-idle, still idle since the same state_change.
+	target := upstream.Target{PID: v.PID, BackendStart: v.BackendStart}
+	if policy == limiter.PolicyEvictIdle {
+		target.IdleSince = v.StateChange
+	}
 	held := a.s.registry.byBackendPID(v.PID)
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
-		if ok, err := a.s.terminate(ctx, v.PID, held, why); err != nil || !ok {
-			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "eviction failed", append(attrs, "err", err)...)
-			return false
+		r, err := a.s.terminate(ctx, target, held, why)
+		if r != upstream.Terminated || err != nil {
+			return a.notEvicted(v, r, err, attrs)
 		}
 		// The server closes the socket only once the backend has left, so its
 		// close is the moment the slot is free.
+		t := time.NewTimer(victimGoneTimeout)
+		defer t.Stop()
 		select {
 		case <-held.serverGone:
-		case <-time.After(victimGoneTimeout):
-			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "evicted session did not end in time", attrs...)
-			return false
+		case <-t.C:
+			return a.notEvicted(v, upstream.NotGone, nil, attrs)
 		case <-ctx.Done():
 			return false
 		}
 	} else {
 		tctx, cancel := context.WithTimeout(ctx, controlTimeout+victimGoneTimeout)
-		ok, err := a.lim.Server.Terminate(tctx, v.PID, victimGoneTimeout)
+		r, err := a.lim.Server.Terminate(tctx, target, victimGoneTimeout)
 		cancel()
-		if err != nil || !ok {
-			a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user, "eviction failed", append(attrs, "err", err)...)
-			return false
+		if r != upstream.Terminated || err != nil {
+			return a.notEvicted(v, r, err, attrs)
 		}
 	}
 	a.log.Info("evicted", attrs...)
@@ -574,6 +619,70 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decis
 		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason}
 	a.s.events.add(ev)
 	return true
+}
+
+// notEvicted logs why victim v was not evicted (r, or err) and remembers it
+// for the DETAIL of a rejection; it returns false, for evict. A victim that
+// had already ended, or whose pid a newer backend has, is no failure: its
+// slot is free, and the next census shows it. The lines are rate-limited
+// per role and cause, so a cause that hits every login of a role (the
+// control role may not signal its sessions) costs a line a second.
+func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err error, attrs []any) bool {
+	switch {
+	case err != nil:
+		cause, class := clientCause(err)
+		a.failed = append(a.failed, evictFailure{pid: v.PID, cause: cause})
+		a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user+" "+class, "eviction failed", append(attrs, "err", err)...)
+	case r == upstream.NotIdle || r == upstream.NotGone:
+		cause := r.String()
+		if r == upstream.NotGone {
+			cause = "it did not exit within " + victimGoneTimeout.String()
+		}
+		a.failed = append(a.failed, evictFailure{pid: v.PID, cause: cause})
+		a.s.quiet.log(a.log, slog.LevelWarn, a.sess.user+" "+cause, "eviction failed", append(attrs, "why", cause)...)
+	default:
+		a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user+" "+r.String(), "not evicted", append(attrs, "why", r.String())...)
+	}
+	return false
+}
+
+// clientCause is why a terminate failed, in words a client may read (the
+// server's own message for the terminate, or what kind of failure it was),
+// and a class that keys the log throttle. A failure to connect says no more
+// than that: its message would name the control role and its server.
+func clientCause(err error) (cause, class string) {
+	var pe *pgconn.PgError
+	var ce *pgconn.ConnectError
+	switch {
+	case errors.As(err, &ce):
+		return "the control connection failed", "connect"
+	case errors.As(err, &pe):
+		return pe.Message, pe.Code
+	case errors.Is(err, context.DeadlineExceeded):
+		return "the control connection did not answer in time", "timeout"
+	case errors.Is(err, context.Canceled):
+		return "the login ended", "canceled"
+	}
+	return "the control connection failed", "control"
+}
+
+// failureDetail is the DETAIL of a rejection after failed evictions:
+// `rolegate could not evict pid 4242: permission denied to terminate
+// process`, naming at most a few victims.
+func (a *admission) failureDetail() string {
+	if len(a.failed) == 0 {
+		return ""
+	}
+	const most = 3
+	parts := make([]string, 0, most)
+	for _, f := range a.failed[:min(len(a.failed), most)] {
+		parts = append(parts, fmt.Sprintf("pid %d: %s", f.pid, f.cause))
+	}
+	detail := "rolegate could not evict " + strings.Join(parts, "; ")
+	if n := len(a.failed) - most; n > 0 {
+		detail += fmt.Sprintf("; and %d more", n)
+	}
+	return detail
 }
 
 // wait blocks until the login's turn may have come: a slot freed, the poll
@@ -647,7 +756,9 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	if out == nil {
 		out = wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	}
-	out = wire.Encode(out, wire.Error("FATAL", "53300", msg))
+	e := wire.Error("FATAL", "53300", msg)
+	e.Detail = a.failureDetail() // why the fallback decided, if evictions failed
+	out = wire.Encode(out, e)
 	// Recorded before the client is told: what a client has seen is
 	// already in the events, the metrics and the log.
 	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
@@ -655,8 +766,12 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	a.s.obs.LoginFailed(a.sess.user, ReasonTooMany) // the client proved who it is before admission
 	// A leaked pool retrying at its limit is rejected thousands of times a
 	// second; the events and the metrics still count every rejection.
-	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", "sqlstate", "53300", "scope", d.Scope.String(),
-		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason)
+	attrs := []any{"sqlstate", "53300", "scope", d.Scope.String(),
+		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason}
+	if e.Detail != "" {
+		attrs = append(attrs, "detail", e.Detail)
+	}
+	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", attrs...)
 	// The login's startup deadline may be long past (it waited): the write
 	// has a bound of its own, so a client that does not read cannot keep
 	// the session open.
@@ -782,8 +897,11 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 		return false, ErrNoControl
 	}
 	held := s.registry.byBackendPID(pid)
-	ok, err := s.terminate(ctx, pid, held,
+	// An operator names a pid: no census to guard with, as with
+	// pg_terminate_backend by hand.
+	r, err := s.terminate(ctx, upstream.Target{PID: pid}, held,
 		"terminating connection: rolegate terminated this session at an operator's request ("+by+")")
+	ok := r == upstream.Terminated
 	attrs := []any{"pid", pid, "by", by, "via_rolegate", held != nil}
 	if held != nil {
 		attrs = append(attrs, "role", held.user, "database", held.database, "client", held.clientAddr)
@@ -802,20 +920,21 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 	return true, nil
 }
 
-// terminate signals one server backend with pg_terminate_backend(pid, 0).
-// When rolegate relays it (held), its client is told why in place of the
-// server's 57P01 text; if the signal fails, the session goes on untouched.
-func (s *Server) terminate(ctx context.Context, pid uint32, held *session, why string) (bool, error) {
+// terminate signals one server backend with pg_terminate_backend(pid, 0),
+// if it passes t's guards. When rolegate relays it (held), its client is
+// told why in place of the server's 57P01 text; if the signal fails or is
+// not sent, the session goes on untouched.
+func (s *Server) terminate(ctx context.Context, t upstream.Target, held *session, why string) (upstream.Termination, error) {
 	if held != nil {
 		held.evictMsg.Store(&why)
 	}
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	ok, err := s.cfg.Limits.Server.Terminate(ctx, pid, 0)
-	if (err != nil || !ok) && held != nil {
+	r, err := s.cfg.Limits.Server.Terminate(ctx, t, 0)
+	if (err != nil || r != upstream.Terminated) && held != nil {
 		held.evictMsg.Store(nil)
 	}
-	return ok, err
+	return r, err
 }
 
 func clientOf(s *session) string {

@@ -51,8 +51,8 @@ func (l localView) ServerLimits(ctx context.Context, role, database string, ttl 
 	return l.v.ServerLimits(ctx, role, database, ttl)
 }
 
-func (l localView) Terminate(ctx context.Context, pid uint32, timeout time.Duration) (bool, error) {
-	return l.v.Terminate(ctx, pid, timeout)
+func (l localView) Terminate(ctx context.Context, t upstream.Target, timeout time.Duration) (upstream.Termination, error) {
+	return l.v.Terminate(ctx, t, timeout)
 }
 
 // viewProxy is a proxy-mode proxy whose limits read the server through view,

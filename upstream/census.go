@@ -294,31 +294,6 @@ func (c *Control) ForgetLimits() {
 	s.limitsMu.Unlock()
 }
 
-// Terminate runs pg_terminate_backend on pid. With timeout 0 (or less) it
-// signals the backend and returns at once; ok then only says the signal was
-// sent. With a timeout (rounded up to whole milliseconds) the server waits
-// until the process has gone, and ok says it has: false (with a server
-// WARNING) means it was still there when the timeout passed. An unknown pid is
-// ok=false, not an error; so is 0, which Census never returns. A backend the
-// control role may not signal (a superuser's, unless the control role is one)
-// is an error.
-func (c *Control) Terminate(ctx context.Context, pid uint32, timeout time.Duration) (ok bool, err error) {
-	if pid == 0 || pid > math.MaxInt32 {
-		return false, nil
-	}
-	if timeout <= 0 {
-		// The one-argument form also works on servers before 14.
-		err = c.pool.QueryRow(ctx, "SELECT pg_catalog.pg_terminate_backend($1::int4)", int32(pid)).Scan(&ok)
-	} else {
-		ms := int64((timeout + time.Millisecond - 1) / time.Millisecond)
-		err = c.pool.QueryRow(ctx, "SELECT pg_catalog.pg_terminate_backend($1::int4, $2::int8)", int32(pid), ms).Scan(&ok)
-	}
-	if err != nil {
-		return false, fmt.Errorf("terminate backend %d: %w", pid, err)
-	}
-	return ok, nil
-}
-
 // LockRole serializes admissions of role across every rolegate instance that
 // fronts the server (and, through its in-process part, within this one): it
 // returns once this caller holds the role's advisory lock on the server,

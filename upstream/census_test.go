@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -39,10 +40,12 @@ func TestServerView(t *testing.T) {
 		"create role census_repl replication login password '" + rolePW + "'",
 		"create role limits_r login password '" + rolePW + "' connection limit 2",
 		"create role term_r login password '" + rolePW + "'",
+		"create role guard_r login password '" + rolePW + "'",
 		"create role sessions_r login password '" + rolePW + "'",
 		"create role sessions_s login password '" + rolePW + "'",
 		"create database sessions_db",
 		"create database census_db",
+		"create database guard_db",
 		"create database census_elsewhere",
 		"create database limits_db",
 		"alter database limits_db connection limit 3",
@@ -328,8 +331,8 @@ func TestServerView(t *testing.T) {
 		busy := connect(t, c.DSN("term_r", rolePW, "postgres"))
 		busyErr := sleep(t, busy)
 		waitState(t, su, busy.PgConn().PID(), "active")
-		if ok, err := ctl.Terminate(ctx, busy.PgConn().PID(), 0); !ok || err != nil {
-			t.Fatalf("Terminate(busy, 0) = %v, %v", ok, err)
+		if r, err := ctl.Terminate(ctx, Target{PID: busy.PgConn().PID()}, 0); r != Terminated || err != nil {
+			t.Fatalf("Terminate(busy, 0) = %v, %v", r, err)
 		}
 		select {
 		case err := <-busyErr:
@@ -344,15 +347,15 @@ func TestServerView(t *testing.T) {
 		idleErr := make(chan error, 1)
 		go func() { idleErr <- idle.PgConn().WaitForNotification(ctx) }()
 		pid := idle.PgConn().PID()
-		if ok, err := ctl.Terminate(ctx, pid, 5*time.Second); !ok || err != nil {
-			t.Fatalf("Terminate(idle, 5s) = %v, %v", ok, err)
+		if r, err := ctl.Terminate(ctx, Target{PID: pid}, 5*time.Second); r != Terminated || err != nil {
+			t.Fatalf("Terminate(idle, 5s) = %v, %v", r, err)
 		}
 		if !gone(pid) {
 			t.Errorf("pid %d still in pg_stat_activity after Terminate with a timeout", pid)
 		}
 		wantSQLState(t, <-idleErr, "57P01")
 
-		// A timeout that passes: false (the server warns), not an error; the
+		// A timeout that passes: NotGone (the server warns), not an error; the
 		// signal still ends the session. The victim is stopped (SIGSTOP) so
 		// that it cannot exit within the 1 ms however the machine schedules
 		// it; it goes on, and ends, once continued.
@@ -372,31 +375,115 @@ func TestServerView(t *testing.T) {
 			}
 		})
 		t.Cleanup(resume)
-		if ok, err := ctl.Terminate(ctx, slow.PgConn().PID(), time.Millisecond); ok || err != nil {
-			t.Errorf("Terminate(slow, 1ms) = %v, %v; want false, nil", ok, err)
+		if r, err := ctl.Terminate(ctx, Target{PID: slow.PgConn().PID()}, time.Millisecond); r != NotGone || err != nil {
+			t.Errorf("Terminate(slow, 1ms) = %v, %v; want NotGone, nil", r, err)
 		}
 		resume()
 		wantSQLState(t, <-slowErr, "57P01")
 
-		// A pid that is no backend (any more): false, not an error, with
-		// and without a timeout.
+		// A pid that is no backend (any more): NoBackend, not an error,
+		// with and without a timeout.
 		for _, p := range []uint32{pid, busy.PgConn().PID(), 0, math.MaxInt32 + 1, math.MaxUint32} {
 			for _, timeout := range []time.Duration{0, time.Millisecond, 200 * time.Microsecond} {
-				if ok, err := ctl.Terminate(ctx, p, timeout); ok || err != nil {
-					t.Errorf("Terminate(%d, %v) = %v, %v; want false, nil", p, timeout, ok, err)
+				if r, err := ctl.Terminate(ctx, Target{PID: p}, timeout); r != NoBackend || err != nil {
+					t.Errorf("Terminate(%d, %v) = %v, %v; want NoBackend, nil", p, timeout, r, err)
 				}
 			}
 		}
 
 		// The least-privilege control role may not terminate a superuser.
 		super := connect(t, c.DSN("census_super", rolePW, "postgres"))
-		ok, err := ctl.Terminate(ctx, super.PgConn().PID(), 0)
-		if ok || err == nil {
-			t.Errorf("Terminate(superuser) = %v, %v; want an error", ok, err)
+		r, err := ctl.Terminate(ctx, Target{PID: super.PgConn().PID()}, 0)
+		if r == Terminated || err == nil {
+			t.Errorf("Terminate(superuser) = %v, %v; want an error", r, err)
 		}
 		wantSQLState(t, err, "42501")
 		if gone(super.PgConn().PID()) {
 			t.Error("the superuser's session is gone")
+		}
+	})
+
+	t.Run("terminate guards", func(t *testing.T) {
+		t.Parallel()
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+		defer cancel()
+		su := connect(t, c.SuperDSN())
+		ctl := control(t, 2)
+		// seen is the census's row for conn, as admission would pass it on.
+		seen := func(conn *pgx.Conn) Target {
+			t.Helper()
+			holders, err := ctl.Census(ctx, "guard_r", "guard_db")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, h := range holders {
+				if h.PID == conn.PgConn().PID() {
+					if h.BackendStart.IsZero() || h.StateChange.IsZero() {
+						t.Fatalf("census without times: %+v", h)
+					}
+					return Target{PID: h.PID, BackendStart: h.BackendStart, IdleSince: h.StateChange}
+				}
+			}
+			t.Fatalf("pid %d not in the census %+v", conn.PgConn().PID(), holders)
+			return Target{}
+		}
+		alive := func(conn *pgx.Conn, what string) {
+			t.Helper()
+			if _, err := conn.Exec(ctx, "select 1"); err != nil {
+				t.Fatalf("%s was terminated: %v", what, err)
+			}
+		}
+		for _, timeout := range []time.Duration{0, 5 * time.Second} {
+			// pid reuse: the pid's backend_start is not the census's, by a
+			// microsecond either way (the server's precision). The
+			// backend is not signalled.
+			a := connect(t, c.DSN("guard_r", rolePW, "guard_db"))
+			ta := seen(a)
+			for _, d := range []time.Duration{time.Microsecond, -time.Microsecond} {
+				other := Target{PID: ta.PID, BackendStart: ta.BackendStart.Add(d)}
+				if r, err := ctl.Terminate(ctx, other, timeout); r != Replaced || err != nil {
+					t.Errorf("Terminate(backend_start %+v, %v) = %v, %v; want Replaced", d, timeout, r, err)
+				}
+			}
+			alive(a, "a session whose backend_start did not match")
+
+			// evict-idle: the session opened a transaction since the
+			// census, or ran a query and is idle again (a new
+			// state_change): not signalled.
+			b := connect(t, c.DSN("guard_r", rolePW, "guard_db"))
+			tb := seen(b)
+			if _, err := b.Exec(ctx, "begin"); err != nil {
+				t.Fatal(err)
+			}
+			waitState(t, su, tb.PID, "idle in transaction")
+			if r, err := ctl.Terminate(ctx, tb, timeout); r != NotIdle || err != nil {
+				t.Errorf("Terminate(in a transaction, %v) = %v, %v; want NotIdle", timeout, r, err)
+			}
+			if _, err := b.Exec(ctx, "commit"); err != nil {
+				t.Fatalf("the session in a transaction was terminated: %v", err)
+			}
+			waitState(t, su, tb.PID, "idle")
+			if r, err := ctl.Terminate(ctx, tb, timeout); r != NotIdle || err != nil {
+				t.Errorf("Terminate(idle again since, %v) = %v, %v; want NotIdle", timeout, r, err)
+			}
+			alive(b, "a session that was busy since the census")
+			// Without the idle guard (newest-wins), a busy session is
+			// terminated; with the census's own values, an idle one.
+			if _, err := b.Exec(ctx, "begin"); err != nil {
+				t.Fatal(err)
+			}
+			if r, err := ctl.Terminate(ctx, Target{PID: tb.PID, BackendStart: tb.BackendStart}, timeout); r != Terminated || err != nil {
+				t.Errorf("Terminate(newest-wins, in a transaction, %v) = %v, %v", timeout, r, err)
+			}
+			// a ran a query since its census: a new census, whose values
+			// the server finds exactly as it reported them.
+			if r, err := ctl.Terminate(ctx, seen(a), timeout); r != Terminated || err != nil {
+				t.Errorf("Terminate(census values, %v) = %v, %v", timeout, r, err)
+			}
+			for _, conn := range []*pgx.Conn{a, b} {
+				_, err := conn.Exec(ctx, "select 1")
+				wantSQLState(t, err, "57P01")
+			}
 		}
 	})
 
@@ -707,5 +794,18 @@ func authenticating(t *testing.T, c *pgtest.Cluster, user, db string) {
 	}
 	if _, ok := msg.(*pgproto3.AuthenticationSASL); !ok {
 		t.Fatalf("the server answered a startup with %T, want AuthenticationSASL", msg)
+	}
+}
+
+// TestTerminationValues: the numbers the terminate statement returns are
+// Termination's.
+func TestTerminationValues(t *testing.T) {
+	for want, got := range map[Termination]int{Terminated: 1, NoBackend: 2, Replaced: 3, NotIdle: 4, NotGone: 5} {
+		if int(want) != got {
+			t.Errorf("%v is %d, the statement says %d", want, int(want), got)
+		}
+	}
+	if !strings.Contains(terminateNow, "ELSE 2 END") || !strings.Contains(terminateWait, "ELSE 5 END") {
+		t.Error("the statements' ELSE values are not NoBackend and NotGone")
 	}
 }
