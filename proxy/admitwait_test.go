@@ -226,10 +226,7 @@ func TestLimitLockWaitPastStartupTimeout(t *testing.T) {
 		p := passthroughLimits(t, map[string]limiter.Rule{role: {MaxSessions: 1, Policy: limiter.PolicyReject,
 			Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute}}, proxyOpts{startupTimeout: st})
 		connect(t, shared.DSN(role, pw, "app"))
-		unlock, err := p.cfg.Limits.Limiter.Lock(ctx, role)
-		if err != nil {
-			t.Fatal(err)
-		}
+		unlock := holdRoleLock(t, p, role)
 		res := loginAsync(p.DSN(role, pw, "app"))
 		// The passthrough login is registered once the server has logged it
 		// in; its Start is when rolegate accepted it, on rolegate's clock.
@@ -259,11 +256,7 @@ func TestLimitLockWaitPastStartupTimeout(t *testing.T) {
 		pw := newRole(t, role, -1)
 		p := rulesProxyWith(t, mapRules{roles: map[string]limiter.Rule{role: {MaxSessions: 1, Policy: limiter.PolicyWait,
 			Fallback: limiter.PolicyReject, WaitTimeout: time.Second}}}, proxyOpts{startupTimeout: 2 * time.Second})
-		unlock, err := p.cfg.Limits.Limiter.Lock(ctx, role)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer unlock()
+		defer holdRoleLock(t, p, role)()
 		// The lock stays held: the login's admission time runs out in it.
 		var addr string
 		c, err := tryConnect(p.DSN(role, pw, "app"), time.Minute, &addr)
@@ -280,6 +273,22 @@ func TestLimitLockWaitPastStartupTimeout(t *testing.T) {
 			t.Errorf("admission failed: %q", l)
 		}
 	})
+}
+
+// holdRoleLock takes the admission lock of role that p's logins take (the
+// server's advisory lock when the server view has one, else the limiter's),
+// as a login of the role deciding would hold it, and returns its release.
+func holdRoleLock(t *testing.T, p *testProxy, role string) (unlock func()) {
+	t.Helper()
+	lock := p.cfg.Limits.Limiter.Lock
+	if remote, ok := p.cfg.Limits.Server.(serverLocker); ok {
+		lock = remote.LockRole
+	}
+	unlock, err := lock(context.Background(), role)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return unlock
 }
 
 // stallConn is a client that stops reading when rolegate sends it a 53300: a
