@@ -196,8 +196,15 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 		}
 	}()
 	for {
+		// A login in line keeps showing its place while it checks again.
+		if !waiting {
+			sess.setWaiting(waitingFor{what: `waiting for the admission lock of role "` + sess.user + `"`})
+		}
 		if a.unlock, err = a.lock(ctx); err != nil {
 			return nil, err
+		}
+		if !waiting {
+			sess.setWaiting(waitingFor{what: `waiting for the census of role "` + sess.user + `"`})
 		}
 		d, err := a.decide(ctx)
 		if err != nil {
@@ -209,12 +216,14 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			if waiting {
 				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
+			sess.setState(StateConnecting)
 			return a.unlock, nil
 		case limiter.Reject:
 			a.unlock()
 			return nil, a.reject(client, d)
 		}
 		a.unlock() // Wait: let other logins of the role through while this one waits
+		sess.setWaiting(slotWait(sess, d))
 		if d.Ticket != nil && !waiting {
 			waiting = true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
@@ -226,6 +235,16 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			return nil, err
 		}
 	}
+}
+
+// slotWait is what a login that Decide told to wait waits for: a slot of
+// the limit that decided, with its place in line.
+func slotWait(sess *session, d limiter.Decision) waitingFor {
+	what := `waiting for a slot of role "` + sess.user + `"`
+	if d.Scope == limiter.ScopeDatabase {
+		what = `waiting for a slot of database "` + sess.database + `"`
+	}
+	return waitingFor{what: what, limit: d.Limit, ticket: d.Ticket}
 }
 
 // serverLocker serializes admissions across rolegate instances with the
@@ -370,6 +389,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 
 // evict terminates one victim and returns once its slot is free.
 func (a *admission) evict(ctx context.Context, v limiter.Holder, d limiter.Decision) bool {
+	a.sess.setWaiting(waitingFor{what: fmt.Sprintf("waiting for pid %d to exit (evicted for this login, policy %s)", v.PID, d.Policy)})
 	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
 		`" (policy ` + d.Policy.String() + `)`
 	if d.Scope == limiter.ScopeDatabase {
