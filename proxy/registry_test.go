@@ -108,3 +108,16 @@ func TestRegistryLoginInFlight(t *testing.T) {
 		t.Fatal("a removed session is still found")
 	}
 }
+
+func TestOrdinal(t *testing.T) {
+	t.Parallel()
+	for n, want := range map[int]string{1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th",
+		21: "21st", 22: "22nd", 101: "101st", 111: "111th", 112: "112th"} {
+		if got := ordinal(n); got != want {
+			t.Errorf("ordinal(%d) = %q, want %q", n, got, want)
+		}
+	}
+	if got := (waitingFor{what: "waiting for x"}).String(); got != "waiting for x" {
+		t.Errorf("a wait without a ticket reads %q", got)
+	}
+}

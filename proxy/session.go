@@ -82,10 +82,11 @@ type SessionInfo struct {
 
 // session is one client connection, registered from accept to close. id,
 // clientAddr and start never change. The fields under mu are written only by
-// the session's own goroutine (which reads them without the lock) and read
-// by others (snapshots, cancel requests) under mu; backendPID and backendKey
-// are written by registry.add, under the registry's lock and mu. The rest
-// are the session goroutine's own, or atomics written by the relay.
+// the session's own goroutine, under mu (set), which reads them without the
+// lock; other goroutines (snapshots, cancel requests) read them under mu, or
+// after finding the session by pid or key in the registry, which happens
+// after the fields they read were written. The rest are the session
+// goroutine's own, or atomics written by the relay.
 type session struct {
 	id         uint64
 	clientAddr string
