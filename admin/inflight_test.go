@@ -106,6 +106,9 @@ func TestInFlightLoginsInViews(t *testing.T) {
 	if !strings.HasPrefix(line, "|lim_user|postgres|the_waiter|") || !strings.HasSuffix(line, "|true|0|0|"+wantWait) {
 		t.Errorf("SHOW SESSIONS: waiting login %q (want NULL pid and its wait) in\n%s", line, out)
 	}
+	if line := sessionLine(out, "authenticating"); line != "" {
+		t.Errorf("SHOW SESSIONS lists the console's own connection: %q", line)
+	}
 	if !strings.HasPrefix(sessionLine(out, "idle"), fmt.Sprint(heldPID)+"|lim_user|") {
 		t.Errorf("SHOW SESSIONS: the held session is not idle with pid %d in\n%s", heldPID, out)
 	}
