@@ -352,10 +352,16 @@ func pidOrNull(pid uint32) []byte {
 }
 
 func (s *consoleSession) showSessions(ctx context.Context) {
-	all := s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions())
+	all, unlisted := listed(s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()))
+	if unlisted > 0 {
+		s.notice(fmt.Sprintf("%d more connections that have not authenticated yet are not listed (the %d oldest are)",
+			unlisted, maxUnverifiedListed))
+	}
+	// wait is last, so that clients reading the columns by position before
+	// it existed read the same values.
 	cols := []column{{"pid", oidInt4}, {"role", oidText}, {"database", oidText}, {"application_name", oidText},
 		{"client_addr", oidText}, {"state", oidText}, {"started", oidText}, {"idle_since", oidText},
-		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}}
+		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}, {"wait", oidText}}
 	rows := make([][][]byte, 0, len(all))
 	for _, i := range all {
 		var in, out []byte // NULL: rolegate does not relay it
@@ -364,7 +370,7 @@ func (s *consoleSession) showSessions(ctx context.Context) {
 		}
 		rows = append(rows, [][]byte{pidOrNull(i.PID), txtOrNull(i.Role), txtOrNull(i.Database),
 			txt(i.ApplicationName), txt(i.ClientAddr), txtOrNull(i.State), ts(i.Started), ts(i.LastActivity),
-			boolean(i.ViaRolegate), in, out})
+			boolean(i.ViaRolegate), in, out, txtOrNull(i.Wait)})
 	}
 	s.table("SHOW", cols, rows)
 }
@@ -437,17 +443,15 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 		}
 	}
 	for _, i := range s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()) {
-		if i.Database == "" {
-			continue
-		}
-		if i.ViaRolegate {
-			get(i.Database).sessions++
-		} else {
+		switch {
+		case i.Database == "": // an unverified login
+		case !i.ViaRolegate:
 			get(i.Database).elsewhere++
+		case !i.inFlight:
+			get(i.Database).sessions++
+		case i.State == proxy.StateWaiting.String():
+			get(i.Database).waiting++ // this instance's logins in admission
 		}
-	}
-	for name, n := range s.snapshot().WaitingByDatabase {
-		get(name).waiting = n
 	}
 	cols := []column{{"database", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
 		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4}}
@@ -489,17 +493,19 @@ func (s *consoleSession) showConfig() *consoleError {
 }
 
 func (s *consoleSession) showStats() {
-	infos := s.c.opts.Proxy.Sessions()
+	var sessions, waiting int // logged in; in state waiting (logins in flight are not sessions yet)
 	var in, out int64
-	for _, i := range infos {
+	for _, i := range s.c.opts.Proxy.Sessions() {
 		in += i.BytesIn
 		out += i.BytesOut
+		switch {
+		case i.State == proxy.StateWaiting:
+			waiting++
+		case !i.State.LoggingIn():
+			sessions++
+		}
 	}
 	snap := s.snapshot()
-	var waiting int
-	for _, n := range snap.WaitingByRole {
-		waiting += n
-	}
 	all := make([]counter, 0, len(snap.Counters))
 	for k, c := range snap.Counters {
 		all = append(all, counterOf(k.Policy, c))
@@ -514,7 +520,7 @@ func (s *consoleSession) showStats() {
 		{"bytes_in", oidInt8}, {"bytes_out", oidInt8},
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
 		{"waits", oidInt8}, {"wait_timeouts", oidInt8}}
-	s.table("SHOW", cols, [][][]byte{{num(len(infos)), num(waiting), num(tot.Logins), num(tot.LoginFailures),
+	s.table("SHOW", cols, [][][]byte{{num(sessions), num(waiting), num(tot.Logins), num(tot.LoginFailures),
 		num(in + tot.BytesIn), num(out + tot.BytesOut), num(t.Admitted),
 		num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts)}})
 }

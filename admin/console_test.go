@@ -502,9 +502,18 @@ func (fakeProxy) Kill(context.Context, uint32, string) (bool, error) {
 // role opsadmin (password ops_pw), wired the way cmd/rolegate wires it.
 func startConsoleRig(t *testing.T, roleRules rules) *rig {
 	t.Helper()
+	return startConsoleRigWith(t, roleRules, nil)
+}
+
+// startConsoleRigWith is startConsoleRig with a last word on the proxy's Config.
+func startConsoleRigWith(t *testing.T, roleRules rules, adjust func(*proxy.Config)) *rig {
+	t.Helper()
 	r := startRigWith(t, roleRules, func(c *proxy.Config) {
 		c.ConsoleDatabase = "rolegate"
 		c.ConsoleUsers = []string{"opsadmin"}
+		if adjust != nil {
+			adjust(c)
+		}
 	})
 	r.srv.SetConsole(NewConsole(Options{
 		Proxy:          r.srv,
@@ -565,6 +574,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 			ViaRolegate     string
 			BytesIn         int64
 			BytesOut        int64
+			Wait            *string
 		}
 		got, err := pgx.CollectRows(rows, pgx.RowToStructByPos[row])
 		if err != nil {
@@ -573,7 +583,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 		found := false
 		for _, s := range got {
 			if s.PID != nil && uint32(*s.PID) == pid {
-				found = s.Role != nil && *s.Role == "lim_user" && s.ViaRolegate == "true" && s.BytesOut > 0
+				found = s.Role != nil && *s.Role == "lim_user" && s.ViaRolegate == "true" && s.BytesOut > 0 && s.Wait == nil
 			}
 		}
 		if !found {

@@ -201,10 +201,13 @@ func (h *HTTP) readyz(w http.ResponseWriter, r *http.Request) {
 	text(w, http.StatusOK, "ready")
 }
 
-// session is one session in /api/sessions.
+// session is one session in /api/sessions. A login in flight through
+// rolegate (state startup, authenticating, waiting or connecting) has no pid
+// until the server sent it, and no role, database or application_name until
+// the client proved who it is.
 type session struct {
 	ID              uint64    `json:"id"`
-	PID             uint32    `json:"pid"` // the server's backend pid; 0 before login completes
+	PID             uint32    `json:"pid"` // the server's backend pid; 0 before the server sent it
 	Role            string    `json:"role"`
 	Database        string    `json:"database"`
 	ApplicationName string    `json:"application_name"`
@@ -213,11 +216,15 @@ type session struct {
 	ServerTLS       bool      `json:"server_tls"`
 	Replication     bool      `json:"replication"`
 	State           string    `json:"state"`
+	Wait            string    `json:"wait,omitempty"` // state waiting: what for, e.g. `waiting for a slot of role "app" (limit 3, 2nd in line)`
 	Started         time.Time `json:"started"`
 	LastActivity    time.Time `json:"last_activity"`
 	BytesIn         int64     `json:"bytes_in"`
 	BytesOut        int64     `json:"bytes_out"`
 	ViaRolegate     bool      `json:"via_rolegate"` // false: opened directly against the server (or another instance)
+
+	inFlight   bool // a login in flight through rolegate: it holds no slot yet
+	unverified bool // ... whose client has not proved who it is
 }
 
 func (h *HTTP) sessions(w http.ResponseWriter, r *http.Request) {

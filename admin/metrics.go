@@ -19,7 +19,8 @@ import (
 // proxy's Observer. Nothing is counted twice.
 var (
 	descSessions = prometheus.NewDesc("rolegate_sessions",
-		"Client sessions rolegate holds now, by role, database and state (startup, authenticating, idle, active, ...).",
+		"Client connections rolegate holds now, by role, database and state: logins in flight (startup, authenticating, "+
+			"waiting, connecting; role and database \"unknown\" until the client proved who it is) and sessions (idle, active, ...).",
 		[]string{"role", "database", "state"}, nil)
 	descSessionBytes = prometheus.NewDesc("rolegate_session_bytes",
 		"Bytes relayed so far by the sessions open now, by role and direction (in: client to server, out: server to client). "+
@@ -71,9 +72,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	sessions := map[sessionKey]int{}
 	bytes := map[bytesKey]int64{}
 	for _, s := range c.proxy.Sessions() {
+		if !s.Verified { // what a client claims must not become a label value
+			sessions[sessionKey{proxy.RoleUnknown, proxy.RoleUnknown, s.State.String()}]++
+			continue
+		}
 		sessions[sessionKey{s.User, s.Database, s.State.String()}]++
-		bytes[bytesKey{s.User, "in"}] += s.BytesIn
-		bytes[bytesKey{s.User, "out"}] += s.BytesOut
+		if !s.State.LoggingIn() { // a login in flight has relayed nothing
+			bytes[bytesKey{s.User, "in"}] += s.BytesIn
+			bytes[bytesKey{s.User, "out"}] += s.BytesOut
+		}
 	}
 	for k, n := range sessions {
 		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(n), k.role, k.database, k.state)

@@ -21,7 +21,10 @@ type page struct {
 	Limits   bool       `json:"limits"` // false when no limits are enforced
 	Roles    []pageRole `json:"roles"`
 	Sessions []session  `json:"sessions"`
-	Events   []event    `json:"events"` // newest first
+	// Unlisted counts the connections that have not authenticated yet and
+	// are left out of Sessions (all but the maxUnverifiedListed oldest).
+	Unlisted int     `json:"unlisted"`
+	Events   []event `json:"events"` // newest first
 }
 
 // pageRole is a role in /api/page: /api/roles' fields (with its effective
@@ -59,12 +62,13 @@ func (h *HTTP) page(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	infos := h.opts.Proxy.Sessions()
 	p := page{Taken: time.Now(), Limits: h.opts.Limiter != nil, Roles: []pageRole{}}
-	p.Sessions = h.opts.allSessions(ctx, infos)
+	all := h.opts.allSessions(ctx, infos)
+	p.Sessions, p.Unlisted = listed(all)
 	var ovr map[string]proxy.Override
 	if h.opts.Overrides != nil {
 		ovr = h.opts.Overrides()
 	}
-	for _, rv := range h.opts.roleViews(ctx, infos, p.Sessions) {
+	for _, rv := range h.opts.roleViews(ctx, infos, all) {
 		pr := pageRole{role: rv}
 		if o, ok := ovr[rv.Role]; ok && o.Policy != nil {
 			pr.PolicySource = "override"

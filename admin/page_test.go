@@ -71,12 +71,20 @@ func lastLines(s string, n int) string {
 // The live page in a real headless Chromium, against a real proxy and a real
 // server: the API refuses a name a DNS-rebinding page would use, the page
 // opened under a name in allowed_hosts goes live, a new session appears, its
-// eviction by a newer login shows up, a screenshot is saved, and the page says
-// "disconnected" once the admin HTTP server is gone.
+// eviction by a newer login shows up, a login waiting for a slot fills the
+// waiting bar and is listed with what it waits for, a login stuck in
+// authentication is listed without a name, a screenshot is saved, and the
+// page says "disconnected" once the admin HTTP server is gone.
 func TestLivePage(t *testing.T) {
 	chromium := needChromium(t)
-	r := startRig(t, rules{"page_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
+	r := startRigWith(t, rules{
+		"page_user":      {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject},
+		"page_wait_user": {MaxSessions: 1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute},
+	}, func(c *proxy.Config) {
+		c.StartupTimeout = 5 * time.Minute // rolegate never ends the stuck login itself
+	})
 	for _, q := range []string{"create role page_user login password 'page_pw'",
+		"create role page_wait_user login password 'page_wait_pw'",
 		"create role report_user login password 'report_pw' connection limit 3"} {
 		if err := r.cluster.Exec(t.Context(), q); err != nil {
 			t.Fatal(err)
@@ -180,6 +188,27 @@ func TestLivePage(t *testing.T) {
 		}
 	}
 
+	// A login waiting for a slot, and one that never answers the password
+	// request.
+	holder := r.connect(t, "page_wait_user", "page_wait_pw")
+	waited := make(chan error, 1)
+	go func() {
+		wctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		c, err := pgx.Connect(wctx, r.dsn("page_wait_user", "page_wait_pw"))
+		if err == nil {
+			c.Close(wctx)
+		}
+		waited <- err
+	}()
+	waitText(t, ctx, "#roles", "page_wait_user", "1 via rolegate + 0 elsewhere of 1 (proxy.toml), 1 waiting")
+	waitText(t, ctx, "#sessions tbody", `waiting for a slot of role "page_wait_user" (limit 1, 1st in line)`)
+	stuck := stuckInAuthentication(t, r.addr, "page_user")
+	waitText(t, ctx, "#sessions tbody", "(not authenticated)", "authenticating")
+	if got := pageText(t, ctx, "#sessions tbody"); strings.Contains(got, "claimed") {
+		t.Errorf("the page shows what an unauthenticated client claims: %q", got)
+	}
+
 	shotCtx, cancelShot := context.WithTimeout(ctx, 20*time.Second)
 	defer cancelShot()
 	png, err := chromedp.Run(shotCtx, chromedp.FullScreenshot(100)) // 100: PNG; lower is JPEG
@@ -197,6 +226,12 @@ func TestLivePage(t *testing.T) {
 		}
 		t.Logf("screenshot also saved to %s", p)
 	}
+	stuck.Close()
+	holder.Close(t.Context())
+	if err := <-waited; err != nil {
+		t.Errorf("the waiting login: %v", err)
+	}
+	waitText(t, ctx, "#roles", "page_wait_user", "0 via rolegate + 0 elsewhere of 1 (proxy.toml), 0 waiting")
 
 	stopHTTP()
 	waitText(t, ctx, "#status", "disconnected")

@@ -67,8 +67,9 @@ func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []
 		out = append(out, session{
 			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
 			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
-			State: s.State.String(), Started: s.Start, LastActivity: s.LastActivity,
+			State: s.State.String(), Wait: s.Wait, Started: s.Start, LastActivity: s.LastActivity,
 			BytesIn: s.BytesIn, BytesOut: s.BytesOut, ViaRolegate: true,
+			inFlight: s.State.LoggingIn(), unverified: !s.Verified,
 		})
 		if s.BackendPID != 0 {
 			own[s.BackendPID] = true
@@ -91,6 +92,29 @@ func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []
 	}
 	slices.SortStableFunc(out, func(a, b session) int { return a.Started.Compare(b.Started) })
 	return out
+}
+
+// maxUnverifiedListed is how many connections that have not proved who they
+// are (startup, authentication) SHOW SESSIONS and the live page list, the
+// oldest first: thousands of half-open connections must not bury the
+// sessions an operator is looking for. The rest are counted, not listed.
+const maxUnverifiedListed = 50
+
+// listed is sessions (sorted by start) with the unverified logins after the
+// first maxUnverifiedListed left out, and how many were left out.
+func listed(sessions []session) ([]session, int) {
+	out := make([]session, 0, len(sessions))
+	seen, unlisted := 0, 0
+	for _, s := range sessions {
+		if s.unverified {
+			if seen++; seen > maxUnverifiedListed {
+				unlisted++
+				continue
+			}
+		}
+		out = append(out, s)
+	}
+	return out, unlisted
 }
 
 // limitInfo is a role's or database's effective limit, where it comes from,
@@ -155,8 +179,9 @@ func info(r limiter.Rule, src string) limitInfo {
 }
 
 // roleViews is every known role: its sessions through rolegate and elsewhere
-// (from sessions, allSessions' answer), waiting logins, effective limit and
-// policy, and the limiter's counters by policy. Sorted by name.
+// (from sessions, allSessions' answer), this instance's logins in state
+// waiting, effective limit and policy, and the limiter's counters by policy.
+// Sorted by name.
 func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sessions []session) []role {
 	byName := map[string]*role{}
 	get := func(name string) *role {
@@ -171,20 +196,18 @@ func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sess
 		get(name)
 	}
 	for _, s := range sessions {
-		if s.Role == "" {
-			continue
-		}
-		if s.ViaRolegate {
-			get(s.Role).Sessions++
-		} else {
+		switch {
+		case s.Role == "": // an unverified login: no role to count it under
+		case !s.ViaRolegate:
 			get(s.Role).SessionsElsewhere++
+		case !s.inFlight:
+			get(s.Role).Sessions++
+		case s.State == proxy.StateWaiting.String():
+			get(s.Role).Waiting++ // this instance's logins in admission
 		}
 	}
 	if o.Limiter != nil {
 		snap := o.Limiter()
-		for name, n := range snap.WaitingByRole {
-			get(name).Waiting = n
-		}
 		for _, k := range counterKeys(snap) {
 			c := snap.Counters[k]
 			r := get(k.Role)

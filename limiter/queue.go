@@ -1,6 +1,7 @@
 package limiter
 
 import (
+	"cmp"
 	"slices"
 	"time"
 )
@@ -99,6 +100,28 @@ func (t *Ticket) Abandon() {
 		}
 	}
 	t.l.retire(t)
+}
+
+// Position is the login's place in line for the limit it waits for: 1 for
+// the first waiter, 0 when it is not in line (it has not waited yet, was
+// admitted or rejected, or left). For the admin views; a decision never
+// depends on it.
+func (t *Ticket) Position() int {
+	if t == nil {
+		return 0
+	}
+	t.l.mu.Lock()
+	defer t.l.mu.Unlock()
+	if t.gone || !t.queued {
+		return 0
+	}
+	i, found := slices.BinarySearchFunc(t.l.queues[t.queue], t.seq, func(u *Ticket, seq uint64) int {
+		return cmp.Compare(u.seq, seq)
+	})
+	if !found {
+		return 0
+	}
+	return i + 1
 }
 
 // Leave takes the login out of line at once: the client disconnected, its

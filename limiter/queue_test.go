@@ -335,3 +335,31 @@ func TestEvictingLoginPassesStalledLine(t *testing.T) {
 		})
 	}
 }
+
+// Position is a ticket's place in its line, and moves up when a login ahead
+// leaves; a ticket not in line has none.
+func TestTicketPosition(t *testing.T) {
+	l, _, r, census := waitSetup()
+	a, b, c := login(1), login(2), login(3)
+	a.Ticket = mustWait(t, l.Decide(a, r, NoLimit(), census))
+	b.Ticket = mustWait(t, l.Decide(b, r, NoLimit(), census))
+	c.Ticket = mustWait(t, l.Decide(c, r, NoLimit(), census))
+	if got := []int{a.Ticket.Position(), b.Ticket.Position(), c.Ticket.Position()}; got[0] != 1 || got[1] != 2 || got[2] != 3 {
+		t.Fatalf("positions %v, want [1 2 3]", got)
+	}
+	b.Ticket.Leave()
+	if pa, pb, pc := a.Ticket.Position(), b.Ticket.Position(), c.Ticket.Position(); pa != 1 || pb != 0 || pc != 2 {
+		t.Fatalf("after b left: a %d b %d c %d, want 1 0 2", pa, pb, pc)
+	}
+	if d := l.Decide(a, r, NoLimit(), without(census, 1)); d.Kind != Admit {
+		t.Fatalf("a: %v (%s)", d.Kind, d.Reason)
+	}
+	if pa, pc := a.Ticket.Position(), c.Ticket.Position(); pa != 0 || pc != 1 {
+		t.Fatalf("after a was admitted: a %d c %d, want 0 1", pa, pc)
+	}
+	var none *Ticket
+	if none.Position() != 0 {
+		t.Fatal("a nil ticket has a position")
+	}
+	c.Ticket.Leave()
+}

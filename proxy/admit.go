@@ -153,6 +153,9 @@ type admission struct {
 	// failed are the victims this login could not evict, and why, for the
 	// DETAIL of a rejection its fallback then decides.
 	failed []evictFailure
+	// inLine: the login has waited in line; the admin views keep showing its
+	// place there while it checks again, not the lock or the census.
+	inLine bool
 }
 
 // evictFailure is one victim admission could not evict; cause is in words a
@@ -230,6 +233,10 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 	// already: there is nothing to reserve.
 	reserve := pass.authOut == nil
 	for {
+		// A login in line keeps showing its place while it checks again.
+		if !a.inLine {
+			sess.setWaiting(waitingFor{what: `waiting for the admission lock of role "` + sess.user + `"`})
+		}
 		d, l, err := a.round(ctx, reserve)
 		if err != nil {
 			var locking *lockError
@@ -245,13 +252,15 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			if waiting {
 				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
+			sess.setState(StateConnecting)
 			return l, nil
 		case limiter.Reject:
 			return nil, a.reject(client, d)
 		}
 		// Wait: the locks are free; other logins of the role decide meanwhile.
+		sess.setWaiting(slotWait(sess, d))
 		if d.Ticket != nil && !waiting {
-			waiting = true
+			waiting, a.inLine = true, true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
 		}
 		waitedOn = d
@@ -317,6 +326,9 @@ func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision
 	if err != nil {
 		return d, nil, &lockError{err}
 	}
+	if !a.inLine {
+		a.sess.setWaiting(waitingFor{what: `waiting for the census of role "` + a.sess.user + `"`})
+	}
 	handed := false
 	defer func() {
 		if !handed {
@@ -332,6 +344,16 @@ func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision
 	}
 	l, err = a.reserve(ctx)
 	return d, l, err
+}
+
+// slotWait is what a login that Decide told to wait waits for: a slot of
+// the limit that decided, with its place in line.
+func slotWait(sess *session, d limiter.Decision) waitingFor {
+	what := `waiting for a slot of role "` + sess.user + `"`
+	if d.Scope == limiter.ScopeDatabase {
+		what = `waiting for a slot of database "` + sess.database + `"`
+	}
+	return waitingFor{what: what, limit: d.Limit, ticket: d.Ticket}
 }
 
 // serverLocker serializes admissions across rolegate instances with the
@@ -571,6 +593,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 // failed, the victim was no longer the session the census saw (its pid
 // reused, or, under evict-idle, no longer idle), or it did not exit in time.
 func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) bool {
+	a.sess.setWaiting(waitingFor{what: fmt.Sprintf("waiting for pid %d to exit (evicted for this login, policy %s)", v.PID, policy)})
 	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
 		`" (policy ` + d.Policy.String() + `)`
 	if d.Scope == limiter.ScopeDatabase {

@@ -110,6 +110,9 @@ func (s *Server) handle(raw net.Conn) {
 		serverGone: make(chan struct{})}
 	sess.touch(sess.start)
 	log := s.log.With("client", sess.clientAddr)
+	// Listed from accept on, in state startup: the admin views show logins
+	// in flight (see SessionInfo for what they show of an unverified client).
+	s.registry.register(sess)
 
 	var sockets conns
 	sockets.set(&sockets.client, raw)
@@ -129,6 +132,7 @@ func (s *Server) handle(raw net.Conn) {
 			log.Error("session panicked; closing it", "panic", v, "stack", string(debug.Stack()))
 		}
 	}()
+	defer s.registry.remove(sess)
 
 	deadline := sess.start.Add(s.cfg.StartupTimeout)
 	_ = raw.SetDeadline(deadline)
@@ -145,15 +149,16 @@ func (s *Server) handle(raw net.Conn) {
 		return
 	}
 
-	sess.user = pkt.params["user"]
-	sess.database = pkt.params["database"]
-	sess.appName = pkt.params["application_name"]
-	sess.replication = isReplication(pkt.params["replication"])
+	sess.set(func() {
+		sess.user = pkt.params["user"]
+		sess.database = pkt.params["database"]
+		sess.appName = pkt.params["application_name"]
+		sess.replication = isReplication(pkt.params["replication"])
+	})
 	log = log.With("role", sess.user, "database", sess.database)
 	sess.setState(StateAuthenticating)
 
 	cr := bufio.NewReader(client)
-	defer s.registry.remove(sess)
 	lg, err := s.login(ctx, sess, client, cr, pkt, deadline, &sockets, log)
 	if err != nil {
 		s.loginFailed(sess, err, log)
@@ -165,9 +170,6 @@ func (s *Server) handle(raw net.Conn) {
 	_ = client.SetDeadline(time.Time{})
 	_ = lg.server.SetDeadline(time.Time{})
 
-	if sess.backendKey == nil { // a server that sent no BackendKeyData
-		s.registry.add(sess)
-	}
 	log.Info("login", "application_name", sess.appName, "client_tls", sess.clientTLS,
 		"server_tls", sess.serverTLS, "server_auth", sess.serverAuth, "replication", sess.replication)
 
@@ -200,7 +202,7 @@ func (s *Server) negotiate(c net.Conn, sess *session) (net.Conn, *startupPacket,
 			return tc, nil, errors.New(`direct TLS connection without ALPN "postgresql"`)
 		}
 		c, r = tc, tc
-		sess.clientTLS = true
+		sess.set(func() { sess.clientTLS = true })
 	}
 	// A client may ask for GSS encryption, then TLS, then start: a few rounds at most.
 	for range 4 {
@@ -231,7 +233,7 @@ func (s *Server) negotiate(c net.Conn, sess *session) (net.Conn, *startupPacket,
 				return c, nil, err
 			}
 			c, r = tc, tc
-			sess.clientTLS = true
+			sess.set(func() { sess.clientTLS = true })
 		case kindGSSENC:
 			if _, err := c.Write([]byte{'N'}); err != nil {
 				return c, nil, err
@@ -307,8 +309,9 @@ func (s *Server) forwardCancel(ctx context.Context, p *startupPacket, log *slog.
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.StartupTimeout)
 	defer cancel()
-	log = log.With("role", target.user, "database", target.database, "pid", target.backendPID)
-	if err := s.cfg.Upstream.Cancel(ctx, target.backendPID, target.backendKey, target.serverTLS); err != nil {
+	pid, key, useTLS := target.serverSide()
+	log = log.With("role", target.user, "database", target.database, "pid", pid)
+	if err := s.cfg.Upstream.Cancel(ctx, pid, key, useTLS); err != nil {
 		s.quiet.log(log, slog.LevelWarn, "", "cancel request failed", "err", err)
 		return
 	}
@@ -416,8 +419,10 @@ func (s *Server) login(ctx context.Context, sess *session, client net.Conn, cr *
 	if err != nil {
 		return nil, err
 	}
-	sess.verified = true
+	sess.set(func() { sess.verified = true })
 	if console {
+		// A console session is not a server session: it leaves the list.
+		s.registry.remove(sess)
 		return nil, s.serveConsole(ctx, sess, client, cr, log)
 	}
 	var lease *lease
@@ -481,6 +486,10 @@ const serverFullBackoff = 20 * time.Millisecond
 func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader,
 	p *startupPacket, deadline time.Time, sockets *conns, keys *auth.Keys, holdFull bool, log *slog.Logger) (*loggedIn, error) {
 	var out []byte // to the client, flushed before rolegate waits for it
+	if keys != nil {
+		// Logging in to the server; passthrough authenticates through it first.
+		sess.setState(StateConnecting)
+	}
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	dialStart := time.Now()
@@ -495,7 +504,7 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 	if !sockets.set(&sockets.server, server) {
 		return nil, context.Cause(ctx)
 	}
-	sess.serverTLS = useTLS
+	sess.set(func() { sess.serverTLS = useTLS })
 	if keys == nil && s.cfg.Limits != nil {
 		// Passthrough: the backend the server gives this login counts
 		// against no one until admission has decided on it (see pendingLogins).
@@ -522,7 +531,8 @@ func (s *Server) connect(ctx context.Context, sess *session, client net.Conn, cr
 			}
 			return nil, err
 		}
-		sess.verified = true
+		sess.set(func() { sess.verified = true })
+		sess.setState(StateConnecting)
 		// Passthrough: the server has authenticated the client and holds a
 		// backend for it; limits from proxy.toml apply from here, before the
 		// client hears AuthenticationOk, with the new backend left out of the count.
@@ -566,7 +576,7 @@ func (s *Server) handoff(sess *session, client, server net.Conn, sr *bufio.Reade
 			if err := k.Decode(m.Body); err != nil {
 				return nil, s.serverLost(client, &out, err)
 			}
-			sess.backendPID, sess.backendKey = k.ProcessID, k.SecretKey
+			sess.set(func() { sess.backendPID, sess.backendKey = k.ProcessID, k.SecretKey })
 			// Registration issues the client's key: the server's pid with a
 			// secret of rolegate's own. It must happen before the client can use it.
 			s.registry.add(sess)

@@ -21,8 +21,9 @@ func (k cancelKey) secretBytes() []byte {
 	return binary.BigEndian.AppendUint32(nil, k.secret)
 }
 
-// registry holds the sessions that have logged in, by id, by cancel key and by
-// server pid.
+// registry holds every client connection from accept to close, by id (logins
+// in flight included, whatever their state), and the sessions that have a
+// server backend by cancel key and by server pid: only those get a key.
 type registry struct {
 	mu       sync.Mutex
 	sessions map[uint64]*session
@@ -61,7 +62,17 @@ func consoleCancelKey() cancelKey {
 	return cancelKey{pid: pid, secret: newSecret()}
 }
 
-// add registers s. A session whose server sent a BackendKeyData (backendKey
+// register lists s from the moment its connection is accepted, before the
+// client has sent anything: it has no server pid and no cancel key yet.
+func (r *registry) register(s *session) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sessions[s.id] = s
+}
+
+// add registers s's server backend, when the server's BackendKeyData arrived
+// (or, without one, when the login completes); s need not have been
+// registered before. A session whose server sent a BackendKeyData (backendKey
 // set) gets a cancel key of the server's pid and a fresh secret, which add
 // stores in s.cancelKey; one without gets none. A session still registered
 // under the same server pid is of a backend that has exited (the server
@@ -127,13 +138,20 @@ func (r *registry) lookup(pid uint32, secret []byte) *session {
 	return r.byKey[cancelKey{pid: pid, secret: binary.BigEndian.Uint32(secret)}]
 }
 
+// snapshot copies every session. Each session is copied under its own lock,
+// not the registry's: accepting and ending connections never waits for a
+// snapshot of thousands of sessions.
 func (r *registry) snapshot() []SessionInfo {
 	r.mu.Lock()
-	out := make([]SessionInfo, 0, len(r.sessions))
+	all := make([]*session, 0, len(r.sessions))
 	for _, s := range r.sessions {
-		out = append(out, s.info())
+		all = append(all, s)
 	}
 	r.mu.Unlock()
+	out := make([]SessionInfo, 0, len(all))
+	for _, s := range all {
+		out = append(out, s.info())
+	}
 	slices.SortFunc(out, func(a, b SessionInfo) int { return a.Start.Compare(b.Start) })
 	return out
 }
@@ -152,13 +170,15 @@ func (r *registry) byBackendPID(pid uint32) *session {
 	return r.byPID[pid]
 }
 
-// backendPIDs returns the server pids of the sessions rolegate holds.
+// backendPIDs returns the server pids of the sessions rolegate holds: only
+// those with a backend (a login in flight has none yet, and must not match
+// pid 0).
 func (r *registry) backendPIDs() map[uint32]bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	pids := make(map[uint32]bool, len(r.sessions))
-	for _, s := range r.sessions {
-		pids[s.backendPID] = true
+	pids := make(map[uint32]bool, len(r.byPID))
+	for pid := range r.byPID {
+		pids[pid] = true
 	}
 	return pids
 }

@@ -83,3 +83,41 @@ func TestRegistryLookupExact(t *testing.T) {
 		t.Error("the issued key finds nothing")
 	}
 }
+
+// A connection is listed from accept, before it has a server backend: it has
+// no cancel key, and no lookup by pid finds it (pid 0 is no backend's).
+func TestRegistryLoginInFlight(t *testing.T) {
+	t.Parallel()
+	r := newRegistry()
+	s := &session{id: 1}
+	r.register(s)
+	if got := r.snapshot(); len(got) != 1 || got[0].State != StateStartup || got[0].BackendPID != 0 {
+		t.Fatalf("snapshot %+v, want one session in startup", got)
+	}
+	if r.byBackendPID(0) != nil || len(r.backendPIDs()) != 0 || len(r.byKey) != 0 || r.lookup(0, []byte{0, 0, 0, 0}) != nil {
+		t.Fatalf("a login without a backend is found by pid or key: pids %v", r.backendPIDs())
+	}
+	// The server's BackendKeyData: the same session gets its pid and key.
+	s.backendPID, s.backendKey = 99, []byte{1, 2, 3, 4}
+	r.add(s)
+	if r.len() != 1 || r.byBackendPID(99) != s || !r.backendPIDs()[99] || r.lookup(99, s.cancelKey.secretBytes()) != s {
+		t.Fatal("the session that got its backend is not found by pid and key")
+	}
+	r.remove(s)
+	if r.len() != 0 || r.byBackendPID(99) != nil || len(r.byKey) != 0 {
+		t.Fatal("a removed session is still found")
+	}
+}
+
+func TestOrdinal(t *testing.T) {
+	t.Parallel()
+	for n, want := range map[int]string{1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th",
+		21: "21st", 22: "22nd", 101: "101st", 111: "111th", 112: "112th"} {
+		if got := ordinal(n); got != want {
+			t.Errorf("ordinal(%d) = %q, want %q", n, got, want)
+		}
+	}
+	if got := (waitingFor{what: "waiting for x"}).String(); got != "waiting for x" {
+		t.Errorf("a wait without a ticket reads %q", got)
+	}
+}

@@ -69,14 +69,22 @@ function renderRoles(roles) {
   }));
 }
 
-function renderSessions(sessions, now) {
-  $("session-count").textContent = "(" + sessions.length + ")";
+// A login in flight has no pid before the server sent one, and no role or
+// database before the client proved who it is (rolegate does not show what
+// an unauthenticated client claims); a waiting one says what it waits for.
+function renderSessions(sessions, unlisted, now) {
+  $("session-count").textContent = "(" + (sessions.length + unlisted) + ")";
+  $("unlisted").textContent = unlisted ?
+    unlisted + " more connections that have not authenticated yet are not listed." : "";
   const body = $("sessions").tBodies[0];
   if (!sessions.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No sessions."))); return; }
-  body.replaceChildren(...sessions.map((s) => el("tr", { "data-pid": s.pid, "data-via": s.via_rolegate ? "rolegate" : "elsewhere" },
-    el("td", { class: "num" }, s.pid || "—"), el("td", {}, s.role), el("td", {}, s.database),
+  body.replaceChildren(...sessions.map((s) => el("tr", { "data-pid": s.pid, "data-via": s.via_rolegate ? "rolegate" : "elsewhere",
+      "data-state": s.state },
+    el("td", { class: "num" }, s.pid || "—"),
+    s.role ? el("td", {}, s.role) : el("td", { class: "muted" }, "(not authenticated)"), el("td", {}, s.database),
     el("td", {}, s.client_addr + (s.client_tls ? " (TLS)" : "")),
-    el("td", { class: s.via_rolegate ? "" : "muted" }, s.via_rolegate ? "rolegate" : "elsewhere"), el("td", {}, s.state),
+    el("td", { class: s.via_rolegate ? "" : "muted" }, s.via_rolegate ? "rolegate" : "elsewhere"),
+    el("td", {}, s.state, s.wait ? el("div", { class: "muted wait" }, s.wait) : ""),
     el("td", { title: fmtTime(s.started) }, ago(s.started, now)))));
 }
 
@@ -107,7 +115,7 @@ async function poll() {
     const p = await resp.json();
     const now = new Date(p.taken);
     renderRoles(p.roles || []);
-    renderSessions(p.sessions || [], now);
+    renderSessions(p.sessions || [], p.unlisted || 0, now);
     renderEvents(p.events || []);
     failures = 0;
     setStatus("live", "live");
