@@ -191,7 +191,7 @@ func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *
 	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) &&
 		!errors.Is(context.Cause(ctx), errShutdown) { // shutdown is not a failure, and the socket is gone
 		s.quiet.log(log, slog.LevelWarn, "", "admission failed", "err", err)
-		sendFatal(client, "08006", "rolegate could not check the connection limits: "+err.Error())
+		sendFatal(client, "08006", "rolegate could not check the connection limits: "+admissionCause(err))
 	}
 	return l, err
 }
@@ -324,7 +324,7 @@ func (e *lockError) Unwrap() error { return e.err }
 func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision, l *lease, err error) {
 	unlock, err := a.lock(ctx)
 	if err != nil {
-		return d, nil, &lockError{err}
+		return d, nil, &lockError{&admissionError{what: `the admission lock of role "` + a.sess.user + `"`, err: err}}
 	}
 	if !a.inLine {
 		a.sess.setWaiting(waitingFor{what: `waiting for the census of role "` + a.sess.user + `"`})
@@ -469,7 +469,7 @@ func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
 	defer cancel()
 	release, err := remote.Reserve(cctx, a.sess.user, database)
 	if err != nil {
-		return nil, err
+		return nil, &admissionError{what: `reserving a slot of role "` + a.sess.user + `"`, err: err}
 	}
 	l.server, taken = release, true
 	return l, nil
@@ -479,7 +479,44 @@ func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
 func (a *admission) rules(ctx context.Context) error {
 	var err error
 	a.role, a.db, _, _, a.login.Superuser, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
-	return err
+	if err != nil {
+		return &admissionError{what: `reading the connection limits of role "` + a.sess.user + `"`, err: err}
+	}
+	return nil
+}
+
+// admissionError is a step of admission that failed: what names it in words
+// a client may read; err, the cause, may name the control role and host
+// (a driver's text) and goes only to the log.
+type admissionError struct {
+	what string
+	err  error // nil: what says it all
+}
+
+func (e *admissionError) Error() string {
+	if e.err == nil {
+		return e.what
+	}
+	return e.what + ": " + e.err.Error()
+}
+
+func (e *admissionError) Unwrap() error { return e.err }
+
+// admissionCause is why admission failed, for the client: the step, and
+// whether the control connection failed or did not answer in time.
+func admissionCause(err error) string {
+	var ae *admissionError
+	what := "admission"
+	if errors.As(err, &ae) {
+		if ae.err == nil {
+			return ae.what
+		}
+		what = ae.what
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return what + " failed: the control connection did not answer in time"
+	}
+	return what + " failed: the control connection failed"
 }
 
 // Limit sources, as Effective reports them.
@@ -555,13 +592,13 @@ func sourceOf(r limiter.Rule, source string) string {
 func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 	for round := 0; ; round++ {
 		if round == maxEvictRounds {
-			return limiter.Decision{}, fmt.Errorf("admission of role %q gave up after %d rounds of census and eviction", a.sess.user, maxEvictRounds)
+			return limiter.Decision{}, &admissionError{what: fmt.Sprintf("admission of role %q gave up after %d rounds of census and eviction", a.sess.user, maxEvictRounds)}
 		}
 		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 		holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
 		cancel()
 		if err != nil {
-			return limiter.Decision{}, fmt.Errorf("census of role %q: %w", a.sess.user, err)
+			return limiter.Decision{}, &admissionError{what: `the census of role "` + a.sess.user + `"`, err: err}
 		}
 		pending := a.s.pending.matcher()
 		holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool {

@@ -464,3 +464,40 @@ func TestEvictFailClientCause(t *testing.T) {
 		}
 	}
 }
+
+// A control connection that fails or stalls during admission: the client
+// gets 08006 naming the step, never the driver's text (which names the
+// control role and host); the log line keeps the cause.
+func TestAdmissionFailureNamesStep(t *testing.T) {
+	t.Parallel()
+	const driverText = "failed to connect to `user=rolegate database=postgres`: 10.9.9.9:5432: connection refused"
+	tests := []struct {
+		name   string
+		census func(role, database string, _ []limiter.Holder) ([]limiter.Holder, error)
+		want   string
+	}{
+		{"census fails", func(string, string, []limiter.Holder) ([]limiter.Holder, error) {
+			return nil, errors.New(driverText)
+		}, `rolegate could not check the connection limits: the census of role "fc" failed: the control connection failed`},
+		{"census times out", func(string, string, []limiter.Holder) ([]limiter.Holder, error) {
+			return nil, fmt.Errorf("census: %s: %w", driverText, context.DeadlineExceeded)
+		}, `rolegate could not check the connection limits: the census of role "fc" failed: the control connection did not answer in time`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			view := newFakeView()
+			view.onCensus(tt.census)
+			p := fakeLimitedProxy(t, view, map[string]limiter.Rule{"fc": {MaxSessions: 1, Policy: limiter.PolicyReject}}, proxyOpts{}, "fc")
+			_, err := tryConnect(p.DSN("fc", "fc_pw", "app"), 60*time.Second, nil)
+			var pe *pgconn.PgError
+			if !errors.As(err, &pe) || pe.Code != "08006" || pe.Message != tt.want {
+				t.Fatalf("got %v, want 08006 %q", err, tt.want)
+			}
+			lines := logged(t, p, 1, "msg=\"admission failed\"")
+			if !strings.Contains(lines[0], "connection refused") {
+				t.Errorf("the log line lost the cause: %s", lines[0])
+			}
+		})
+	}
+}
