@@ -499,9 +499,10 @@ func TestProxyAuth(t *testing.T) {
 				}
 				if !tt.firstOK {
 					wantStep(t, p, tt.role, "new pw", false, false, "first login after the change")
-					if !strings.Contains(p.logs.String(), `reason="password type changed"`) {
-						t.Error(`the log lacks reason="password type changed"`)
-					}
+					// Logged once the client has been told.
+					waitUntil(t, 30*time.Second, `reason="password type changed" in the log`, func() bool {
+						return strings.Contains(p.logs.String(), `reason="password type changed"`)
+					})
 				}
 				wantStep(t, p, tt.role, "new pw", true, false, "login after the change")
 				wantStep(t, p, tt.role, "old pw", false, true, "old password")
