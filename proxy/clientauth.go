@@ -79,6 +79,21 @@ func errAuthTimeout() *clientError {
 	return &clientError{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout", silent: true}
 }
 
+// authenticate verifies the client (proxy mode) and keeps its recovered keys.
+func (c *clientConn) authenticate() error {
+	a := &clientAuth{cfg: c.s.cfg.Auth, sess: c.sess, client: c.client, cr: c.cr, log: c.log, quiet: c.s.quiet,
+		cbind: c.s.clientBinding(c.sess), lk: c.lookup}
+	actx, cancel := context.WithDeadline(c.ctx, c.deadline)
+	defer cancel()
+	keys, err := a.authenticate(actx)
+	if err != nil {
+		return err
+	}
+	c.keys = keys
+	c.sess.set(func() { c.sess.verified = true })
+	return nil
+}
+
 // clientAuth runs one authentication exchange with a client. It owns no
 // connection: clientConn.authenticate passes the client's socket and reader.
 type clientAuth struct {

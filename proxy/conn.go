@@ -165,6 +165,14 @@ func (c *clientConn) login() error {
 		c.s.registry.remove(c.sess)
 		return c.s.serveConsole(c.ctx, c.sess, c.client, c.cr, c.log)
 	}
+	return c.admitAndLogIn()
+}
+
+// admitAndLogIn admits an authenticated client (proxy mode) and logs it in
+// to the server. When the server refuses the login at its own limit all the
+// same, it tries again a few times: with the reserved slot kept, after a
+// short pause, or, when nothing was reserved, through admission again.
+func (c *clientConn) admitAndLogIn() error {
 	admitted := false
 	for attempt := 1; ; attempt++ {
 		if !admitted {
@@ -208,21 +216,6 @@ func (c *clientConn) login() error {
 // serverFullBackoff is the first pause before a login that holds a reserved
 // slot tries the server again after its 53300; each retry waits longer.
 const serverFullBackoff = 20 * time.Millisecond
-
-// authenticate verifies the client (proxy mode) and keeps its recovered keys.
-func (c *clientConn) authenticate() error {
-	a := &clientAuth{cfg: c.s.cfg.Auth, sess: c.sess, client: c.client, cr: c.cr, log: c.log, quiet: c.s.quiet,
-		cbind: c.s.clientBinding(c.sess), lk: c.lookup}
-	actx, cancel := context.WithDeadline(c.ctx, c.deadline)
-	defer cancel()
-	keys, err := a.authenticate(actx)
-	if err != nil {
-		return err
-	}
-	c.keys = keys
-	c.sess.set(func() { c.sess.verified = true })
-	return nil
-}
 
 // loginAs logs in to the server as the client, with its recovered keys, and
 // hands the session over. With holdFull, the server's own 53300 is returned
