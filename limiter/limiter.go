@@ -5,6 +5,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/rolegate/rolegate/internal/keylock"
 )
 
 // Limiter holds what the census cannot tell: which sessions are being evicted
@@ -24,7 +26,7 @@ type Limiter struct {
 	queues   map[queueKey][]*Ticket // waiting tickets by the limit they wait for, in arrival order
 	seq      uint64                 // last ticket sequence number handed out
 	counters map[CounterKey]*Counters
-	locks    map[string]*keyLock
+	locks    keylock.Map[string]       // Lock and LockDatabase; its own mutex, not mu
 	reserved map[*Reservation]struct{} // admitted logins not yet in the census
 }
 
@@ -40,7 +42,6 @@ func New(now func() time.Time) *Limiter {
 		tickets:  make(map[*Ticket]struct{}),
 		queues:   make(map[queueKey][]*Ticket),
 		counters: make(map[CounterKey]*Counters),
-		locks:    make(map[string]*keyLock),
 		reserved: make(map[*Reservation]struct{}),
 	}
 }

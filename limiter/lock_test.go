@@ -8,14 +8,7 @@ import (
 )
 
 // refs is how many holders and waiters the lock for key has (0: no entry).
-func (l *Limiter) refs(key string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if k := l.locks[key]; k != nil {
-		return k.refs
-	}
-	return 0
-}
+func (l *Limiter) refs(key string) int { return l.locks.Refs(key) }
 
 // untilRefs yields until key has n holders and waiters: a waiter counts
 // itself before it blocks, so this is how a test knows it is blocked.
@@ -65,8 +58,8 @@ func TestLockSerializes(t *testing.T) {
 		t.Fatalf("refs %d after hand-over, want 1", n)
 	}
 	second()
-	if len(l.locks) != 0 {
-		t.Fatalf("lock entries left: %d", len(l.locks))
+	if l.locks.Len() != 0 {
+		t.Fatalf("lock entries left: %d", l.locks.Len())
 	}
 }
 
@@ -98,8 +91,8 @@ func TestLockContext(t *testing.T) {
 	if _, err := l.Lock(ctx, "app"); !errors.Is(err, why) {
 		t.Fatalf("Lock with a done context: %v", err)
 	}
-	if len(l.locks) != 0 {
-		t.Fatalf("lock entries left: %d", len(l.locks))
+	if l.locks.Len() != 0 {
+		t.Fatalf("lock entries left: %d", l.locks.Len())
 	}
 }
 
@@ -128,7 +121,7 @@ func TestLockMany(t *testing.T) {
 	for range workers {
 		<-done
 	}
-	if counts[0]+counts[1]+counts[2] != workers*rounds || len(l.locks) != 0 {
-		t.Fatalf("counts %v, entries %d", counts, len(l.locks))
+	if counts[0]+counts[1]+counts[2] != workers*rounds || l.locks.Len() != 0 {
+		t.Fatalf("counts %v, entries %d", counts, l.locks.Len())
 	}
 }

@@ -12,13 +12,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rolegate/rolegate/internal/pgname"
 	"github.com/rolegate/rolegate/internal/wire"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/upstream"
@@ -36,91 +34,6 @@ type ServerView interface {
 	// evict-idle its idle state_change), in the same statement; a guard
 	// that fails is not an error (upstream.Control.Terminate).
 	Terminate(ctx context.Context, t upstream.Target, timeout time.Duration) (upstream.Termination, error)
-}
-
-// Rules gives the limits proxy.toml sets for a role and a database
-// (config.Config implements it); a reload swaps in a new one.
-type Rules interface {
-	RoleRule(role string) limiter.Rule
-	DatabaseRule(database string) limiter.Rule
-}
-
-// Limits turns on connection limits. In proxy authentication mode they apply
-// once rolegate has verified the client, before any server connection; in
-// passthrough mode once the server has authenticated it (the client must have
-// proved who it is before rolegate counts, waits or evicts for it).
-type Limits struct {
-	Limiter *limiter.Limiter
-	Server  ServerView
-
-	rules atomic.Pointer[rulesBox]
-
-	mu        sync.Mutex
-	overrides map[string]Override // by role; cleared by SetRules (a reload)
-}
-
-// Override is an operator's runtime change to one role's rule (the console's
-// SET LIMIT and SET POLICY); it lasts until the next reload.
-type Override struct {
-	MaxSessions *int
-	Policy      *limiter.Policy
-}
-
-// Override sets or changes role's override; nil leaves a field as it is. A
-// role name over 63 bytes names the role CREATE ROLE stored for it, as in
-// proxy.toml.
-func (l *Limits) Override(role string, maxSessions *int, policy *limiter.Policy) {
-	role = pgname.Identifier(role)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.overrides == nil {
-		l.overrides = make(map[string]Override)
-	}
-	o := l.overrides[role]
-	if maxSessions != nil {
-		n := *maxSessions
-		o.MaxSessions = &n
-	}
-	if policy != nil {
-		p := *policy
-		o.Policy = &p
-	}
-	l.overrides[role] = o
-}
-
-// Overrides returns a copy of the overrides in force.
-func (l *Limits) Overrides() map[string]Override {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	out := make(map[string]Override, len(l.overrides))
-	for role, o := range l.overrides {
-		out[role] = o
-	}
-	return out
-}
-
-func (l *Limits) override(role string) (Override, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	o, ok := l.overrides[role]
-	return o, ok
-}
-
-// rulesBox is one configuration of the limits, swapped whole on reload.
-type rulesBox struct {
-	Rules
-	serverLimits bool          // honour rolconnlimit and datconnlimit too; the smaller wins
-	ttl          time.Duration // how long the server's limits are cached
-}
-
-// SetRules installs what new logins use: the rules from proxy.toml, whether
-// the server's own limits count too, and how long those are cached. Sessions
-// already in are not touched.
-func (l *Limits) SetRules(r Rules, serverLimits bool, ttl time.Duration) {
-	l.mu.Lock()
-	l.overrides = nil // a reload ends the operators' runtime changes
-	l.mu.Unlock()
-	l.rules.Store(&rulesBox{Rules: r, serverLimits: serverLimits, ttl: ttl})
 }
 
 // Timings of admission. A victim rolegate holds frees its slot when its server
@@ -145,6 +58,8 @@ type admission struct {
 	lim     *Limits
 	sess    *session
 	log     *slog.Logger
+	client  net.Conn      // for the hang-up watch while it waits
+	cr      *bufio.Reader // the client's reader, which the watch peeks at
 	login   limiter.Login
 	role    limiter.Rule
 	db      limiter.Rule
@@ -166,45 +81,68 @@ type evictFailure struct {
 	cause string
 }
 
-// admitFor is what passthrough mode adds to an admission: the server has
-// already given the login a backend (left out of the count) and ended the
-// authentication exchange, whose last messages a rejection must still send.
-type admitFor struct {
-	self    uint32
-	authOut []byte
+// admit decides whether the client may log in (proxy mode, before it has a
+// backend), evicting or waiting as the role's policy says. The admission
+// locks are held only while it decides; an admitted login gets a lease on a
+// reserved slot (c.lease), which every census counts until the login
+// releases it: once its backend is in pg_stat_activity, or when it failed.
+// The lease is nil when nothing was reserved (no limits, exempt).
+func (c *clientConn) admit() error {
+	l, err := c.admission(0)
+	c.lease = l
+	return err
 }
 
-// tooManyError is a login refused at a limit; the client has been told.
-type tooManyError struct{ msg string }
+// admitPassthrough decides on a passthrough login, which the server has
+// authenticated and given a backend (left out of the count) before the
+// client hears AuthenticationOk; a rejection still sends the server's last
+// authentication messages (c.authOut).
+func (c *clientConn) admitPassthrough() error {
+	s, sess := c.s, c.sess
+	s.pending.setPID(sess, sess.backendPID)
+	l, err := c.admission(sess.backendPID)
+	if err != nil {
+		return err
+	}
+	// Admitted: the backend counts from here on, for the next login of the
+	// role too, which releasing the lease lets decide.
+	s.pending.remove(sess)
+	l.release(true) // nothing reserved: the backend is counted already
+	// Time spent waiting for a slot does not count against the login.
+	_ = c.client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
+	return nil
+}
 
-func (e *tooManyError) Error() string { return e.msg }
-
-// admit decides whether sess may log in, evicting or waiting as the role's
-// policy says. The admission locks are held only while it decides; a login
-// admitted before it has a backend (proxy mode) gets a lease on a reserved
-// slot, which every census counts until the caller releases it: once the
-// login's backend is in pg_stat_activity, or when the login failed. The lease
-// is nil when nothing was reserved (no limits, exempt, passthrough).
-func (s *Server) admit(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (l *lease, err error) {
-	l, err = s.admitOnce(ctx, sess, client, cr, log, pass)
-	var tooMany *tooManyError
-	if err != nil && !errors.As(err, &tooMany) && !errors.Is(err, errClientClosed) &&
-		!errors.Is(context.Cause(ctx), errShutdown) { // shutdown is not a failure, and the socket is gone
-		s.quiet.log(log, slog.LevelWarn, "", "admission failed", "err", err)
-		sendFatal(client, "08006", "rolegate could not check the connection limits: "+admissionCause(err))
+// admission runs one login through admission; self is its own backend
+// (passthrough), which the census leaves out. A failure of rolegate's own
+// (the census, the locks) is FATAL 08006 to the client.
+func (c *clientConn) admission(self uint32) (*lease, error) {
+	l, err := c.admitOnce(self)
+	if err != nil && !isTooMany(err) && !errors.Is(err, errClientClosed) &&
+		!errors.Is(context.Cause(c.ctx), errShutdown) { // shutdown is not a failure, and the socket is gone
+		c.s.quiet.log(c.log, slog.LevelWarn, "", "admission failed", "err", err)
+		return l, &clientError{code: "08006", msg: "rolegate could not check the connection limits: " + admissionCause(err),
+			class: ReasonServerError, err: err}
 	}
 	return l, err
+}
+
+// isTooMany reports whether err is a login refused at a limit (53300).
+func isTooMany(err error) bool {
+	var ce *clientError
+	return errors.As(err, &ce) && ce.class == ReasonTooMany
 }
 
 // controlTimeout bounds each query admission sends on the control connection.
 const controlTimeout = 10 * time.Second
 
-func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, cr *bufio.Reader, log *slog.Logger, pass admitFor) (l *lease, err error) {
+func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
+	s, ctx, sess, log := c.s, c.ctx, c.sess, c.log
 	lim := s.cfg.Limits
 	if lim == nil || sess.replication {
 		return nil, nil
 	}
-	a := &admission{s: s, lim: lim, sess: sess, log: log, self: pass.self, authOut: pass.authOut,
+	a := &admission{s: s, lim: lim, sess: sess, log: log, client: c.client, cr: c.cr, self: self, authOut: c.authOut,
 		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
 	if err := a.rules(ctx); err != nil {
 		return nil, err
@@ -231,7 +169,7 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 	waitedOn := a.lockWait()
 	// Passthrough admits a login whose backend exists and is counted
 	// already: there is nothing to reserve.
-	reserve := pass.authOut == nil
+	reserve := c.authOut == nil
 	for {
 		// A login in line keeps showing its place while it checks again.
 		if !a.inLine {
@@ -243,7 +181,7 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			if errors.As(err, &locking) && ranOut(ctx) {
 				// The logins of the role ahead of it took all its time: it
 				// found no slot, which is 53300, not a failure of rolegate.
-				return nil, a.reject(client, a.timedOut(waitedOn, started, "waited for the admission lock"))
+				return nil, a.reject(a.timedOut(waitedOn, started, "waited for the admission lock"))
 			}
 			return nil, err
 		}
@@ -255,7 +193,7 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			sess.setState(StateConnecting)
 			return l, nil
 		case limiter.Reject:
-			return nil, a.reject(client, d)
+			return nil, a.reject(d)
 		}
 		// Wait: the locks are free; other logins of the role decide meanwhile.
 		sess.setWaiting(slotWait(sess, d))
@@ -264,9 +202,9 @@ func (s *Server) admitOnce(ctx context.Context, sess *session, client net.Conn, 
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
 		}
 		waitedOn = d
-		if err := a.wait(ctx, d, client, cr); err != nil {
+		if err := a.wait(ctx, d); err != nil {
 			if ranOut(ctx) {
-				return nil, a.reject(client, a.timedOut(waitedOn, started, "waited"))
+				return nil, a.reject(a.timedOut(waitedOn, started, "waited"))
 			}
 			if waiting {
 				log.Info("left the wait queue", "waited", time.Since(started).Round(time.Millisecond), "why", err.Error())
@@ -519,71 +457,6 @@ func admissionCause(err error) string {
 	return what + " failed: the control connection failed"
 }
 
-// Limit sources, as Effective reports them.
-const (
-	SourceNone     = "none"
-	SourceConfig   = "proxy.toml"
-	SourceServer   = "server"
-	SourceOverride = "override"
-)
-
-// Effective returns the rules admission applies to a login of role to
-// database now: proxy.toml's, a runtime override's, and the server's own
-// limits (rolconnlimit, datconnlimit) when server_limits is on, the smaller
-// limit winning. Each source says where the limit comes from: "proxy.toml",
-// "override", "server" or "none" (no limit). Without limits configured at all
-// both rules are limiter.NoLimit().
-func (l *Limits) Effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, err error) {
-	roleRule, dbRule, roleSource, dbSource, _, err = l.effective(ctx, role, database)
-	return roleRule, dbRule, roleSource, dbSource, err
-}
-
-// effective is Effective and whether role is a superuser (known only when
-// some limit made it ask the server).
-func (l *Limits) effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, super bool, err error) {
-	box := l.rules.Load()
-	if box == nil {
-		return limiter.NoLimit(), limiter.NoLimit(), SourceNone, SourceNone, false, nil
-	}
-	roleRule, dbRule = box.RoleRule(role), box.DatabaseRule(database)
-	roleSource, dbSource = sourceOf(roleRule, SourceConfig), sourceOf(dbRule, SourceConfig)
-	if o, ok := l.override(role); ok {
-		if o.MaxSessions != nil {
-			roleRule.MaxSessions = *o.MaxSessions
-			roleSource = sourceOf(roleRule, SourceOverride)
-		}
-		if o.Policy != nil {
-			roleRule.Policy = *o.Policy
-		}
-	}
-	if !box.serverLimits && !roleRule.Limited() && !dbRule.Limited() {
-		return roleRule, dbRule, roleSource, dbSource, false, nil
-	}
-	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
-	defer cancel()
-	roleLimit, super, dbLimit, err := l.Server.ServerLimits(cctx, role, database, box.ttl)
-	if err != nil {
-		return roleRule, dbRule, roleSource, dbSource, false, fmt.Errorf("read limits of role %q: %w", role, err)
-	}
-	if box.serverLimits {
-		if e := limiter.Effective(roleRule.MaxSessions, roleLimit); e != roleRule.MaxSessions {
-			roleRule.MaxSessions, roleSource = e, SourceServer
-		}
-		if e := limiter.Effective(dbRule.MaxSessions, dbLimit); e != dbRule.MaxSessions {
-			dbRule.MaxSessions, dbSource = e, SourceServer
-		}
-	}
-	return roleRule, dbRule, roleSource, dbSource, super, nil
-}
-
-// sourceOf is source for a rule with a limit, "none" for one without.
-func sourceOf(r limiter.Rule, source string) string {
-	if r.Limited() {
-		return source
-	}
-	return SourceNone
-}
-
 // decide takes the census and asks the limiter until the answer is not Evict,
 // carrying out each eviction. A victim that could not be evicted is reported
 // with EvictFailed, which rules it out for this login, so the rounds end once
@@ -749,7 +622,7 @@ func (a *admission) failureDetail() string {
 // interval passed (sessions elsewhere end without telling rolegate), or the
 // wait timed out (the next Decide then rejects unless a slot freed). A client
 // that hangs up while it waits leaves at once: rolegate watches its socket.
-func (a *admission) wait(ctx context.Context, d limiter.Decision, client net.Conn, cr *bufio.Reader) error {
+func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
 	delay := waitPoll
 	var ready <-chan struct{}
 	if t := d.Ticket; t != nil {
@@ -763,7 +636,7 @@ func (a *admission) wait(ctx context.Context, d limiter.Decision, client net.Con
 	}
 	timer := time.NewTimer(delay)
 	defer timer.Stop()
-	left := watchHangUp(client, cr)
+	left := watchHangUp(a.client, a.cr)
 	defer left.stop()
 	select {
 	case <-ready:
@@ -805,8 +678,11 @@ func (w *hangUpWatch) stop() {
 }
 
 // reject answers as PostgreSQL does: AuthenticationOk, then the FATAL 53300,
-// in one write, without a server connection ever being opened.
-func (a *admission) reject(client net.Conn, d limiter.Decision) error {
+// in one write (fail sends it), without a server connection ever being
+// opened. The login's startup deadline may be long past (it waited): the
+// write has a bound of its own (writeClient), so a client that does not read
+// cannot keep the session open.
+func (a *admission) reject(d limiter.Decision) error {
 	// PostgreSQL quotes names as they are, without escaping.
 	msg := `too many connections for role "` + a.sess.user + `"`
 	if d.Scope == limiter.ScopeDatabase {
@@ -816,9 +692,8 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	if out == nil {
 		out = wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	}
-	e := wire.Error("FATAL", "53300", msg)
-	e.Detail = a.failureDetail() // why the fallback decided, if evictions failed
-	out = wire.Encode(out, e)
+	e := &clientError{code: "53300", msg: msg, before: out, class: ReasonTooMany}
+	e.detail = a.failureDetail() // why the fallback decided, if evictions failed
 	// Recorded before the client is told: what a client has seen is
 	// already in the events, the metrics and the log.
 	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
@@ -828,17 +703,11 @@ func (a *admission) reject(client net.Conn, d limiter.Decision) error {
 	// second; the events and the metrics still count every rejection.
 	attrs := []any{"sqlstate", "53300", "scope", d.Scope.String(),
 		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason}
-	if e.Detail != "" {
-		attrs = append(attrs, "detail", e.Detail)
+	if e.detail != "" {
+		attrs = append(attrs, "detail", e.detail)
 	}
 	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", attrs...)
-	// The login's startup deadline may be long past (it waited): the write
-	// has a bound of its own, so a client that does not read cannot keep
-	// the session open.
-	if err := writeClient(client, out); err != nil {
-		a.log.Debug("could not send the rejection", "err", err)
-	}
-	return &tooManyError{msg: msg}
+	return e
 }
 
 // errServerFull is the server's own 53300 during a login rolegate admitted: a

@@ -73,18 +73,29 @@ func (l *lookup) stop() {
 	<-l.done
 }
 
-// authFailure is a client login rolegate refused itself; the client has been told.
-type authFailure struct {
-	code, msg string
-	class     string // for the log: wrong password, unknown role, ...
-	// roleExists: the role was found (a wrong password), so metrics may name it.
-	roleExists bool
+// errAuthTimeout is the startup timeout running out during authentication:
+// as PostgreSQL does at authentication_timeout, the client is told nothing.
+func errAuthTimeout() *clientError {
+	return &clientError{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout", silent: true}
 }
 
-func (e *authFailure) Error() string { return e.msg }
+// authenticate verifies the client (proxy mode) and keeps its recovered keys.
+func (c *clientConn) authenticate() error {
+	a := &clientAuth{cfg: c.s.cfg.Auth, sess: c.sess, client: c.client, cr: c.cr, log: c.log, quiet: c.s.quiet,
+		cbind: c.s.clientBinding(c.sess), lk: c.lookup}
+	actx, cancel := context.WithDeadline(c.ctx, c.deadline)
+	defer cancel()
+	keys, err := a.authenticate(actx)
+	if err != nil {
+		return err
+	}
+	c.keys = keys
+	c.sess.set(func() { c.sess.verified = true })
+	return nil
+}
 
 // clientAuth runs one authentication exchange with a client. It owns no
-// connection: handle passes the client's socket and reader.
+// connection: clientConn.authenticate passes the client's socket and reader.
 type clientAuth struct {
 	cfg    *ClientAuth
 	sess   *session
@@ -105,7 +116,7 @@ type clientAuth struct {
 }
 
 // authenticate verifies the client and returns the keys that log it in to the
-// server. A failure has been sent to the client when it returns an *authFailure.
+// server. A login it refuses is a *clientError, for the client.
 //
 // The role's secret is being fetched (a.lk) while the client is asked for its
 // password: only the exchange's next step waits for it (SCRAM's
@@ -161,7 +172,7 @@ func (a *clientAuth) authenticate(ctx context.Context) (*auth.Keys, error) {
 
 // resolve waits for the lookup and records the role's secret in a. A lookup
 // that failed is told to the client (FATAL 08006 naming the step, never the
-// driver's text; the cause goes to the log) and returned as an *authFailure.
+// driver's text; the cause goes to the log) and returned as a *clientError.
 func (a *clientAuth) resolve(ctx context.Context) error {
 	if a.resolved {
 		return nil
@@ -175,7 +186,7 @@ func (a *clientAuth) resolve(ctx context.Context) error {
 	case a.lk.expired && !a.lk.bounded:
 		// The startup timeout covers authentication: close without a word,
 		// as PostgreSQL does at authentication_timeout.
-		return &authFailure{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout"}
+		return errAuthTimeout()
 	case a.lk.expired:
 		a.quiet.log(a.log, slog.LevelError, "", "password lookup timed out", "timeout", a.lk.timeout)
 		return a.fail(&auth.Error{Code: "08006",
@@ -307,7 +318,7 @@ func (a *clientAuth) ask(req pgproto3.BackendMessage) ([]byte, error) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		// The startup timeout covers authentication. As PostgreSQL does at
 		// authentication_timeout, close without telling the client.
-		return nil, &authFailure{code: "57014", msg: "canceling authentication due to timeout", class: "authentication timeout"}
+		return nil, errAuthTimeout()
 	case err != nil:
 		return nil, &auth.Error{Code: "08P01", Message: "invalid authentication response: " + err.Error(), Err: auth.ErrMalformed}
 	case m.Type == 'X':
@@ -387,16 +398,9 @@ func decodePassword(body []byte) (string, error) {
 	return pm.Password, nil
 }
 
-// fail sends PostgreSQL's error for a refused login and returns it as an authFailure.
-func (a *clientAuth) fail(e *auth.Error, class string) *authFailure {
-	msg := e.Message
-	if e.Detail != "" {
-		msg += ": " + e.Detail
-	}
-	resp := wire.Error("FATAL", e.Code, e.Message)
-	resp.Detail = e.Detail
-	_, _ = a.client.Write(wire.Encode(nil, resp))
-	return &authFailure{code: e.Code, msg: msg, class: class}
+// fail is PostgreSQL's error for a refused login, for the client.
+func (a *clientAuth) fail(e *auth.Error, class string) *clientError {
+	return &clientError{code: e.Code, msg: e.Message, detail: e.Detail, class: class}
 }
 
 // failureClass names why a login failed, for the log line an operator reads

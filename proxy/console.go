@@ -32,9 +32,8 @@ func (s *Server) serveConsole(ctx context.Context, sess *session, client net.Con
 		if box == nil {
 			msg = "the rolegate console is not enabled"
 		}
-		sendFatal(client, "28000", msg)
 		s.quiet.log(log, slog.LevelInfo, sess.user, "console refused", "reason", msg)
-		return &authFailure{code: "28000", msg: msg, class: "console refused"}
+		return fatal("28000", msg, "console refused")
 	}
 	out := wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	for _, p := range [][2]string{

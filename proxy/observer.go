@@ -10,7 +10,7 @@ type Observer interface {
 	// the client was sent.
 	LoginDone(role, database string, d time.Duration)
 	// LoginFailed: a login did not get in. reason is the failure class (see
-	// the Reason constants and authFailure's classes); role is RoleUnknown
+	// the Reason constants and authentication's classes); role is RoleUnknown
 	// unless the role is known to exist or the client proved who it is, so
 	// that unauthenticated clients cannot invent label values.
 	LoginFailed(role, reason string)

@@ -41,7 +41,7 @@ func TestPanicInSessionIsContained(t *testing.T) {
 	if got := strings.Count(out, "session panicked"); got != 2 {
 		t.Errorf("want 2 panic log lines, got %d:\n%s", got, out)
 	}
-	if !strings.Contains(out, "goroutine ") || !strings.Contains(out, "proxy.(*Server).login") {
+	if !strings.Contains(out, "goroutine ") || !strings.Contains(out, "proxy.(*clientConn).login") {
 		t.Errorf("panic log lacks the stack:\n%s", out)
 	}
 	srv.Close()

@@ -171,7 +171,7 @@ func readAhead(r *bufio.Reader) []byte {
 const shutdownNoticeTimeout = time.Second
 
 // sayShuttingDown ends a relayed session that rolegate's shutdown cut off
-// from its server (conns.cancelled closed the server side): the client gets
+// from its server (sockets.cancelled closed the server side): the client gets
 // the FATAL 57P01 that PostgreSQL's own fast shutdown sends, with rolegate's
 // reason, when what it was sent so far ends at a message boundary, and then
 // the connection closes, which also ends the other relay direction. Mid-

@@ -72,15 +72,15 @@ type Server struct {
 	endPoint []byte
 	console  atomic.Pointer[consoleBox]
 
-	ctx    context.Context // parent of every connection's context; cancelled by Close
-	cancel context.CancelCauseFunc
-	conns  sync.WaitGroup // one per connection being handled
-	nextID atomic.Uint64
+	ctx      context.Context // parent of every connection's context; cancelled by Close
+	cancel   context.CancelCauseFunc
+	handlers sync.WaitGroup // one per connection being handled (handle)
+	nextID   atomic.Uint64
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	closed    bool          // no more accepting
-	stopped   bool          // Close: no new connections tracked, so conns.Wait is final
+	stopped   bool          // Close: no new connections tracked, so handlers.Wait is final
 	active    int           // connections being handled
 	idle      chan struct{} // closed and replaced when active drops to 0 during Shutdown
 }
@@ -195,12 +195,12 @@ func (s *Server) track(delta int) bool {
 		if s.stopped {
 			return false
 		}
-		s.conns.Add(1)
+		s.handlers.Add(1)
 		s.active++
 		return true
 	}
 	s.active--
-	s.conns.Done()
+	s.handlers.Done()
 	if s.active == 0 && s.idle != nil {
 		close(s.idle)
 		s.idle = nil
@@ -258,6 +258,6 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.closeListeners(true)
 	s.cancel(errShutdown)
-	s.conns.Wait()
+	s.handlers.Wait()
 	return nil
 }

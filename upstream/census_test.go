@@ -280,7 +280,7 @@ func TestServerView(t *testing.T) {
 		clocked := control(t, 1)
 		var mu sync.Mutex
 		now := time.Now()
-		clocked.census.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+		clocked.limits.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 		advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
 		limit := func() int {
 			r, _, _, err := clocked.ServerLimits(ctx, "limits_new", "postgres", time.Minute)
@@ -517,11 +517,9 @@ func TestServerView(t *testing.T) {
 				if n := ctl.pool.Stat().AcquiredConns(); n != 0 {
 					t.Errorf("%d control connections still acquired", n)
 				}
-				ctl.census.keysMu.Lock()
-				if n := len(ctl.census.keys); n != 0 {
+				if n := ctl.locks.keys.Len(); n != 0 {
 					t.Errorf("%d in-process lock entries left", n)
 				}
-				ctl.census.keysMu.Unlock()
 			}
 		}
 		lockAsync := func(ctl *Control, role string) <-chan func() {

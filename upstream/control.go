@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
@@ -24,7 +25,9 @@ const PasswordEnv = "ROLEGATE_CONTROL_PASSWORD"
 type Control struct {
 	pool      *pgxpool.Pool
 	authQuery string
-	census    census // Census, ServerLimits and LockRole's state (census.go)
+	appName   string      // the pool's application_name, which Census marks as rolegate's own
+	limits    limitCache  // ServerLimits' snapshot (limits.go)
+	locks     lockSession // LockRole's and Reserve's state (locks.go)
 }
 
 // NewControl builds the pool; it connects lazily, so a server that is down at
@@ -55,11 +58,14 @@ func NewControl(ctx context.Context, cfg config.Control, authQuery string) (*Con
 	if err != nil {
 		return nil, fmt.Errorf("control pool: %w", err)
 	}
-	return &Control{pool: pool, authQuery: authQuery}, nil
+	c := &Control{pool: pool, authQuery: authQuery, appName: pcfg.ConnConfig.RuntimeParams["application_name"]}
+	c.limits.now = time.Now
+	c.locks.init()
+	return c, nil
 }
 
 // Close closes the pool; it is safe to call twice. Admission locks still held
-// are released (census.go).
+// are released (locks.go).
 func (c *Control) Close() {
 	c.closeLocks()
 	c.pool.Close()

@@ -65,7 +65,7 @@ const (
 // safe to call more than once; on an error Reserve returns a no-op release
 // and holds nothing.
 func (c *Control) Reserve(ctx context.Context, role, database string) (release func(), err error) {
-	s := c.state()
+	s := &c.locks
 	role = controlText(role)
 	var db *string
 	if database != "" {

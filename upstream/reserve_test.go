@@ -123,7 +123,7 @@ func TestReserve(t *testing.T) {
 		t.Errorf("after every release b sees %d and %d", roles, dbs)
 	}
 	// The lock session went back to the pool with its last lock.
-	if pid := a.state().lockPID.Load(); pid != 0 {
+	if pid := a.locks.lockPID.Load(); pid != 0 {
 		t.Errorf("a still keeps lock session %d", pid)
 	}
 
