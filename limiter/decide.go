@@ -67,6 +67,12 @@ type Login struct {
 	// Ticket is the ticket an earlier Wait or Evict decision for this login
 	// returned, nil on the first Decide. It keeps the login's place in line.
 	Ticket *Ticket
+	// CensusEpoch is Epoch() read just before the census passed to Decide
+	// was taken. A reservation released as logged in after that counts as
+	// held, as the census may have been read before the login's backend
+	// appeared in it (it errs toward counting a login twice, never not at
+	// all). 0: not tracked, and released reservations are not counted.
+	CensusEpoch uint64
 }
 
 // Kind is what the caller must do with a login.
@@ -195,7 +201,7 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 
 	rv := &scopeView{key: queueKey{ScopeRole, login.Role}, rule: role}
 	dv := &scopeView{key: queueKey{ScopeDatabase, login.Database}, rule: db}
-	l.census(holders, t, rv, dv)
+	l.census(holders, t, login.CensusEpoch, rv, dv)
 	for _, v := range []*scopeView{rv, dv} {
 		v.ahead = l.ahead(v.key, t)
 		// Under an evicting policy the line only keeps the order in which
@@ -265,7 +271,7 @@ func (s *scopeView) counts(h Holder) bool {
 }
 
 // census fills the views from the caller's rows and the victims in flight.
-func (l *Limiter) census(holders []Holder, t *Ticket, views ...*scopeView) {
+func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*scopeView) {
 	seen := make(map[uint32]int, len(holders))
 	rows := make([]Holder, 0, len(holders))
 	for _, h := range holders {
@@ -309,7 +315,7 @@ func (l *Limiter) census(holders []Holder, t *Ticket, views ...*scopeView) {
 				s.mine = append(s.mine, pid)
 			}
 		}
-		s.booked = l.reservedFor(s)
+		s.booked = l.reservedFor(s, epoch)
 		s.logging = s.booked
 		for _, h := range s.members {
 			if h.Reserved {

@@ -28,6 +28,11 @@ type Limiter struct {
 	counters map[CounterKey]*Counters
 	locks    keylock.Map[string]       // Lock and LockDatabase; its own mutex, not mu
 	reserved map[*Reservation]struct{} // admitted logins not yet in the census
+	// landed are reservations released as logged in, newest last: a census
+	// taken before the release may lack the login's backend (see
+	// Login.CensusEpoch). epoch numbers them.
+	landed []landing
+	epoch  uint64
 }
 
 // New returns an empty limiter reading time from now (time.Now in production,
@@ -43,6 +48,7 @@ func New(now func() time.Time) *Limiter {
 		queues:   make(map[queueKey][]*Ticket),
 		counters: make(map[CounterKey]*Counters),
 		reserved: make(map[*Reservation]struct{}),
+		epoch:    1, // 0 is a Login that does not track it
 	}
 }
 

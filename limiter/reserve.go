@@ -47,6 +47,7 @@ func (r *Reservation) Release(loggedIn bool) {
 		return
 	}
 	l := r.l
+	now := l.now() // outside the lock, as everywhere
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if r.gone {
@@ -54,17 +55,66 @@ func (r *Reservation) Release(loggedIn bool) {
 	}
 	r.gone = true
 	delete(l.reserved, r)
+	if loggedIn {
+		// Admission reads the census without the lock that Release would
+		// need: a census read before the backend appeared must still count
+		// the login, so the slot stays booked for it (see Login.CensusEpoch).
+		l.epoch++
+		l.landed = append(l.landed, landing{role: r.role, database: r.database, seq: l.epoch, at: now})
+		l.pruneLanded(now)
+	}
 	if !loggedIn {
 		l.wake(queueKey{ScopeRole, r.role}, 1, nil)
 		l.wake(queueKey{ScopeDatabase, r.database}, 1, nil)
 	}
 }
 
-// reservedFor counts the reservations that hold slots of the limit s.
-func (l *Limiter) reservedFor(s *scopeView) int {
+// landing is a reservation released as logged in, numbered by the limiter's
+// epoch.
+type landing struct {
+	role, database string
+	seq            uint64
+	at             time.Time
+}
+
+// landedKeep is how long a landing is remembered: longer than any census
+// query admission waits for.
+const landedKeep = time.Minute
+
+// Epoch numbers the reservations released as logged in so far; read it just
+// before taking a census and pass it to Decide as Login.CensusEpoch.
+func (l *Limiter) Epoch() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.epoch
+}
+
+// pruneLanded forgets landings older than landedKeep; l.mu is held.
+func (l *Limiter) pruneLanded(now time.Time) {
+	i := 0
+	for i < len(l.landed) && now.Sub(l.landed[i].at) > landedKeep {
+		i++
+	}
+	l.landed = l.landed[i:]
+}
+
+// reservedFor counts the reservations that hold slots of the limit s: those
+// held, and those released as logged in after the census was read (epoch).
+func (l *Limiter) reservedFor(s *scopeView, epoch uint64) int {
+	of := func(role, database string) bool {
+		return s.key.scope == ScopeRole && role == s.key.name || s.key.scope == ScopeDatabase && database == s.key.name
+	}
 	n := 0
 	for r := range l.reserved {
-		if s.key.scope == ScopeRole && r.role == s.key.name || s.key.scope == ScopeDatabase && r.database == s.key.name {
+		if of(r.role, r.database) {
+			n++
+		}
+	}
+	if epoch == 0 {
+		return n
+	}
+	for _, g := range l.landed {
+		if g.seq > epoch && of(g.role, g.database) {
 			n++
 		}
 	}

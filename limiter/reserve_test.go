@@ -129,3 +129,35 @@ func TestAbandonForgetsEvictions(t *testing.T) {
 	var none *Ticket
 	none.Abandon() // nil-safe
 }
+
+// A census read before an admitted login's backend appeared, with the
+// login's reservation released (as logged in) before Decide: the login must
+// still count, or one login too many gets in. A census read after the
+// release counts the backend and not the reservation.
+func TestReservationLandedDuringCensus(t *testing.T) {
+	l := New(nil)
+	r := rule(1, PolicyReject)
+	a := login(1)
+	if d := l.Decide(a, r, NoLimit(), nil); d.Kind != Admit {
+		t.Fatalf("a: %v (%s)", d.Kind, d.Reason)
+	}
+	res := l.Reserve(a)
+
+	b := login(2)
+	b.CensusEpoch = l.Epoch() // b's census starts: a's backend is not in it yet
+	res.Release(true)         // a reaches ReadyForQuery while b's census runs
+	if d := l.Decide(b, r, NoLimit(), nil); d.Kind != Reject {
+		t.Fatalf("b, whose census missed a's backend: %v (%s), want a rejection", d.Kind, d.Reason)
+	}
+
+	c := login(3)
+	c.CensusEpoch = l.Epoch() // after the release: a's backend is in c's census
+	withA := []Holder{idle(10, "app", "d", 0)}
+	d := l.Decide(c, r, NoLimit(), withA)
+	if d.Kind != Reject || !strings.Contains(d.Reason, "(1 session)") {
+		t.Fatalf("c: %v (%s), want a rejection counting 1 session", d.Kind, d.Reason)
+	}
+	if d := l.Decide(login(4), r, NoLimit(), nil); d.Kind != Admit {
+		t.Fatalf("a login that does not track the epoch, on an empty census: %v (%s)", d.Kind, d.Reason)
+	}
+}

@@ -468,6 +468,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 			return limiter.Decision{}, &admissionError{what: fmt.Sprintf("admission of role %q gave up after %d rounds of census and eviction", a.sess.user, maxEvictRounds)}
 		}
 		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+		a.login.CensusEpoch = a.lim.Limiter.Epoch() // before the census, see limiter.Login
 		holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
 		cancel()
 		if err != nil {
