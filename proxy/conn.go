@@ -174,6 +174,7 @@ func (c *clientConn) login() error {
 // short pause, or, when nothing was reserved, through admission again.
 func (c *clientConn) admitAndLogIn() error {
 	admitted := false
+	var full time.Time // the server's first 53300 to this login
 	for attempt := 1; ; attempt++ {
 		if !admitted {
 			if err := c.admit(); err != nil {
@@ -186,9 +187,12 @@ func (c *clientConn) admitAndLogIn() error {
 				_ = c.client.SetDeadline(c.deadline)
 			}
 		}
-		err := c.loginAs(attempt < serverRetries && c.s.cfg.Limits != nil)
+		err := c.loginAs(c.s.cfg.Limits != nil && c.mayRetryFull(attempt, full))
 		if !errors.Is(err, errServerFull) {
 			return err
+		}
+		if full.IsZero() {
+			full = time.Now()
 		}
 		c.sockets.drop(&c.sockets.server)
 		if c.lease.reserved() {
@@ -197,7 +201,7 @@ func (c *clientConn) admitAndLogIn() error {
 			// pg_stat_activity row goes before its slot does), or a session
 			// from elsewhere took it. Try again shortly, keeping the slot.
 			c.log.Info("server at its limit after admission; trying again", "attempt", attempt)
-			t := time.NewTimer(time.Duration(attempt) * serverFullBackoff)
+			t := time.NewTimer(min(time.Duration(attempt)*serverFullBackoff, serverFullMaxBackoff))
 			select {
 			case <-t.C:
 			case <-c.ctx.Done():
@@ -212,6 +216,27 @@ func (c *clientConn) admitAndLogIn() error {
 		admitted = false
 	}
 }
+
+// mayRetryFull reports whether the server's 53300 to this login's next
+// attempt is to be held back and the login tried again. A login holding a
+// reserved slot keeps trying for serverFullPatience from the first 53300: a
+// backend on its way out leaves pg_stat_activity a little before it frees
+// its slot on the server, longer on a busy server, and the census already
+// counted that slot free. Without a reservation (an evicting policy) the
+// login is admitted again, serverRetries times at most.
+func (c *clientConn) mayRetryFull(attempt int, full time.Time) bool {
+	if c.lease.reserved() {
+		return full.IsZero() || time.Since(full) < serverFullPatience
+	}
+	return attempt < serverRetries
+}
+
+// serverFullPatience bounds how long a reserved login is tried again after
+// the server's 53300; serverFullMaxBackoff caps the pause between tries.
+const (
+	serverFullPatience   = 2 * time.Second
+	serverFullMaxBackoff = 200 * time.Millisecond
+)
 
 // serverFullBackoff is the first pause before a login that holds a reserved
 // slot tries the server again after its 53300; each retry waits longer.

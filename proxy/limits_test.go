@@ -1162,9 +1162,16 @@ func TestLimitConcurrentLogins(t *testing.T) {
 		}
 		return in, rejectedViaRolegate
 	}
+	// noWarnings: nothing in admission went wrong. A password lookup that
+	// outlasts its patience on a busy machine, answered by the role's
+	// password fetched a moment before, is the lookup's load shedding
+	// (README, Password lookups), not a failure of admission.
 	noWarnings := func(t *testing.T, p *testProxy) {
 		t.Helper()
-		if l := append(logLines(p, "level=WARN"), logLines(p, "level=ERROR")...); len(l) != 0 {
+		l := slices.DeleteFunc(append(logLines(p, "level=WARN"), logLines(p, "level=ERROR")...), func(line string) bool {
+			return strings.Contains(line, `msg="password lookup failed; using the role's password as fetched earlier"`)
+		})
+		if len(l) != 0 {
 			t.Errorf("warnings in the log:\n%s", strings.Join(l, "\n"))
 		}
 	}
