@@ -102,7 +102,7 @@ type proxyOpts struct {
 	sslrootcert    string
 	clientTLS      *tls.Config
 	startupTimeout time.Duration           // default: 10 s
-	connectTimeout time.Duration           // [server] connect_timeout; default: 5 s
+	connectTimeout time.Duration           // [server] connect_timeout; default: 30 s, beyond a busy machine's slowest server answer
 	auth           *ClientAuth             // nil: passthrough
 	limits         *Limits                 // nil: no limits
 	throttle       throttleOptions         // repeated-failure log lines; zero: the defaults
@@ -155,7 +155,7 @@ func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy 
 		o.startupTimeout = 10 * time.Second
 	}
 	if o.connectTimeout == 0 {
-		o.connectTimeout = 5 * time.Second
+		o.connectTimeout = 30 * time.Second
 	}
 	d, err := upstream.NewDialer(config.Server{Address: o.serverAddr, SSLMode: o.sslmode,
 		SSLRootCert: o.sslrootcert, ConnectTimeout: config.Duration(o.connectTimeout.String())})

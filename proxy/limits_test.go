@@ -67,6 +67,16 @@ func rulesProxyWith(t *testing.T, rules mapRules, o proxyOpts) *testProxy {
 	return startProxy(t, o)
 }
 
+// admissionWarnings are the WARN and ERROR lines of p's log but for a
+// password lookup that outlasted its patience on a busy machine and was
+// answered by the role's password fetched a moment before: that is the
+// lookup's load shedding (README, Password lookups), not a failure.
+func admissionWarnings(p *testProxy) []string {
+	return slices.DeleteFunc(append(logLines(p, "level=WARN"), logLines(p, "level=ERROR")...), func(line string) bool {
+		return strings.Contains(line, `msg="password lookup failed; using the role's password as fetched earlier"`)
+	})
+}
+
 // sessionsOf counts the role's client backends, on a connection of its own
 // that it closes (callers poll it).
 func sessionsOf(t *testing.T, role string) int {
@@ -1162,16 +1172,9 @@ func TestLimitConcurrentLogins(t *testing.T) {
 		}
 		return in, rejectedViaRolegate
 	}
-	// noWarnings: nothing in admission went wrong. A password lookup that
-	// outlasts its patience on a busy machine, answered by the role's
-	// password fetched a moment before, is the lookup's load shedding
-	// (README, Password lookups), not a failure of admission.
 	noWarnings := func(t *testing.T, p *testProxy) {
 		t.Helper()
-		l := slices.DeleteFunc(append(logLines(p, "level=WARN"), logLines(p, "level=ERROR")...), func(line string) bool {
-			return strings.Contains(line, `msg="password lookup failed; using the role's password as fetched earlier"`)
-		})
-		if len(l) != 0 {
+		if l := admissionWarnings(p); len(l) != 0 {
 			t.Errorf("warnings in the log:\n%s", strings.Join(l, "\n"))
 		}
 	}

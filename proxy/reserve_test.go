@@ -285,7 +285,7 @@ func TestLimitStormReject(t *testing.T) {
 				return l == 0 && r == 0
 			})
 			for _, p := range proxies {
-				if l := logLines(p, "level=WARN"); len(l) != 0 {
+				if l := admissionWarnings(p); len(l) != 0 {
 					t.Errorf("warnings: %q", l)
 				}
 			}
