@@ -255,18 +255,6 @@ func backendPID(t *testing.T, c *pgx.Conn) uint32 {
 	return pid
 }
 
-// waitUntil polls cond every 10 ms until it holds, failing the test after timeout.
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // waitWaiting waits until exactly n logins of role are in rolegate's wait
 // queue, as the limiter's snapshot counts them.
 func waitWaiting(t *testing.T, p *testProxy, role string, n int) {

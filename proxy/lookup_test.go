@@ -115,7 +115,7 @@ func TestPasswordLookupOutlived(t *testing.T) {
 		if m, err := fe.Receive(); err == nil {
 			t.Fatalf("got %T %+v, want the connection closed", m, m)
 		}
-		waitFor(t, "the login ended by the shutdown", func() bool {
+		waitUntil(t, 30*time.Second, "the login ended by the shutdown", func() bool {
 			return strings.Contains(p.logs.String(), "login ended by shutdown")
 		})
 	})
@@ -211,7 +211,7 @@ func TestPasswordLookup(t *testing.T) {
 		conn := connect(t, c.SuperDSN())
 		defer conn.Close(context.Background())
 		var pid int32
-		waitFor(t, "the auth query waiting for its lock", func() bool {
+		waitUntil(t, 30*time.Second, "the auth query waiting for its lock", func() bool {
 			err := conn.QueryRow(t.Context(), `select pid from pg_stat_activity
 				where application_name = $1 and wait_event_type = 'Lock' and wait_event = 'advisory'`, app).Scan(&pid)
 			return err == nil
