@@ -109,7 +109,7 @@ func TestAuthMethods(t *testing.T) {
 
 	// Every failed login is over and nothing is left registered.
 	t.Cleanup(func() {
-		waitFor(t, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
+		waitUntil(t, 30*time.Second, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
 	})
 }
 
@@ -162,7 +162,7 @@ func TestServerUnreachable(t *testing.T) {
 	wantNoInternals(t, errOut)
 	// A login is listed from accept until its connection closes, which
 	// follows the client's error.
-	waitFor(t, "the failed logins to leave the sessions", func() bool { return len(p.Sessions()) == 0 })
+	waitUntil(t, 30*time.Second, "the failed logins to leave the sessions", func() bool { return len(p.Sessions()) == 0 })
 }
 
 // fakeServer accepts TCP connections and hands each to serve; everything is

@@ -217,7 +217,7 @@ func TestChannelBindingMatrix(t *testing.T) {
 									serverAuth = map[bool]string{false: "SCRAM-SHA-256", true: "SCRAM-SHA-256-PLUS"}[serverTLS]
 								}
 								line := fmt.Sprintf("application_name=%s client_tls=%v server_tls=%v server_auth=%s ", appName, got.tls, serverTLS, serverAuth)
-								waitFor(t, "the login line "+line, func() bool { return strings.Contains(p.logs.String(), line) })
+								waitUntil(t, 30*time.Second, "the login line "+line, func() bool { return strings.Contains(p.logs.String(), line) })
 							})
 						}
 					}

@@ -45,7 +45,8 @@ type lookup struct {
 	done    chan struct{}
 	answer  auth.Answer
 	err     error
-	expired bool // err came with the lookup's deadline
+	expired bool  // err came with the lookup's deadline
+	ended   error // the session's end (shutdown) that cut the lookup short, or nil
 	cancel  context.CancelFunc
 	bounded bool          // the deadline is LookupTimeout's, not the startup timeout's
 	timeout time.Duration // LookupTimeout, for the client's message
@@ -62,7 +63,15 @@ func (c *ClientAuth) startLookup(ctx context.Context, user string, deadline time
 	go func() {
 		defer close(l.done)
 		l.answer, l.err = c.Store.Lookup(ctx, user)
-		l.expired = l.err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded)
+		if l.err != nil && ctx.Err() != nil {
+			// Recorded here, from the lookup's own context: the login's
+			// context, a sibling, may not show the session's end yet when
+			// resolve wakes up (a cancel reaches children one by one).
+			l.expired = errors.Is(ctx.Err(), context.DeadlineExceeded)
+			if !l.expired {
+				l.ended = context.Cause(ctx)
+			}
+		}
 	}()
 	return l
 }
@@ -181,6 +190,8 @@ func (a *clientAuth) resolve(ctx context.Context) error {
 	ans, err := a.lk.answer, a.lk.err
 	switch {
 	case err == nil:
+	case a.lk.ended != nil:
+		return a.lk.ended // the session ends (shutdown)
 	case !a.lk.expired && ctx.Err() != nil:
 		return context.Cause(ctx) // the session ends (shutdown)
 	case a.lk.expired && !a.lk.bounded:

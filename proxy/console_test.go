@@ -77,7 +77,7 @@ func TestConsoleRouting(t *testing.T) {
 	}
 	// Console sessions are not server sessions: once the failed logins'
 	// connections have closed, nothing is listed.
-	waitFor(t, "no sessions listed", func() bool { return len(p.Sessions()) == 0 })
+	waitUntil(t, 30*time.Second, "no sessions listed", func() bool { return len(p.Sessions()) == 0 })
 }
 
 func TestConsoleNeedsProxyAuth(t *testing.T) {

@@ -273,3 +273,17 @@ func superControl(t testing.TB, c *pgtest.Cluster) *upstream.Control {
 func proxyAuth(ttl time.Duration, sources ...auth.Source) *ClientAuth {
 	return &ClientAuth{Store: auth.NewStore(100, ttl, sources...), Method: "scram-sha-256"}
 }
+
+// waitUntil checks cond every few milliseconds until it holds, and fails the
+// test if it does not within limit: tests wait for the state they expect,
+// never for a duration.
+func waitUntil(t testing.TB, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", limit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

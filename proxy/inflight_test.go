@@ -28,7 +28,7 @@ func sessionFrom(p *testProxy, addr net.Addr) *SessionInfo {
 func waitSession(t *testing.T, p *testProxy, addr net.Addr, what string, cond func(SessionInfo) bool) SessionInfo {
 	t.Helper()
 	var got *SessionInfo
-	waitFor(t, what, func() bool {
+	waitUntil(t, 30*time.Second, what, func() bool {
 		got = sessionFrom(p, addr)
 		return got != nil && cond(*got)
 	})
@@ -97,12 +97,12 @@ func TestInFlightStartupAndAuthentication(t *testing.T) {
 
 			silent.Close()
 			stuck.Close()
-			waitFor(t, "the logins that left to be gone", func() bool { return len(p.Sessions()) == 0 })
+			waitUntil(t, 30*time.Second, "the logins that left to be gone", func() bool { return len(p.Sessions()) == 0 })
 
 			pw := map[string]string{"scram_user": scramPW, "password_user": passwordPW}[tt.user]
 			c := connect(t, p.DSN(tt.user, pw, "app", "application_name=inflight_done"))
 			pid := backendPID(t, c)
-			waitFor(t, "the logged-in session idle with its pid", func() bool {
+			waitUntil(t, 30*time.Second, "the logged-in session idle with its pid", func() bool {
 				s := sessionByApp(p, "inflight_done")
 				return s != nil && s.State == StateIdle && s.BackendPID == pid && s.Verified && s.User == tt.user
 			})
@@ -140,7 +140,7 @@ func TestInFlightWaiting(t *testing.T) {
 			t.Helper()
 			want := `waiting for a slot of role "` + role + `" (limit 1, ` + place + ` in line)`
 			var s *SessionInfo
-			waitFor(t, app+" "+place+" in line", func() bool {
+			waitUntil(t, 30*time.Second, app+" "+place+" in line", func() bool {
 				s = sessionByApp(p, app)
 				return s != nil && s.State == StateWaiting && s.Wait == want
 			})
@@ -160,7 +160,7 @@ func TestInFlightWaiting(t *testing.T) {
 		}
 		defer r.c.Close(context.Background())
 		pid := backendPID(t, r.c)
-		waitFor(t, "the admitted waiter idle with its pid", func() bool {
+		waitUntil(t, 30*time.Second, "the admitted waiter idle with its pid", func() bool {
 			s := sessionByApp(p, "first")
 			return s != nil && s.State == StateIdle && s.BackendPID == pid && s.Wait == ""
 		})
@@ -172,7 +172,7 @@ func TestInFlightWaiting(t *testing.T) {
 			t.Fatalf("the second waiter: %v", r.err)
 		}
 		r.c.Close(context.Background())
-		waitFor(t, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
+		waitUntil(t, 30*time.Second, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
 	})
 
 	t.Run("passthrough", func(t *testing.T) {
@@ -197,7 +197,7 @@ func TestInFlightWaiting(t *testing.T) {
 			done <- err
 		}()
 		var s *SessionInfo
-		waitFor(t, "the passthrough login waiting", func() bool {
+		waitUntil(t, 30*time.Second, "the passthrough login waiting", func() bool {
 			s = sessionByApp(p, "pass_waiter")
 			return s != nil && s.State == StateWaiting && s.Wait == `waiting for a slot of role "`+role+`" (limit 1, 1st in line)`
 		})
@@ -210,6 +210,6 @@ func TestInFlightWaiting(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatalf("the passthrough waiter: %v", err)
 		}
-		waitFor(t, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
+		waitUntil(t, 30*time.Second, "every session to be gone", func() bool { return len(p.Sessions()) == 0 })
 	})
 }

@@ -61,7 +61,7 @@ func TestShutdownDrains(t *testing.T) {
 	c := connect(t, p.DSN("trust_user", "", "app"))
 
 	done := shutdownAsync(p, context.Background())
-	waitFor(t, "new connections to be refused", func() bool { return refused(p) })
+	waitUntil(t, 30*time.Second, "new connections to be refused", func() bool { return refused(p) })
 	if err := serveResult(t, p); !errors.Is(err, ErrServerClosed) {
 		t.Errorf("Serve returned %v, want ErrServerClosed", err)
 	}
@@ -77,7 +77,7 @@ func TestShutdownDrains(t *testing.T) {
 	default:
 	}
 	// The probes of refused were listed while their connections lasted.
-	waitFor(t, "the open session alone to be listed during shutdown", func() bool { return len(p.Sessions()) == 1 })
+	waitUntil(t, 30*time.Second, "the open session alone to be listed during shutdown", func() bool { return len(p.Sessions()) == 1 })
 
 	if err := c.Close(t.Context()); err != nil {
 		t.Fatal(err)
@@ -106,7 +106,7 @@ func TestShutdownDeadline(t *testing.T) {
 		_, err := busy.Exec(context.Background(), "select pg_sleep(30)")
 		queryDone <- err
 	}()
-	waitFor(t, "the query to be active", func() bool {
+	waitUntil(t, 30*time.Second, "the query to be active", func() bool {
 		s := sessionByApp(p, "busy")
 		return s != nil && s.State == StateActive
 	})
@@ -216,7 +216,7 @@ func TestCloseDuringShutdown(t *testing.T) {
 	p := startProxy(t, proxyOpts{})
 	c := connect(t, p.DSN("trust_user", "", "app"))
 	done := shutdownAsync(p, context.Background())
-	waitFor(t, "new connections to be refused", func() bool { return refused(p) })
+	waitUntil(t, 30*time.Second, "new connections to be refused", func() bool { return refused(p) })
 	if err := p.Close(); err != nil {
 		t.Errorf("Close: %v", err)
 	}
@@ -326,7 +326,7 @@ func TestCloseWithAClientThatDoesNotRead(t *testing.T) {
 	if err := fe.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the relay to fill the client's buffers", func() bool {
+	waitUntil(t, 30*time.Second, "the relay to fill the client's buffers", func() bool {
 		s := p.Sessions()
 		return len(s) == 1 && s[0].BytesOut > 1<<20
 	})

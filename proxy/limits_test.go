@@ -97,7 +97,14 @@ func TestLimitSeed(t *testing.T) {
 	if err := shared.Exec(ctx, "drop role if exists seed_user; create role seed_user login password 'seed_pw' connection limit 1"); err != nil {
 		t.Fatal(err)
 	}
+	// Each subtest starts from no seed_user session: a backend of the one
+	// before, still on its way out, would be counted and evicted.
+	noSessions := func(t *testing.T) {
+		t.Helper()
+		waitUntil(t, 30*time.Second, "no seed_user sessions left", func() bool { return sessionsOf(t, "seed_user") == 0 })
+	}
 	t.Run("reject", func(t *testing.T) {
+		noSessions(t)
 		p := limitedProxy(t, map[string]limiter.Rule{"seed_user": {MaxSessions: -1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject}})
 		first := connect(t, p.DSN("seed_user", "seed_pw", "app"))
 		_, errOut, err := psql(t, p.DSN("seed_user", "seed_pw", "app"), "", "-c", "select 1")
@@ -115,6 +122,7 @@ func TestLimitSeed(t *testing.T) {
 		first.Close(ctx)
 	})
 	t.Run("newest-wins", func(t *testing.T) {
+		noSessions(t)
 		p := limitedProxy(t, map[string]limiter.Rule{"seed_user": {MaxSessions: -1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
 		first := connect(t, p.DSN("seed_user", "seed_pw", "app"))
 		out, errOut, err := psql(t, p.DSN("seed_user", "seed_pw", "app"), "", "-Atc", "select current_user")
@@ -126,8 +134,7 @@ func TestLimitSeed(t *testing.T) {
 		if !errors.As(err, &pe) || pe.Code != "57P01" || !strings.Contains(pe.Message, `rolegate evicted this session for a newer login of role "seed_user" (policy newest-wins)`) {
 			t.Fatalf("the old session got %v", err)
 		}
-		// psql's backend ends shortly after psql does.
-		waitUntil(t, 30*time.Second, "no seed_user sessions after psql ended", func() bool { return sessionsOf(t, "seed_user") == 0 })
+		noSessions(t) // psql's backend ends shortly after psql does
 		if !strings.Contains(p.logs.String(), "msg=evicted") {
 			t.Errorf("no eviction log line:\n%s", p.logs.String())
 		}
@@ -137,6 +144,7 @@ func TestLimitSeed(t *testing.T) {
 		}
 	})
 	t.Run("newest-wins evicts a session opened directly", func(t *testing.T) {
+		noSessions(t)
 		p := limitedProxy(t, map[string]limiter.Rule{"seed_user": {MaxSessions: -1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}})
 		direct := connect(t, shared.DSN("seed_user", "seed_pw", "app"))
 		out, errOut, err := psql(t, p.DSN("seed_user", "seed_pw", "app"), "", "-Atc", "select count(*) from pg_stat_activity where usename = 'seed_user'")
@@ -255,18 +263,6 @@ func backendPID(t *testing.T, c *pgx.Conn) uint32 {
 		t.Fatal(err)
 	}
 	return pid
-}
-
-// waitUntil polls cond every 10 ms until it holds, failing the test after timeout.
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // waitWaiting waits until exactly n logins of role are in rolegate's wait

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -80,13 +83,27 @@ func TestPasswordLookupOutlived(t *testing.T) {
 	}
 	t.Run("startup timeout", func(t *testing.T) {
 		t.Parallel()
-		p := startProxy(t, proxyOpts{auth: proxyAuth(time.Hour, blocking(make(chan struct{}, 10))), startupTimeout: 300 * time.Millisecond})
-		c, fe := rawLogin(t, p, "scram_user")
-		if m, err := fe.Receive(); err == nil {
-			t.Fatalf("got %T %+v, want the connection closed", m, m)
+		// The timeout must run out during the lookup, not before rolegate
+		// has read the startup packet, which a busy machine can take longer
+		// than the timeout to do: then the login is tried again with twice
+		// the timeout. Either way ends in a log line before the close.
+		for timeout := 300 * time.Millisecond; ; timeout *= 2 {
+			p := startProxy(t, proxyOpts{auth: proxyAuth(time.Hour, blocking(make(chan struct{}, 10))), startupTimeout: timeout})
+			c, fe := rawLogin(t, p, "scram_user")
+			if m, err := fe.Receive(); err == nil {
+				t.Fatalf("got %T %+v, want the connection closed", m, m)
+			}
+			c.Close()
+			if strings.Contains(p.logs.String(), "startup timed out") {
+				if timeout > 30*time.Second {
+					t.Fatalf("no login got to its lookup within the startup timeout, up to %v", timeout)
+				}
+				t.Logf("the startup timeout (%v) ran out before the lookup began; trying again with twice that", timeout)
+				continue
+			}
+			wantFailureLines(t, p, 1, map[string]int{"authentication timeout": 1})
+			return
 		}
-		c.Close()
-		wantFailureLines(t, p, 1, map[string]int{"authentication timeout": 1})
 	})
 	t.Run("proxy closed", func(t *testing.T) {
 		t.Parallel()
@@ -98,10 +115,53 @@ func TestPasswordLookupOutlived(t *testing.T) {
 		if m, err := fe.Receive(); err == nil {
 			t.Fatalf("got %T %+v, want the connection closed", m, m)
 		}
-		waitFor(t, "the login ended by the shutdown", func() bool {
+		waitUntil(t, 30*time.Second, "the login ended by the shutdown", func() bool {
 			return strings.Contains(p.logs.String(), "login ended by shutdown")
 		})
 	})
+}
+
+// A lookup cut short by the session's end returns that end even when the
+// login's own context does not show it yet: a cancel reaches a context's
+// children one by one, so the lookup (one child) can end and wake the login
+// before its context (another child) is cancelled. Here the login's context
+// is one the cancel never reaches, which is that window held open. The
+// client hears nothing: its socket is closing for the shutdown.
+func TestPasswordLookupEndedBySession(t *testing.T) {
+	t.Parallel()
+	entered := make(chan struct{}, 1)
+	src := auth.SourceFunc(func(ctx context.Context, _ string) (auth.Secret, bool, error) {
+		entered <- struct{}{}
+		<-ctx.Done()
+		return auth.Secret{}, false, ctx.Err()
+	})
+	sessCtx, end := context.WithCancelCause(t.Context())
+	lk := proxyAuth(time.Hour, src).startLookup(sessCtx, "scram_user", time.Now().Add(time.Hour))
+	defer lk.stop()
+	<-entered
+	end(errShutdown)
+	<-lk.done
+
+	client, peer := net.Pipe()
+	heard := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(peer)
+		heard <- b
+	}()
+	var logs strings.Builder
+	a := &clientAuth{cfg: proxyAuth(time.Hour), sess: &session{user: "scram_user"}, client: client, lk: lk,
+		log: slog.New(slog.NewTextHandler(&logs, nil)), quiet: newLogThrottle(throttleOptions{now: time.Now})}
+	err := a.resolve(context.Background())
+	client.Close()
+	if !errors.Is(err, errShutdown) {
+		t.Errorf("resolve: %v, want the session's end (%v)", err, errShutdown)
+	}
+	if b := <-heard; len(b) > 0 {
+		t.Errorf("the client was sent %q", b)
+	}
+	if logs.Len() > 0 {
+		t.Errorf("logged:\n%s", logs.String())
+	}
 }
 
 // lockedQuery is an auth query that waits for advisory lock key (shared) before
@@ -151,7 +211,7 @@ func TestPasswordLookup(t *testing.T) {
 		conn := connect(t, c.SuperDSN())
 		defer conn.Close(context.Background())
 		var pid int32
-		waitFor(t, "the auth query waiting for its lock", func() bool {
+		waitUntil(t, 30*time.Second, "the auth query waiting for its lock", func() bool {
 			err := conn.QueryRow(t.Context(), `select pid from pg_stat_activity
 				where application_name = $1 and wait_event_type = 'Lock' and wait_event = 'advisory'`, app).Scan(&pid)
 			return err == nil

@@ -234,7 +234,7 @@ func TestLongNamesLimits(t *testing.T) {
 				wantAlive(t, held, tt.what+": the held session")
 				held.Close(context.Background())
 				// The slot frees when the server has let the session go.
-				pollUntil(t, 10*time.Second, tt.what+": the held session to end", func() bool { return len(p.Sessions()) == 0 })
+				waitUntil(t, 10*time.Second, tt.what+": the held session to end", func() bool { return len(p.Sessions()) == 0 })
 			}
 			if l := logLines(p, "msg=rejected"); len(l) != 4 {
 				t.Errorf("rejections logged: %q", l)

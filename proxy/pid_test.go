@@ -120,7 +120,7 @@ func TestBackendPIDSignals(t *testing.T) {
 			done := make(chan error, 1)
 			go func() { _, err := victim.Exec(ctx, "select pg_sleep(30)"); done <- err }()
 			direct := directApp(t)
-			pollUntil(t, 10*time.Second, "the query to run", func() bool { return serverRunning(direct, app, "select pg_sleep(30)") })
+			waitUntil(t, 10*time.Second, "the query to run", func() bool { return serverRunning(direct, app, "select pg_sleep(30)") })
 			var ok bool
 			if err := other.QueryRow(ctx, "select pg_cancel_backend($1)", int64(victim.PgConn().PID())).Scan(&ok); err != nil || !ok {
 				t.Fatalf("pg_cancel_backend(driver pid): %v, %v", ok, err)
@@ -143,7 +143,7 @@ func TestBackendPIDSignals(t *testing.T) {
 			_, err := victim.Exec(qctx, "select 1")
 			cancel()
 			wantPgError(t, err, "FATAL", "57P01", "terminating connection due to administrator command")
-			pollUntil(t, 10*time.Second, "rolegate to forget the session", func() bool { return liveSession(p, app) == nil })
+			waitUntil(t, 10*time.Second, "rolegate to forget the session", func() bool { return liveSession(p, app) == nil })
 			wantAlive(t, other, "the connection that terminated it")
 		})
 	}
@@ -193,7 +193,7 @@ func TestBackendPIDPool(t *testing.T) {
 			if err := su.QueryRow(ctx, "select pg_terminate_backend($1)", int64(pid)).Scan(&ok); err != nil || !ok {
 				t.Fatalf("pg_terminate_backend(%d): %v, %v", pid, ok, err)
 			}
-			pollUntil(t, 10*time.Second, "CheckConn to see the terminated connection", func() bool {
+			waitUntil(t, 10*time.Second, "CheckConn to see the terminated connection", func() bool {
 				return conn.Conn().PgConn().CheckConn() != nil
 			})
 			conn.Release()
@@ -224,7 +224,7 @@ func TestBackendPIDPool(t *testing.T) {
 			}); err != nil {
 				t.Fatal(err)
 			}
-			pollUntil(t, 20*time.Second, "the idle connection's backend to leave", func() bool { return !alive(idlePID) })
+			waitUntil(t, 20*time.Second, "the idle connection's backend to leave", func() bool { return !alive(idlePID) })
 			if idlePool.Stat().MaxIdleDestroyCount() == 0 {
 				t.Error("the health check closed no idle connection")
 			}

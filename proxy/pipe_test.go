@@ -519,7 +519,7 @@ func TestPipeTCP(t *testing.T) {
 	expect(tail)
 	// The pipe has written everything and waits for more: on the small buffer.
 	var size int
-	pollUntil(t, 10*time.Second, "the pipe to wait in Read", func() (ok bool) {
+	waitUntil(t, 10*time.Second, "the pipe to wait in Read", func() (ok bool) {
 		size, ok = src.waiting()
 		return ok
 	})

@@ -213,7 +213,7 @@ func loginFailures(p *testProxy) []string {
 // the client's address and why; reasons counts the lines per reason.
 func wantFailureLines(t *testing.T, p *testProxy, n int, reasons map[string]int) {
 	t.Helper()
-	waitFor(t, fmt.Sprintf("%d login failed lines", n), func() bool { return len(loginFailures(p)) >= n })
+	waitUntil(t, 30*time.Second, fmt.Sprintf("%d login failed lines", n), func() bool { return len(loginFailures(p)) >= n })
 	lines := loginFailures(p)
 	if len(lines) != n {
 		t.Errorf("%d login failed lines, want one per failed login, %d:\n%s", len(lines), n, strings.Join(lines, "\n"))
@@ -628,7 +628,7 @@ func TestProxyAuth(t *testing.T) {
 		extra := s.tlsOpts(t, &o)
 		p := startProxy(t, o)
 		wantLoginWorks(t, p, "scram_user", scramPW, true, append(extra, "channel_binding=require", "application_name=bound")...)
-		waitFor(t, "two bound logins in the log", func() bool {
+		waitUntil(t, 30*time.Second, "two bound logins in the log", func() bool {
 			return strings.Count(p.logs.String(), "application_name=bound client_tls=true server_tls=true server_auth=SCRAM-SHA-256-PLUS ") == 2
 		})
 		// A client bound to another certificate proves nothing about this
@@ -714,7 +714,7 @@ func TestProxyAuthLookupFails(t *testing.T) {
 	p := startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret))})
 	_, err = pgx.Connect(t.Context(), p.DSN("scram_user", scramPW, "app"))
 	wantPgError(t, err, "FATAL", "08006", "rolegate could not look up the role's password: the auth query failed")
-	waitFor(t, "the lookup failure in the log", func() bool {
+	waitUntil(t, 30*time.Second, "the lookup failure in the log", func() bool {
 		return strings.Contains(p.logs.String(), "permission denied for table pg_authid")
 	})
 	wantNoSecrets(t, p)

@@ -28,19 +28,6 @@ import (
 	"github.com/rolegate/rolegate/internal/pgtest"
 )
 
-// pollUntil checks cond every few milliseconds until it holds, and fails the
-// test if it does not within limit.
-func pollUntil(t testing.TB, limit time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", limit, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // connectConfig opens a pgx connection whose config edit may change; it is
 // closed at cleanup.
 func connectConfig(t testing.TB, dsn string, edit func(*pgx.ConnConfig)) *pgx.Conn {
@@ -598,7 +585,7 @@ func TestRelayCancelQuery(t *testing.T) {
 		}
 		// Logged once the server has the request, which may be after the
 		// query has ended.
-		pollUntil(t, 30*time.Second, "2 log lines for forwarded cancel requests", func() bool {
+		waitUntil(t, 30*time.Second, "2 log lines for forwarded cancel requests", func() bool {
 			return strings.Count(p.logs.String(), "cancel request forwarded") >= 2
 		})
 	})
@@ -618,7 +605,7 @@ func TestRelayCancelQuery(t *testing.T) {
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		direct := directApp(t)
-		pollUntil(t, 30*time.Second, "psql's query to start", func() bool {
+		waitUntil(t, 30*time.Second, "psql's query to start", func() bool {
 			s := liveSession(p, app)
 			return s != nil && s.State == StateActive && serverRunning(direct, app, "select pg_sleep(30)")
 		})
@@ -690,7 +677,7 @@ func TestRelayCancelWrongKey(t *testing.T) {
 	if err := old.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	pollUntil(t, 30*time.Second, "the old session to end", func() bool { return len(p.Sessions()) == 1 })
+	waitUntil(t, 30*time.Second, "the old session to end", func() bool { return len(p.Sessions()) == 1 })
 
 	direct := directApp(t)
 	// A query the wrong keys must leave alone sleeps 1 s; the one the right
@@ -709,7 +696,7 @@ func TestRelayCancelWrongKey(t *testing.T) {
 		})
 		// Keys are sent while the server runs the query, where a right one
 		// cancels it.
-		pollUntil(t, 30*time.Second, "the query to start", func() bool {
+		waitUntil(t, 30*time.Second, "the query to start", func() bool {
 			s := liveSession(p, app)
 			return s != nil && s.State == StateActive && serverRunning(direct, app, query)
 		})
@@ -886,7 +873,7 @@ func TestRelayConcurrentSessions(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	pollUntil(t, 30*time.Second, "all sessions to end", func() bool { return len(p.Sessions()) == 0 })
+	waitUntil(t, 30*time.Second, "all sessions to end", func() bool { return len(p.Sessions()) == 0 })
 }
 
 // Replication connections pass through: IDENTIFY_SYSTEM with pgconn and psql,
@@ -1071,9 +1058,9 @@ func TestRelayBrokenLengthEndsOnlyThatSession(t *testing.T) {
 			if n, err := io.Copy(io.Discard, conn); err != nil {
 				t.Errorf("reading after the broken message: %d bytes, %v; want EOF", n, err)
 			}
-			pollUntil(t, 30*time.Second, "the broken session to leave the registry", func() bool { return liveSession(p, app) == nil })
+			waitUntil(t, 30*time.Second, "the broken session to leave the registry", func() bool { return liveSession(p, app) == nil })
 			// ...and on the server.
-			pollUntil(t, 30*time.Second, "the server backend to end", func() bool {
+			waitUntil(t, 30*time.Second, "the server backend to end", func() bool {
 				var n int
 				err := direct.QueryRow(ctx, "select count(*) from pg_stat_activity where pid = $1", backend).Scan(&n)
 				return err == nil && n == 0

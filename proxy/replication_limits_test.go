@@ -39,7 +39,7 @@ func TestLimitReplication(t *testing.T) {
 	// included, so that the next step starts from an empty role.
 	gone := func(t *testing.T, role string) {
 		t.Helper()
-		pollUntil(t, 30*time.Second, "the backends of "+role+" to end", func() bool {
+		waitUntil(t, 30*time.Second, "the backends of "+role+" to end", func() bool {
 			var n int
 			err := su.QueryRow(ctx, "select count(*) from pg_stat_activity where usename = $1", role).Scan(&n)
 			return err == nil && n == 0
@@ -79,7 +79,7 @@ func TestLimitReplication(t *testing.T) {
 		}
 		// They hold no slot either: with the session gone, one login gets in.
 		normal.Close(ctx)
-		pollUntil(t, 30*time.Second, "the session to end", func() bool {
+		waitUntil(t, 30*time.Second, "the session to end", func() bool {
 			n, err := tryConnect(direct("repl_r", "postgres"), 15*time.Second, nil)
 			if err != nil {
 				return false

@@ -142,7 +142,7 @@ func TestServerStepFailures(t *testing.T) {
 				}
 				wantNoInternals(t, errOut)
 				// The detail stays in rolegate's log, with the client's words.
-				waitFor(t, "the failure in the log", func() bool {
+				waitUntil(t, 30*time.Second, "the failure in the log", func() bool {
 					logs := p.logs.String()
 					return strings.Contains(logs, "login failed") && strings.Contains(logs, tt.want)
 				})

@@ -212,7 +212,7 @@ func TestSessionRegistry(t *testing.T) {
 	running.Go(func() { done <- exec("select pg_sleep(1)") })
 	// The proxy marks the session active as it forwards the query, so by the
 	// time the server runs it the proxy must say so.
-	pollUntil(t, 10*time.Second, "the server to run pg_sleep", func() bool {
+	waitUntil(t, 10*time.Second, "the server to run pg_sleep", func() bool {
 		return serverRunning(direct, app, "select pg_sleep(1)")
 	})
 	if s := liveSession(p, app); s == nil || s.State != StateActive {
@@ -227,7 +227,7 @@ func TestSessionRegistry(t *testing.T) {
 	if err := c.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	pollUntil(t, 10*time.Second, "the session to leave the registry", func() bool { return liveSession(p, app) == nil })
+	waitUntil(t, 10*time.Second, "the session to leave the registry", func() bool { return liveSession(p, app) == nil })
 	logs := p.logs.String()
 	login := regexp.MustCompile(`msg=login .*role=scram_user database=app pid=` + strconv.Itoa(int(pid)) + ` application_name=` + app)
 	ended := regexp.MustCompile(`msg="session ended" .*role=scram_user database=app pid=` + strconv.Itoa(int(pid)) +
@@ -343,8 +343,8 @@ func TestSessionEnds(t *testing.T) {
 	ctx := ctxTimeout(t, 20*time.Second)
 	gone := func(t *testing.T, app string, pid uint32) {
 		t.Helper()
-		pollUntil(t, 10*time.Second, "the session to leave the registry", func() bool { return liveSession(p, app) == nil })
-		pollUntil(t, 10*time.Second, "the backend to end", func() bool {
+		waitUntil(t, 10*time.Second, "the session to leave the registry", func() bool { return liveSession(p, app) == nil })
+		waitUntil(t, 10*time.Second, "the backend to end", func() bool {
 			var n int
 			return direct.QueryRow(ctx, "select count(*) from pg_stat_activity where pid = $1", pid).Scan(&n) == nil && n == 0
 		})

@@ -794,7 +794,7 @@ func TestCancelRequestForwarded(t *testing.T) {
 		t.Fatalf("error %v, want 57014 canceling statement due to user request", err)
 	}
 	// Logged once the server has the request, which may be after the query ended.
-	waitFor(t, "the log line for the forwarded cancel request", func() bool {
+	waitUntil(t, 30*time.Second, "the log line for the forwarded cancel request", func() bool {
 		return strings.Contains(p.logs.String(), "cancel request forwarded")
 	})
 	if err := c.Ping(t.Context()); err != nil {
@@ -815,18 +815,6 @@ func TestCancelRequestForwarded(t *testing.T) {
 	}
 }
 
-// waitFor polls cond until it holds, failing the test after 30 s.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // sessionByApp finds a live session by its application_name.
 func sessionByApp(p *testProxy, app string) *SessionInfo {
 	for _, s := range p.Sessions() {
@@ -842,7 +830,7 @@ func sessionByApp(p *testProxy, app string) *SessionInfo {
 func waitServerRunning(t *testing.T, dsn string, p *testProxy, app string) {
 	t.Helper()
 	var pid uint32
-	waitFor(t, "the session to log in", func() bool {
+	waitUntil(t, 30*time.Second, "the session to log in", func() bool {
 		s := sessionByApp(p, app)
 		if s != nil {
 			pid = s.BackendPID
@@ -850,7 +838,7 @@ func waitServerRunning(t *testing.T, dsn string, p *testProxy, app string) {
 		return s != nil
 	})
 	c := connect(t, dsn)
-	waitFor(t, "the server to run the query", func() bool {
+	waitUntil(t, 30*time.Second, "the server to run the query", func() bool {
 		var active bool
 		err := c.QueryRow(t.Context(), "select count(*) = 1 from pg_stat_activity where pid = $1 and state = 'active'", int64(pid)).Scan(&active)
 		return err == nil && active

@@ -81,7 +81,7 @@ func TestClientTLS(t *testing.T) {
 				t.Errorf("psql \\conninfo %q; TLS %v, want %v", out, got, tt.wantTLS)
 			}
 			// The proxy's own record of the session, written at login.
-			waitFor(t, "the login log line", func() bool {
+			waitUntil(t, 30*time.Second, "the login log line", func() bool {
 				return strings.Contains(p.logs.String(), `application_name="psql `+app+`" client_tls=`+boolString(tt.wantTLS))
 			})
 		})
@@ -146,7 +146,7 @@ func TestClientTLSNotConfigured(t *testing.T) {
 		if err == nil {
 			t.Fatal("direct TLS connection succeeded without TLS configured")
 		}
-		waitFor(t, "the refusal in the log", func() bool {
+		waitUntil(t, 30*time.Second, "the refusal in the log", func() bool {
 			return strings.Contains(p.logs.String(), "direct TLS connection, but TLS is not configured")
 		})
 		wantLogin(t, p)
@@ -217,7 +217,7 @@ func TestDirectTLS(t *testing.T) {
 		if errors.As(err, &ne) && ne.Timeout() {
 			t.Fatalf("the proxy did not close the connection: %v", err)
 		}
-		waitFor(t, "the refusal in the log", func() bool {
+		waitUntil(t, 30*time.Second, "the refusal in the log", func() bool {
 			return strings.Contains(p.logs.String(), `direct TLS connection without ALPN \"postgresql\"`)
 		})
 	})
@@ -266,7 +266,7 @@ func TestClientTLSHandshakeFailure(t *testing.T) {
 	if _, err := io.ReadAll(c); err != nil {
 		t.Fatalf("the proxy did not close the connection: %v", err)
 	}
-	waitFor(t, "the failure in the log", func() bool { return strings.Contains(p.logs.String(), "client TLS handshake") })
+	waitUntil(t, 30*time.Second, "the failure in the log", func() bool { return strings.Contains(p.logs.String(), "client TLS handshake") })
 	wantLogin(t, p)
 }
 
@@ -426,7 +426,7 @@ func TestServerTLS(t *testing.T) {
 			t.Errorf("psql with channel_binding=disable: %v, output %q, stderr %q", err, out, errOut)
 		}
 		// Logged once the client has been told of the failure.
-		waitFor(t, "the channel binding hint in the log", func() bool {
+		waitUntil(t, 30*time.Second, "the channel binding hint in the log", func() bool {
 			return strings.Contains(p.logs.String(), "a TLS client that supports channel binding cannot log in through passthrough")
 		})
 	})
