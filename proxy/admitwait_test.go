@@ -381,24 +381,9 @@ func TestPendingLoginsMatcher(t *testing.T) {
 	if p.matcher()(limiter.Holder{PID: 1}) {
 		t.Error("an empty set matched")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	server, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	server, peer := tcpPair(t)
 	defer server.Close()
-	if c := <-accepted; c != nil {
-		defer c.Close()
-	}
+	defer peer.Close()
 	local := server.LocalAddr().(*net.TCPAddr)
 	client := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(local.Port))
 	other := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(local.Port)+1)

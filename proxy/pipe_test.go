@@ -456,23 +456,6 @@ func TestPipeRandomStreams(t *testing.T) {
 // session is quiet, the pipe waits on its small buffer.
 func TestPipeTCP(t *testing.T) {
 	t.Parallel()
-	pair := func() (a, b net.Conn) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		accepted := make(chan net.Conn, 1)
-		go func() {
-			c, _ := ln.Accept()
-			accepted <- c
-		}()
-		a, err = net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return a, <-accepted
-	}
 	queries := func(sql string) []byte {
 		var msgs []pgproto3.Message
 		for range 100 {
@@ -484,8 +467,8 @@ func TestPipeTCP(t *testing.T) {
 		encodeAll(t, &pgproto3.CopyData{Data: bytes.Repeat([]byte("1\tQ\n"), 2_000_000)}, &pgproto3.CopyDone{}, &pgproto3.Sync{}))
 	tail := queries("select 2")
 
-	srcW, srcConn := pair()
-	dstW, dstR := pair()
+	srcW, srcConn := tcpPair(t)
+	dstW, dstR := tcpPair(t)
 	defer srcConn.Close()
 	defer dstR.Close()
 	src := &recordingConn{Conn: srcConn}
