@@ -47,8 +47,9 @@ const (
 	// readyGrace is how long logins may fail once the server says it is
 	// ready, for the odd transient failure.
 	readyGrace = 2 * time.Second
-	// stopTimeout is how long a fast shutdown may take before SIGKILL.
-	stopTimeout = 10 * time.Second
+	// stopTimeout is how long a fast shutdown may take before SIGKILL: its
+	// shutdown checkpoint waited over 5 s for a CPU on a loaded machine.
+	stopTimeout = 60 * time.Second
 	// portAttempts bounds retries when the free port we picked was taken
 	// by someone else before the postmaster could bind it.
 	portAttempts = 3
