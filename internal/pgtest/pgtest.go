@@ -293,7 +293,7 @@ func (c *Cluster) Exec(ctx context.Context, sql string, args ...any) error {
 }
 
 // Close stops the server with a fast shutdown (SIGKILL if that takes more
-// than 10 s) and removes Dir. It is safe to call more than once and
+// than stopTimeout) and removes Dir. It is safe to call more than once and
 // concurrently; every call returns the first call's result. It reports an
 // error if the server had died before Close, since a test relying on it
 // would otherwise go on without noticing.
@@ -577,7 +577,8 @@ func (c *Cluster) connect(ctx context.Context) (*pgx.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("superuser DSN: %w", err)
 	}
-	cfg.ConnectTimeout = 5 * time.Second
+	// A SCRAM login can take seconds on a loaded machine; ctx bounds the rest.
+	cfg.ConnectTimeout = 30 * time.Second
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect as %s to %s: %w", c.SuperUser, c.Addr(), err)
