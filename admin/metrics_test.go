@@ -133,6 +133,8 @@ func TestObserverMetrics(t *testing.T) {
 	if n := histogramCount(t, base, "rolegate_wait_duration_seconds", "outcome", "admitted"); n != 1 {
 		t.Errorf(`rolegate_wait_duration_seconds{outcome="admitted"} count = %v, want 1`, n)
 	}
+	// A login is counted after its client has ReadyForQuery: wait for it.
+	waitFor(t, "the waiting login counted", func() bool { return metric(t, base, "rolegate_logins_total", "role", "obs_wait") >= 2 })
 	if n := metric(t, base, "rolegate_logins_total", "role", "obs_wait"); n != 2 {
 		t.Errorf("rolegate_logins_total{role=obs_wait} = %v, want 2", n)
 	}
