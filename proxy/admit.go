@@ -104,9 +104,8 @@ func (c *clientConn) admitPassthrough() error {
 	if err != nil {
 		return err
 	}
-	// Admitted: the backend counts from here on, for the next login of the
-	// role too, which releasing the lease lets decide.
-	s.pending.remove(sess)
+	// Admitted: round took the backend out of the pending set under the
+	// admission locks, so the next login of the role counts it.
 	l.release(true) // nothing reserved: the backend is counted already
 	// Time spent waiting for a slot does not count against the login.
 	_ = c.client.SetDeadline(time.Now().Add(s.cfg.StartupTimeout / 2))
@@ -273,8 +272,15 @@ func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision
 			unlock()
 		}
 	}()
-	if d, err = a.decide(ctx); err != nil || d.Kind != limiter.Admit || !reserve {
+	if d, err = a.decide(ctx); err != nil || d.Kind != limiter.Admit {
 		return d, nil, err
+	}
+	if !reserve {
+		// Passthrough: the admitted backend counts from here on. It must leave
+		// the pending set while the locks are held, or the next login's
+		// census, taken once they are released, would skip it as pending.
+		a.s.pending.remove(a.sess)
+		return d, nil, nil
 	}
 	if a.role.Limited() && a.role.Policy.Evicts() || a.db.Limited() && a.db.Policy.Evicts() {
 		handed = true
