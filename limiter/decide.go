@@ -40,7 +40,8 @@ type Holder struct {
 	// Reserved marks a slot another rolegate instance reserved for a login
 	// that has not reached the census yet (its PID is 0): it counts, and is
 	// never evicted. This instance's own reservations are the limiter's
-	// (Reserve), not census rows.
+	// (Reserve), not census rows; Decide sets Reserved on the row of such a
+	// login's backend when it recognizes it (Reservation.Identify).
 	Reserved bool
 	// ViaRolegate is not used by the limiter; it travels with a victim so
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
@@ -86,8 +87,9 @@ const (
 	// Evict: terminate every victim, report each with Evicted or EvictFailed,
 	// then run the census and Decide again (with the returned Ticket).
 	Evict
-	// Wait: wait on Ticket.Ready, a poll interval or Ticket.Deadline,
-	// whichever comes first, then run the census and Decide again.
+	// Wait: wait on Ticket.Ready, a poll interval or Ticket.Deadline (when
+	// set and not past), whichever comes first, then run the census and
+	// Decide again.
 	Wait
 	// Reject: send PostgreSQL's 53300 error for Scope after AuthenticationOk.
 	Reject
@@ -146,6 +148,12 @@ type Decision struct {
 	// Fallback is set when an evicting policy found no victim and its
 	// fallback decided (Wait or Reject).
 	Fallback bool
+	// Landing is set for a Wait under an evicting policy whose victims
+	// must be logins still logging in (reservations): once one lands as a
+	// session (Reservation.Release(true) wakes the login) it can be evicted.
+	// Such a wait is part of evicting: wait_timeout does not bound it and
+	// Ticket.Deadline stays as it was.
+	Landing bool
 	// Ticket is set for Wait and Evict: pass it back in Login.Ticket, and
 	// Leave it if the login ends before an Admit or Reject.
 	Ticket *Ticket
@@ -251,6 +259,19 @@ type scopeView struct {
 	failed  map[uint32]time.Time // victims the login could not evict (its ticket's)
 }
 
+// unseen counts the logins in flight whose backends the census may show
+// without telling they are theirs: this instance's reservations not
+// recognized in it, and other instances' (rows without a pid).
+func (s *scopeView) unseen() int {
+	n := s.booked
+	for _, h := range s.members {
+		if h.Reserved && h.PID == 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // failedFor reports whether the login could not evict h before: the same
 // pid with the same backend_start (a newer backend on the pid is another
 // session).
@@ -294,6 +315,7 @@ func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*sc
 			}
 		}
 	}
+	l.markLoggingIn(rows)
 	for _, s := range views {
 		if t != nil {
 			s.failed = t.failed
@@ -315,7 +337,7 @@ func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*sc
 				s.mine = append(s.mine, pid)
 			}
 		}
-		s.booked = l.reservedFor(s, epoch)
+		s.booked = l.reservedFor(s, epoch, rows)
 		s.logging = s.booked
 		for _, h := range s.members {
 			if h.Reserved {
@@ -335,6 +357,7 @@ type outcome struct {
 	chosenBy []*scopeView // per victim: the limit it was chosen for
 	fallback bool
 	poke     bool // waiting behind others under an evicting policy
+	landing  bool // waiting for logins in flight to become sessions to evict
 	reason   string
 }
 
@@ -375,14 +398,34 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 		return outcome{kind: Wait, view: s, reason: at + ": policy wait"}
 	}
 	cands, why := l.candidates(now, s, chosen, other)
-	if len(cands) >= need {
-		victims := slices.Clone(cands[:need])
-		by := make([]*scopeView, need)
+	// Slots held by logins still logging in (reservations) are freed by
+	// evicting those logins once they are sessions, as they would have been
+	// had they logged in a moment earlier; the login evicts older sessions
+	// first. A login in flight that the census does not show as such (a
+	// reservation of another instance, or of this one whose backend is not
+	// recognized yet) may be counted twice, by its reservation and by its
+	// backend: the login evicts only for the slots such logins do not hold
+	// and waits for them to land, so it never evicts a session too many.
+	// With min_session_age the logins in flight could not be evicted once
+	// they land, so they are not waited for.
+	unseen := 0
+	if s.rule.MinSessionAge == 0 {
+		unseen = min(s.unseen(), need)
+	}
+	if evict := need - unseen; evict > 0 && len(cands) >= evict {
+		victims := slices.Clone(cands[:evict])
+		by := make([]*scopeView, evict)
 		for i := range by {
 			by[i] = s
 		}
 		return outcome{kind: Evict, view: s, victims: victims, chosenBy: by,
 			reason: fmt.Sprintf("%s: %s evicted for %s", at, describeVictims(now, p, victims), p)}
+	}
+	if s.logging > 0 && s.rule.MinSessionAge == 0 && len(cands)+s.logging >= need {
+		// Waiting for them is part of evicting (their server login takes
+		// milliseconds): wait_timeout does not bound it.
+		return outcome{kind: Wait, view: s, landing: true,
+			reason: fmt.Sprintf("%s: waiting for %s in flight to become sessions to evict for %s", at, plural(s.logging, "login"), p)}
 	}
 	fb := s.rule.fallback()
 	short := "no session can be evicted"
@@ -466,7 +509,7 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 // queues, victims in flight, counters, wake-ups.
 func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeView, o outcome) Decision {
 	s := o.view
-	d := Decision{Kind: o.kind, Policy: s.rule.policy(), Fallback: o.fallback, Reason: o.reason}
+	d := Decision{Kind: o.kind, Policy: s.rule.policy(), Fallback: o.fallback, Landing: o.landing, Reason: o.reason}
 	if o.kind != Admit {
 		d.Scope, d.Limit, d.Count = s.key.scope, s.rule.MaxSessions, s.count
 	} else {
@@ -474,7 +517,7 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 	}
 	key := CounterKey{login.Role, d.Policy}
 
-	if o.kind == Wait && !mayWait(now, t, s.rule) {
+	if o.kind == Wait && !o.landing && !mayWait(now, t, s.rule) {
 		d.Kind = Reject
 		if t != nil && !t.deadline.IsZero() {
 			d.Reason = fmt.Sprintf("%s; waited %s, wait_timeout reached", o.reason, human(now.Sub(t.waitStart)))
@@ -510,11 +553,12 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 		if t == nil {
 			t = l.newTicket(login)
 		}
-		if t.deadline.IsZero() {
+		if t.deadline.IsZero() && !o.landing {
 			t.waitStart = now
 			t.deadline = now.Add(s.rule.WaitTimeout)
 			l.counter(key).Waits++
 		}
+		t.landing = o.landing
 		l.enqueue(t, s.key)
 		d.Ticket = t
 		if o.poke && l.wokenIn(s.key) == 0 {

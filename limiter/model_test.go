@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"testing"
 	"time"
@@ -25,9 +26,13 @@ import (
 //   - a login is never handed a victim it reported with EvictFailed, and
 //     gets its decision in a bounded number of rounds however many
 //     evictions fail;
+//   - admitted logins are reserved and land as sessions a few steps later
+//     (or fail, also when a direct session took their slot on the server);
+//     at an admission the slots held, logins in flight included, never
+//     exceed the login's limits;
 //   - under newest-wins with min_session_age 0 and fallback reject, a login
 //     is never rejected for its role while an evictable session exists
-//     (one it has not failed to evict);
+//     (one it has not failed to evict), or logins in flight that would be;
 //   - with only a role limit, an eviction asks for exactly the slots needed;
 //   - the limiter's tickets and victims in flight match the caller's.
 
@@ -72,9 +77,22 @@ type sim struct {
 	stuck    map[uint32]bool                 // sessions whose eviction always fails
 	failed   map[uint64]map[uint32]time.Time // per login: victims it failed to evict, by backend_start
 	waiting  []Login
+	flights  []flight // admitted logins still logging in (reserved)
+	step     int
 	pid      uint32
 	id       uint64
 	log      []string
+}
+
+// flight is an admitted login still logging in to the server: its slot is
+// reserved (Reserve) until it lands as a session at step landAt, or fails.
+// Which flights fail and when they land follow from the login's ID, so that
+// the fuzzer's bytes mean what they meant before flights were modelled.
+type flight struct {
+	lg     Login
+	r      *Reservation
+	landAt int
+	pid    uint32 // its backend, when the server shows it already (Identify)
 }
 
 var (
@@ -132,6 +150,8 @@ func (s *sim) fail(format string, args ...any) {
 
 func (s *sim) run() {
 	for !s.ch.done() {
+		s.step++
+		s.land(false)
 		switch s.pick(10) {
 		case 0, 1, 2:
 			s.login(s.newLogin(), true)
@@ -165,12 +185,64 @@ func (s *sim) run() {
 		}
 		s.checkState()
 	}
+	s.land(true)
 	for _, w := range s.waiting {
 		w.Ticket.Leave()
 	}
 	if n := len(s.l.tickets); n != 0 {
 		s.fail("%d tickets left after every login left", n)
 	}
+}
+
+// land ends the flights due (all of them): most become sessions, as the
+// proxy's logins do at ReadyForQuery; some fail (the server refused, the
+// client left), and so does one whose slot the server sees taken by a
+// session opened directly meanwhile (the server's own 53300).
+func (s *sim) land(all bool) {
+	s.flights = slices.DeleteFunc(s.flights, func(f flight) bool {
+		if !all && f.landAt > s.step {
+			return false
+		}
+		lg := f.lg
+		if f.pid != 0 {
+			// Its backend is a session already: it ends with the login if
+			// that fails, and may have ended on its own.
+			_, alive := s.sessions[f.pid]
+			if lg.ID%7 == 0 || !alive {
+				delete(s.sessions, f.pid)
+				s.logf("login %d (pid %d) fails to log in", lg.ID, f.pid)
+				f.r.Release(false)
+				return true
+			}
+			s.logf("login %d (pid %d) lands", lg.ID, f.pid)
+			f.r.Release(true)
+			return true
+		}
+		full := s.serverFull(ScopeRole, lg.Role, s.roles[lg.Role]) || s.serverFull(ScopeDatabase, lg.Database, s.dbs[lg.Database])
+		if lg.ID%7 == 0 || full {
+			s.logf("login %d fails to log in (server full: %v)", lg.ID, full)
+			f.r.Release(false)
+			return true
+		}
+		s.addSession(lg)
+		s.logf("login %d lands as pid %d", lg.ID, s.pid)
+		f.r.Release(true)
+		return true
+	})
+}
+
+// serverFull reports whether the server would refuse one more session of the
+// limit: it counts sessions, not rolegate's reservations.
+func (s *sim) serverFull(scope Scope, name string, r Rule) bool {
+	return r.Limited() && s.held(scope, name, false)+1 > r.MaxSessions
+}
+
+// addSession adds lg's backend to the server.
+func (s *sim) addSession(lg Login) {
+	s.pid++
+	s.sessions[s.pid] = Holder{PID: s.pid, Role: lg.Role, Database: lg.Database, BackendStart: s.clk.Now(),
+		State: "idle", StateChange: s.clk.Now(), Superuser: lg.Superuser, Replication: lg.Replication, ViaRolegate: true}
+	s.stuck[s.pid] = s.pick(6) == 0
 }
 
 func (s *sim) newLogin() Login {
@@ -222,10 +294,7 @@ func (s *sim) direct() {
 	h := Holder{PID: s.pid, Role: r, Database: simDBs[s.pick(len(simDBs))], BackendStart: s.clk.Now(),
 		State: "idle", StateChange: s.clk.Now(), Superuser: s.supers[r], Protected: s.pick(3) == 0, Replication: s.pick(10) == 0}
 	if !h.Superuser && !h.Replication {
-		if rl := s.roles[r]; rl.Limited() && s.held(ScopeRole, h.Role)+1 > rl.MaxSessions {
-			return
-		}
-		if dl := s.dbs[h.Database]; dl.Limited() && s.held(ScopeDatabase, h.Database)+1 > dl.MaxSessions {
+		if s.serverFull(ScopeRole, h.Role, s.roles[r]) || s.serverFull(ScopeDatabase, h.Database, s.dbs[h.Database]) {
 			return
 		}
 	}
@@ -234,10 +303,20 @@ func (s *sim) direct() {
 	s.stuck[h.PID] = s.pick(4) == 0
 }
 
-// held counts the slots of a limit the server sees taken: sessions and
-// ghosts, superusers included for databases, as in the limiter.
-func (s *sim) held(scope Scope, name string) int {
+// held counts the slots of a limit taken: sessions and ghosts, superusers
+// included for databases, as in the limiter, and with flights the logins
+// still logging in (which the server does not see yet).
+func (s *sim) held(scope Scope, name string, flights bool) int {
 	n := 0
+	for _, f := range s.flights {
+		switch {
+		case !flights || f.pid != 0: // a backend already: counted below
+		case scope == ScopeRole && f.lg.Role == name:
+			n++
+		case scope == ScopeDatabase && f.lg.Database == name:
+			n++
+		}
+	}
 	for _, m := range []map[uint32]Holder{s.sessions, s.ghosts} {
 		for _, h := range m {
 			switch {
@@ -257,6 +336,7 @@ func (s *sim) held(scope Scope, name string) int {
 // still in flight.
 func (s *sim) login(lg Login, nest bool) {
 	for range 50 {
+		lg.CensusEpoch = s.l.Epoch()
 		census := s.census()
 		d := s.l.Decide(lg, s.roles[lg.Role], s.dbs[lg.Database], census)
 		s.logf("login %d %s/%s: %v %v (%s)", lg.ID, lg.Role, lg.Database, d.Kind, pids(d.Victims), d.Reason)
@@ -264,10 +344,21 @@ func (s *sim) login(lg Login, nest bool) {
 		lg.Ticket = d.Ticket
 		switch d.Kind {
 		case Admit:
-			s.pid++
-			s.sessions[s.pid] = Holder{PID: s.pid, Role: lg.Role, Database: lg.Database, BackendStart: s.clk.Now(),
-				State: "idle", StateChange: s.clk.Now(), Superuser: lg.Superuser, Replication: lg.Replication, ViaRolegate: true}
-			s.stuck[s.pid] = s.pick(6) == 0
+			if lg.Superuser || lg.Replication {
+				s.addSession(lg) // exempt: nothing to reserve
+			} else {
+				// Reserved, as the proxy does, and logging in for a step or
+				// three; the check counts it from now on. Some show their
+				// backend in the census before they land.
+				f := flight{lg: lg, r: s.l.Reserve(lg), landAt: s.step + 1 + int(lg.ID%3)}
+				full := s.serverFull(ScopeRole, lg.Role, s.roles[lg.Role]) || s.serverFull(ScopeDatabase, lg.Database, s.dbs[lg.Database])
+				if lg.ID%2 == 0 && !full {
+					s.addSession(lg)
+					f.pid = s.pid
+					f.r.Identify(netip.AddrPort{}, f.pid)
+				}
+				s.flights = append(s.flights, f)
+			}
 			s.checkLimits(true, lg)
 			return
 		case Reject:
@@ -361,6 +452,8 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %+v is exempt", v)
 		case s.failedFor(lg, v):
 			s.fail("victim %d handed again to login %d, which could not evict it", v.PID, lg.ID)
+		case slices.ContainsFunc(s.flights, func(f flight) bool { return f.pid == v.PID }):
+			s.fail("victim %d is a login still logging in", v.PID)
 		}
 		seen[v.PID] = true
 		ok := false
@@ -385,16 +478,49 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %d chosen by policy %s for login %+v", v.PID, p, lg)
 		}
 	}
-	if d.Kind == Evict && !dr.Limited() && len(d.Victims) != d.Count+1-d.Limit {
+	if need := d.Count + 1 - d.Limit; d.Kind == Evict && !dr.Limited() && len(d.Victims) != need-s.unseen(lg, rr, need) {
 		s.fail("%d victims for count %d limit %d", len(d.Victims), d.Count, d.Limit)
 	}
 	if d.Kind == Reject && d.Scope == ScopeRole && rr.policy() == PolicyNewestWins && rr.MinSessionAge == 0 && rr.fallback() == PolicyReject {
-		for _, h := range census {
-			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] && !s.failedFor(lg, h) {
-				s.fail("rejected under newest-wins although pid %d could be evicted", h.PID)
+		flying := 0
+		for _, f := range s.flights {
+			if f.lg.Role == lg.Role {
+				flying++
 			}
 		}
+		evictable := 0
+		for _, h := range census {
+			logging := slices.ContainsFunc(s.flights, func(f flight) bool { return f.pid == h.PID })
+			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] && !s.failedFor(lg, h) && !logging {
+				if flying == 0 {
+					s.fail("rejected under newest-wins although pid %d could be evicted", h.PID)
+				}
+				evictable++
+			}
+		}
+		// With logins in flight the role may hold more slots than its limit
+		// (the server lets a direct session take a reserved slot); the
+		// login must wait for them to land unless even they would not do.
+		if need := s.held(ScopeRole, lg.Role, true) + 1 - rr.MaxSessions; flying > 0 && evictable+flying >= need {
+			s.fail("rejected under newest-wins although %d logins in flight could be evicted once they land", flying)
+		}
 	}
+}
+
+// unseen counts the slots of lg's role held by logins in flight whose
+// backends the census does not show as theirs, up to need: an evicting
+// login waits for those to land instead of evicting for them.
+func (s *sim) unseen(lg Login, r Rule, need int) int {
+	if r.MinSessionAge > 0 {
+		return 0
+	}
+	n := 0
+	for _, f := range s.flights {
+		if f.lg.Role == lg.Role && f.pid == 0 {
+			n++
+		}
+	}
+	return min(n, need)
 }
 
 // failedFor reports whether lg reported h's eviction as failed before.
@@ -409,7 +535,7 @@ func (s *sim) failedFor(lg Login, h Holder) bool {
 func (s *sim) checkLimits(admitted bool, lg Login) {
 	s.tb.Helper()
 	for r, rl := range s.roles {
-		if n := s.held(ScopeRole, r); rl.Limited() && n > rl.MaxSessions {
+		if n := s.held(ScopeRole, r, false); rl.Limited() && n > rl.MaxSessions {
 			s.fail("role %s holds %d slots, limit %d", r, n, rl.MaxSessions)
 		}
 	}
@@ -427,8 +553,11 @@ func (s *sim) checkLimits(admitted bool, lg Login) {
 		}
 	}
 	if admitted && !lg.Superuser && !lg.Replication {
-		if dl := s.dbs[lg.Database]; dl.Limited() && s.held(ScopeDatabase, lg.Database) > dl.MaxSessions {
+		if dl := s.dbs[lg.Database]; dl.Limited() && s.held(ScopeDatabase, lg.Database, true) > dl.MaxSessions {
 			s.fail("database %s over its limit %d at an admission", lg.Database, dl.MaxSessions)
+		}
+		if rl := s.roles[lg.Role]; rl.Limited() && s.held(ScopeRole, lg.Role, true) > rl.MaxSessions {
+			s.fail("role %s over its limit %d at an admission, counting logins in flight", lg.Role, rl.MaxSessions)
 		}
 	}
 }

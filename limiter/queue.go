@@ -21,13 +21,17 @@ type Ticket struct {
 	ready chan struct{} // capacity 1: a pending wake-up
 
 	// Guarded by l.mu.
-	seq       uint64 // arrival order
-	loginID   uint64
-	role      string
-	database  string
-	queued    bool      // waiting in queues[queue]
-	queue     queueKey  // the limit it waits for
-	woken     bool      // signalled and not yet back in Decide
+	seq      uint64 // arrival order
+	loginID  uint64
+	role     string
+	database string
+	queued   bool     // waiting in queues[queue]
+	queue    queueKey // the limit it waits for
+	woken    bool     // signalled and not yet back in Decide
+	// landing: it waits for logins in flight to become sessions it may
+	// evict (an evicting policy that found too few victims among the
+	// sessions); a reservation released as logged in wakes it.
+	landing   bool
 	waitStart time.Time // when it first had to wait
 	deadline  time.Time
 	gone      bool
@@ -259,6 +263,17 @@ func (l *Limiter) wake(key queueKey, n int, except *Ticket) {
 		}
 		l.signal(u)
 		n--
+	}
+}
+
+// wakeLanding signals the first waiter of key that waits for a login in
+// flight to land (see Ticket.landing) and is not woken yet.
+func (l *Limiter) wakeLanding(key queueKey) {
+	for _, u := range l.queues[key] {
+		if u.landing && !u.woken {
+			l.signal(u)
+			return
+		}
 	}
 }
 

@@ -1,6 +1,8 @@
 package limiter
 
 import (
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -75,15 +77,98 @@ func TestReservationScopes(t *testing.T) {
 	}
 }
 
-// Another instance's reservation is a census row with Reserved: counted,
-// never evicted, and named in the reason.
+// Another instance's reservation is a census row with Reserved: counted and
+// never evicted. Under newest-wins the login waits for it to land as a
+// session (to evict that), unless min_session_age would spare the session
+// anyway: then the fallback decides, and the reason names the login in flight.
 func TestReservedHolderNeverEvicted(t *testing.T) {
 	l := New(newClock().Now)
 	census := []Holder{{Role: "app", Reserved: true}}
 	d := l.Decide(login(1), rule(1, PolicyNewestWins), NoLimit(), census)
+	if d.Kind != Wait || len(d.Victims) != 0 || !strings.Contains(d.Reason, "1 login in flight") {
+		t.Fatalf("got %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	d.Ticket.Leave()
+	r := rule(1, PolicyNewestWins)
+	r.MinSessionAge = time.Minute
+	d = l.Decide(login(2), r, NoLimit(), census)
 	if d.Kind != Reject || !strings.Contains(d.Reason, "1 still logging in") {
+		t.Fatalf("with min_session_age: got %v (%s)", d.Kind, d.Reason)
+	}
+}
+
+// A newest-wins login that finds its role's slots held by logins still
+// logging in (this instance's reservations) waits for one to land, whatever
+// its wait_timeout, is woken when it does, and then evicts it.
+func TestEvictAfterLanding(t *testing.T) {
+	for _, p := range []Policy{PolicyNewestWins, PolicyEvictIdle} {
+		t.Run(p.String(), func(t *testing.T) {
+			l := New(newClock().Now)
+			r := Rule{MaxSessions: 1, Policy: p} // wait_timeout 0: it may not wait for a slot
+			first := login(1)
+			if d := l.Decide(first, r, NoLimit(), nil); d.Kind != Admit {
+				t.Fatalf("first login: %v (%s)", d.Kind, d.Reason)
+			}
+			res := l.Reserve(first)
+			second := login(2)
+			second.CensusEpoch = l.Epoch()
+			d := l.Decide(second, r, NoLimit(), nil)
+			if d.Kind != Wait || d.Ticket == nil || !d.Ticket.Deadline().IsZero() {
+				t.Fatalf("second login: %v (%s)", d.Kind, d.Reason)
+			}
+			second.Ticket = d.Ticket
+			if ready(d.Ticket) {
+				t.Fatal("woken before the first login landed")
+			}
+			res.Release(true)
+			if !ready(d.Ticket) {
+				t.Fatal("not woken when the first login landed")
+			}
+			second.CensusEpoch = l.Epoch()
+			landed := idle(7, "app", "d", 0)
+			d = l.Decide(second, r, NoLimit(), []Holder{landed})
+			if d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{7}) {
+				t.Fatalf("after landing: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+			}
+			l.Evicted(7)
+			second.Ticket = d.Ticket
+			if d := l.Decide(second, r, NoLimit(), nil); d.Kind != Admit {
+				t.Fatalf("after the eviction: %v (%s)", d.Kind, d.Reason)
+			}
+		})
+	}
+}
+
+// A login in flight that fails frees its slot: the login waiting for it to
+// land is woken and admitted.
+func TestLandingFailed(t *testing.T) {
+	l := New(newClock().Now)
+	r := Rule{MaxSessions: 1, Policy: PolicyNewestWins}
+	res := l.Reserve(login(1))
+	second := login(2)
+	d := l.Decide(second, r, NoLimit(), nil)
+	second.Ticket = mustWait(t, d)
+	res.Release(false)
+	if !ready(d.Ticket) {
+		t.Fatal("not woken when the login in flight failed")
+	}
+	if d := l.Decide(second, r, NoLimit(), nil); d.Kind != Admit {
 		t.Fatalf("got %v (%s)", d.Kind, d.Reason)
 	}
+}
+
+// A login that lands wakes only logins waiting to evict it, not those
+// waiting for a slot under policy wait (the slot is not free).
+func TestLandingWakesOnlyEvictors(t *testing.T) {
+	l := New(newClock().Now)
+	res := l.Reserve(login(1))
+	w := login(2)
+	w.Ticket = mustWait(t, l.Decide(w, rule(1, PolicyWait), NoLimit(), nil))
+	res.Release(true)
+	if ready(w.Ticket) {
+		t.Fatal("a waiter under policy wait was woken by a login landing")
+	}
+	w.Ticket.Leave()
 }
 
 // Only the first waiter is First; when it leaves, the next is signalled and
@@ -160,4 +245,60 @@ func TestReservationLandedDuringCensus(t *testing.T) {
 	if d := l.Decide(login(4), r, NoLimit(), nil); d.Kind != Admit {
 		t.Fatalf("a login that does not track the epoch, on an empty census: %v (%s)", d.Kind, d.Reason)
 	}
+}
+
+// A login in flight whose backend is in the census already is counted once,
+// by its row, and is not a victim: the login waiting to evict it waits for
+// it to land, then evicts it (counted once again, by its row).
+func TestReservationRecognizedInCensus(t *testing.T) {
+	l := New(newClock().Now)
+	r := Rule{MaxSessions: 2, Policy: PolicyNewestWins}
+	addr := netip.MustParseAddrPort("127.0.0.1:50001")
+	old := idle(3, "app", "d", time.Hour)
+	res := l.Reserve(login(1))
+	res.Identify(addr, 0)
+	mine := idle(7, "app", "d", 0)
+	mine.Client = addr
+	census := []Holder{old, mine}
+	// Counted twice, the role would hold 3 slots of 2 and the login would
+	// evict both pid 3 and the login in flight; counted once it evicts pid 3.
+	d := l.Decide(login(2), r, NoLimit(), census)
+	if d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{3}) {
+		t.Fatalf("got %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	l.Evicted(3)
+	third := login(3)
+	third.CensusEpoch = l.Epoch()
+	d = l.Decide(third, r, NoLimit(), []Holder{mine})
+	if d.Kind != Admit {
+		t.Fatalf("with one slot free: %v (%s)", d.Kind, d.Reason)
+	}
+	res2 := l.Reserve(third)
+	fourth := login(4)
+	fourth.CensusEpoch = l.Epoch()
+	d = l.Decide(fourth, r, NoLimit(), []Holder{mine})
+	if d.Kind != Wait || !d.Landing || !strings.Contains(d.Reason, "2 logging in") {
+		t.Fatalf("both slots in flight: %v (%s)", d.Kind, d.Reason)
+	}
+	fourth.Ticket = d.Ticket
+	res.Identify(netip.AddrPort{}, 7)
+	res.Release(true) // after the census below was started: counted once, by its row
+	// The third login is in flight and not recognized in the census: its
+	// backend may be a row already, so the login does not evict pid 7 for
+	// it yet but waits for it to land.
+	d = l.Decide(fourth, r, NoLimit(), []Holder{mine})
+	if d.Kind != Wait || !d.Landing || !strings.Contains(d.Reason, "2 sessions, 1 logging in") {
+		t.Fatalf("one landed, one in flight: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	// Recognized, it holds its slot as a login in flight: the login evicts
+	// the older session, pid 7.
+	theirs := idle(8, "app", "d", 0)
+	res2.Identify(netip.AddrPort{}, 8)
+	d = l.Decide(fourth, r, NoLimit(), []Holder{mine, theirs})
+	if d.Kind != Evict || !slices.Equal(pids(d.Victims), []uint32{7}) {
+		t.Fatalf("the third login recognized: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	l.Evicted(7)
+	res2.Release(false)
+	d.Ticket.Leave()
 }

@@ -196,7 +196,11 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 		}
 		// Wait: the locks are free; other logins of the role decide meanwhile.
 		sess.setWaiting(slotWait(sess, d))
-		if d.Ticket != nil && !waiting {
+		if d.Landing {
+			// Part of evicting, not a wait for a slot: the login it will
+			// evict is still logging in.
+			log.Debug("waiting for a login in flight to evict", "reason", d.Reason)
+		} else if d.Ticket != nil && !waiting {
 			waiting, a.inLine = true, true
 			log.Info("waiting for a slot", "scope", d.Scope.String(), "limit", d.Limit, "reason", d.Reason)
 		}
@@ -252,12 +256,9 @@ func (e *lockError) Unwrap() error { return e.err }
 // every path: an error, a panic in decide or evict (handle recovers it; the
 // role must not stay locked on every instance), and an admission, whose
 // server login runs without them because the reservation stands in for it.
-//
-// Under newest-wins and evict-idle an admitted login keeps the locks, in its
-// lease, until its server login ends: the next login may have to evict it,
-// which it can only once it is a session in pg_stat_activity, not a
-// reservation. Those policies admit a role's logins one at a time, as each
-// waits for its victim to exit anyway.
+// Under newest-wins and evict-idle a login that needs a slot held by a
+// reservation waits for that login to land as a session, then evicts it
+// (limiter: waiting for logins in flight).
 func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision, l *lease, err error) {
 	unlock, err := a.lock(ctx)
 	if err != nil {
@@ -266,12 +267,7 @@ func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision
 	if !a.inLine {
 		a.sess.setWaiting(waitingFor{what: `waiting for the census of role "` + a.sess.user + `"`})
 	}
-	handed := false
-	defer func() {
-		if !handed {
-			unlock()
-		}
-	}()
+	defer unlock()
 	if d, err = a.decide(ctx); err != nil || d.Kind != limiter.Admit {
 		return d, nil, err
 	}
@@ -281,10 +277,6 @@ func (a *admission) round(ctx context.Context, reserve bool) (d limiter.Decision
 		// census, taken once they are released, would skip it as pending.
 		a.s.pending.remove(a.sess)
 		return d, nil, nil
-	}
-	if a.role.Limited() && a.role.Policy.Evicts() || a.db.Limited() && a.db.Policy.Evicts() {
-		handed = true
-		return d, &lease{unlock: unlock}, nil
 	}
 	l, err = a.reserve(ctx)
 	return d, l, err
@@ -296,6 +288,9 @@ func slotWait(sess *session, d limiter.Decision) waitingFor {
 	what := `waiting for a slot of role "` + sess.user + `"`
 	if d.Scope == limiter.ScopeDatabase {
 		what = `waiting for a slot of database "` + sess.database + `"`
+	}
+	if d.Landing {
+		what += " (held by logins in flight: it evicts one once it is a session)"
 	}
 	return waitingFor{what: what, limit: d.Limit, ticket: d.Ticket}
 }
@@ -360,18 +355,25 @@ type serverReserver interface {
 // login's backend is in pg_stat_activity (the login is counted there from
 // then on) or the login failed. It is the limiter's reservation, which this
 // instance's admissions count, and, with a server that can hold them, an
-// advisory lock that other instances' census counts. Under an evicting
-// policy it holds the admission locks instead (see round). release runs once
+// advisory lock that other instances' census counts. release runs once
 // whatever the path; a nil lease releases nothing.
 type lease struct {
 	once   sync.Once
 	local  *limiter.Reservation
 	server func()
-	unlock func()
 }
 
-// reserved reports whether the lease holds a reserved slot (not locks).
+// reserved reports whether the lease holds a reserved slot.
 func (l *lease) reserved() bool { return l != nil && l.local != nil }
+
+// identify tells this instance's census how the login's backend shows in
+// pg_stat_activity before the lease ends, so that it counts the login once
+// and never picks it as a victim (limiter.Reservation.Identify).
+func (l *lease) identify(client netip.AddrPort, pid uint32) {
+	if l != nil {
+		l.local.Identify(client, pid)
+	}
+}
 
 // release ends the lease: loggedIn once the backend is in pg_stat_activity
 // (rolegate has the server's ReadyForQuery), false when the login failed,
@@ -381,9 +383,6 @@ func (l *lease) release(loggedIn bool) {
 		return
 	}
 	l.once.Do(func() {
-		if l.unlock != nil {
-			l.unlock()
-		}
 		if l.server != nil {
 			l.server()
 		}
@@ -635,7 +634,12 @@ func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
 	if t := d.Ticket; t != nil {
 		// Only the first waiter polls; the others are signalled when a
 		// slot frees here or when they become first (limiter.Ticket.First).
-		delay = max(time.Until(t.Deadline()), time.Millisecond)
+		// A login waiting for logins in flight to land, to evict one, has
+		// no deadline of its own (its admission time bounds it), nor has
+		// one whose deadline passed while it waited in line and now acts.
+		if dl := t.Deadline(); dl.After(time.Now()) {
+			delay = max(time.Until(dl), time.Millisecond)
+		}
 		if t.First() {
 			delay = min(waitPoll, delay)
 		}
@@ -762,17 +766,25 @@ type pendingLogin struct {
 
 // add records sess, whose server connection is server, as pending.
 func (p *pendingLogins) add(sess *session, server net.Conn) {
-	var client netip.AddrPort
-	if a, ok := server.LocalAddr().(*net.TCPAddr); ok {
-		client = a.AddrPort()
-		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-	}
+	client := backendClient(server)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.logins == nil {
 		p.logins = make(map[*session]pendingLogin)
 	}
 	p.logins[sess] = pendingLogin{client: client}
+}
+
+// backendClient is how pg_stat_activity shows the backend of server
+// connection server: its client_addr and client_port are the connection's
+// local end. Invalid for a Unix socket (the census shows no address then).
+func backendClient(server net.Conn) netip.AddrPort {
+	a, ok := server.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return netip.AddrPort{}
+	}
+	client := a.AddrPort()
+	return netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 }
 
 // setPID records the backend pid of a pending login.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -222,8 +223,9 @@ func (c *clientConn) admitAndLogIn() error {
 // reserved slot keeps trying for serverFullPatience from the first 53300: a
 // backend on its way out leaves pg_stat_activity a little before it frees
 // its slot on the server, longer on a busy server, and the census already
-// counted that slot free. Without a reservation (an evicting policy) the
-// login is admitted again, serverRetries times at most.
+// counted that slot free. A login without a reservation (rolegate had no
+// limit to count it against) goes through admission again, serverRetries
+// times at most.
 func (c *clientConn) mayRetryFull(attempt int, full time.Time) bool {
 	if c.lease.reserved() {
 		return full.IsZero() || time.Since(full) < serverFullPatience
@@ -294,6 +296,7 @@ func (c *clientConn) connect() error {
 		return context.Cause(c.ctx)
 	}
 	c.server = server
+	c.lease.identify(backendClient(server), 0)
 	sess.set(func() { sess.serverTLS = useTLS })
 	if s.cfg.Auth == nil && s.cfg.Limits != nil {
 		// Passthrough: the backend the server gives this login counts
@@ -350,6 +353,7 @@ func (c *clientConn) awaitReady(holdFull bool) error {
 				return c.s.serverLost(c.out, err)
 			}
 			sess.set(func() { sess.backendPID, sess.backendKey = k.ProcessID, k.SecretKey })
+			c.lease.identify(netip.AddrPort{}, k.ProcessID)
 			// Registration issues the client's key: the server's pid with a
 			// secret of rolegate's own. It must happen before the client can use it.
 			c.s.registry.add(sess)

@@ -1003,7 +1003,7 @@ func TestLimitConcurrentLogins(t *testing.T) {
 	}
 	// stormProxy is a proxy with limits for role under policy and a
 	// startup timeout beyond any login on a busy machine (logins of a role
-	// are admitted one at a time, and 60 of them may take many seconds).
+	// wait for each other's victims, and 60 of them may take many seconds).
 	stormProxy := func(t *testing.T, role string, policy limiter.Policy, o proxyOpts) (*testProxy, *orderView) {
 		t.Helper()
 		ctl := superControl(t, shared)
@@ -1331,7 +1331,7 @@ func TestLimitDatabaseConcurrentLogins(t *testing.T) {
 			if err := shared.Exec(context.Background(), create.String()); err != nil {
 				t.Fatal(err)
 			}
-			// Logins of the database are admitted one at a time: a startup
+			// Logins of the database evict each other in turn: a startup
 			// timeout beyond any login on a busy machine.
 			p := rulesProxyWith(t, mapRules{dbs: map[string]limiter.Rule{db: {MaxSessions: limit, Policy: policy}}},
 				proxyOpts{startupTimeout: time.Minute})
