@@ -26,17 +26,13 @@ vet:
 unit:
 	$(GO) test -race -count=1 -timeout 8m ./...
 
-# A short run of each fuzz target (go test -fuzz takes one target at a time); a
-# failing input lands in the package's testdata/fuzz and then runs in every `unit`.
+# A short run of each fuzz target (scripts/fuzz.sh); a failing input lands in
+# the package's testdata/fuzz and then runs in every `unit`.
 FUZZ_TARGETS := proxy:FuzzStartupPacket proxy:FuzzScanner proxy:FuzzSASLInitialResponse \
 	auth:FuzzSCRAMClientFirst auth:FuzzSCRAMClientFinal auth:FuzzSCRAMServerMessages \
 	auth:FuzzUserlist auth:FuzzParseSecret limiter:FuzzDecide
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
-		pkg=$${t%%:*}; fn=$${t#*:}; \
-		echo "fuzz $$fn ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) ./$$pkg; \
-	done
+	@GO="$(GO)" FUZZTIME="$(FUZZTIME)" scripts/fuzz.sh $(FUZZ_TARGETS)
 
 demo: build
 	@scripts/ensure-postgres.sh
