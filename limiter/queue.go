@@ -152,6 +152,18 @@ func (l *Limiter) Released(role, database string) {
 	l.wake(queueKey{ScopeDatabase, database}, 1, nil)
 }
 
+// Landed tells the limiter that a login of role into database, admitted by
+// another rolegate instance, became a session (this instance's own logins
+// say so with Reservation.Release(true)). It wakes the first login of the
+// role's queue and of the database's that waits to evict a login in flight
+// (Decision.Landing): it may find that session now.
+func (l *Limiter) Landed(role, database string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wakeLanding(queueKey{ScopeRole, role})
+	l.wakeLanding(queueKey{ScopeDatabase, database})
+}
+
 // ticketFor returns the caller's ticket if it is a live one of this limiter.
 // A ticket that already left is treated as none: its login starts over at the
 // back of the line.

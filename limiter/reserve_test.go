@@ -302,3 +302,20 @@ func TestReservationRecognizedInCensus(t *testing.T) {
 	res2.Release(false)
 	d.Ticket.Leave()
 }
+
+// Another instance's login landing (Landed) wakes a login waiting to evict
+// a login in flight, and only such a login.
+func TestLandedElsewhere(t *testing.T) {
+	l := New(newClock().Now)
+	census := []Holder{{Role: "app", Reserved: true}}
+	evictor := login(1)
+	evictor.Ticket = mustWait(t, l.Decide(evictor, rule(1, PolicyNewestWins), NoLimit(), census))
+	waiter := login(2)
+	waiter.Ticket = mustWait(t, l.Decide(waiter, rule(1, PolicyWait), NoLimit(), census))
+	l.Landed("app", "d")
+	if !ready(evictor.Ticket) || ready(waiter.Ticket) {
+		t.Fatalf("after Landed: evictor woken %v, waiter woken %v; want true, false", ready(evictor.Ticket), ready(waiter.Ticket))
+	}
+	evictor.Ticket.Leave()
+	waiter.Ticket.Leave()
+}

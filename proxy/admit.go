@@ -149,6 +149,7 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 	if a.login.Superuser || !a.role.Limited() && !a.db.Limited() {
 		return nil, nil // no limit anywhere costs nothing more
 	}
+	c.counted = true
 	// A login waits at most its wait_timeout for a slot, plus the time its own
 	// evictions and queries take; nothing here may hang it for good.
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.StartupTimeout+max(a.role.WaitTimeout, a.db.WaitTimeout))
@@ -361,6 +362,7 @@ type lease struct {
 	once   sync.Once
 	local  *limiter.Reservation
 	server func()
+	signal func(upstream.SlotKind) // tells the other instances how it ended
 }
 
 // reserved reports whether the lease holds a reserved slot.
@@ -383,6 +385,13 @@ func (l *lease) release(loggedIn bool) {
 		return
 	}
 	l.once.Do(func() {
+		if l.signal != nil {
+			kind := upstream.SlotFreed
+			if loggedIn {
+				kind = upstream.SlotLanded
+			}
+			defer l.signal(kind) // once the slot is released here
+		}
 		if l.server != nil {
 			l.server()
 		}
@@ -415,6 +424,14 @@ func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
 		return nil, &admissionError{what: `reserving a slot of role "` + a.sess.user + `"`, err: err}
 	}
 	l.server, taken = release, true
+	role, db := a.sess.user, a.sess.database
+	// Only a login waiting to evict a login in flight waits for one to land.
+	evicts := a.role.Limited() && a.role.Policy.Evicts() || a.db.Limited() && a.db.Policy.Evicts()
+	l.signal = func(kind upstream.SlotKind) {
+		if kind == upstream.SlotFreed || evicts {
+			a.s.signalSlot(kind, role, db)
+		}
+	}
 	return l, nil
 }
 
@@ -629,7 +646,11 @@ func (a *admission) failureDetail() string {
 // wait timed out (the next Decide then rejects unless a slot freed). A client
 // that hangs up while it waits leaves at once: rolegate watches its socket.
 func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
-	delay := waitPoll
+	poll := waitPoll
+	if a.s.cfg.poll > 0 {
+		poll = a.s.cfg.poll
+	}
+	delay := poll
 	var ready <-chan struct{}
 	if t := d.Ticket; t != nil {
 		// Only the first waiter polls; the others are signalled when a
@@ -641,7 +662,7 @@ func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
 			delay = max(time.Until(dl), time.Millisecond)
 		}
 		if t.First() {
-			delay = min(waitPoll, delay)
+			delay = min(poll, delay)
 		}
 		ready = t.Ready()
 	}

@@ -44,6 +44,7 @@ type clientConn struct {
 	lookup  *lookup    // proxy mode: the role's secret, fetched while the client is asked for its password
 	keys    *auth.Keys // proxy mode: the client's recovered keys, which log in to the server
 	lease   *lease     // proxy mode: the admitted login's reserved slot, until its backend is counted
+	counted bool       // a limit applied to the login: its session's end is signalled to other instances
 	authOut []byte     // passthrough: the server's messages up to AuthenticationOk, which a rejection still sends
 
 	// The server side, from connect on; the relay owns server and sr after
@@ -95,6 +96,9 @@ func (c *clientConn) close() {
 		// Only a session that held a slot frees one: a failed login must
 		// not wake waiters (and make rolegate query the server) for nothing.
 		c.s.cfg.Limits.Limiter.Released(c.sess.user, c.sess.database)
+		if c.counted {
+			c.s.signalSlot(upstream.SlotFreed, c.sess.user, c.sess.database)
+		}
 	}
 }
 

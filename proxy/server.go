@@ -56,6 +56,9 @@ type Config struct {
 	// throttle sets the rate limit of repeated-failure log lines; tests only
 	// (zero: the defaults).
 	throttle throttleOptions
+	// poll is the first waiter's re-check interval; tests only (zero:
+	// waitPoll).
+	poll time.Duration
 }
 
 // Server accepts and serves client connections.
@@ -76,6 +79,10 @@ type Server struct {
 	cancel   context.CancelCauseFunc
 	handlers sync.WaitGroup // one per connection being handled (handle)
 	nextID   atomic.Uint64
+	// background runs the Server's own goroutines (slot signals from other
+	// instances: listenSlots); Close waits for them.
+	background sync.WaitGroup
+	listenOnce sync.Once
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -148,6 +155,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
+	s.listenSlots()
 	defer func() {
 		s.mu.Lock()
 		delete(s.listeners, ln)
@@ -259,5 +267,6 @@ func (s *Server) Close() error {
 	s.closeListeners(true)
 	s.cancel(errShutdown)
 	s.handlers.Wait()
+	s.background.Wait()
 	return nil
 }

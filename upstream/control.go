@@ -28,6 +28,7 @@ type Control struct {
 	appName   string      // the pool's application_name, which Census marks as rolegate's own
 	limits    limitCache  // ServerLimits' snapshot (limits.go)
 	locks     lockSession // LockRole's and Reserve's state (locks.go)
+	signals   signals     // SignalSlot's and ListenSlots' state (signals.go)
 }
 
 // NewControl builds the pool; it connects lazily, so a server that is down at
@@ -61,6 +62,7 @@ func NewControl(ctx context.Context, cfg config.Control, authQuery string) (*Con
 	c := &Control{pool: pool, authQuery: authQuery, appName: pcfg.ConnConfig.RuntimeParams["application_name"]}
 	c.limits.now = time.Now
 	c.locks.init()
+	c.signals.init()
 	return c, nil
 }
 

@@ -1,0 +1,130 @@
+package proxy
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/rolegate/rolegate/config"
+	"github.com/rolegate/rolegate/limiter"
+	"github.com/rolegate/rolegate/upstream"
+)
+
+// noPoll makes a proxy's waiters re-check only when signalled (or at their
+// deadline): a waiter admitted while it waits was woken by a signal.
+func noPoll(c *Config) {
+	c.poll = time.Hour
+	c.StartupTimeout = 10 * time.Minute
+}
+
+// waitListening waits until every control connection hears the other
+// instances' slot signals.
+func waitListening(t *testing.T, ctls ...*upstream.Control) {
+	t.Helper()
+	waitUntil(t, time.Minute, "the instances listening for slot signals", func() bool {
+		for _, c := range ctls {
+			if !c.SlotListening() {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// A session ending on one instance wakes a login waiting for its slot on
+// another, through the server (NOTIFY): the waiter re-checks on no timer.
+func TestSlotFreedElsewhereWakesWaiter(t *testing.T) {
+	t.Parallel()
+	const role = "sig_freed"
+	pw := newRole(t, role, -1)
+	rule := limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyWait, WaitTimeout: 5 * time.Minute}
+	ctlA, ctlB := superControl(t, shared), superControl(t, shared)
+	a := viewProxy(t, ctlA, ctlA, role, rule, noPoll)
+	b := viewProxy(t, ctlB, ctlB, role, rule, noPoll)
+	waitListening(t, ctlA, ctlB)
+
+	holder := connect(t, a.DSN(role, pw, "app"))
+	waiter := make(chan error, 1)
+	var waiterConn *pgx.Conn
+	go func() {
+		var err error
+		waiterConn, err = tryConnect(b.DSN(role, pw, "app"), 5*time.Minute, nil)
+		waiter <- err
+	}()
+	waitUntil(t, time.Minute, "a login waiting for the slot on the second instance", func() bool {
+		return sessionIn(b, role, StateWaiting) && strings.Contains(waitOf(b, role), "slot of role")
+	})
+	holder.Close(context.Background())
+	if err := <-waiter; err != nil {
+		t.Fatalf("waiter: %v", err)
+	}
+	defer waiterConn.Close(context.Background())
+	wantAlive(t, waiterConn, "the waiter")
+}
+
+// A login that lands on one instance wakes a newest-wins login on another
+// that waits to evict it; it is evicted (by the server's terminate: the
+// instance relaying it is not told why) and the newer login stays.
+func TestSlotLandedElsewhereWakesEvictor(t *testing.T) {
+	t.Parallel()
+	const role = "sig_landed"
+	pw := newRole(t, role, -1)
+	rule := limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}
+	ctlA, ctlB := superControl(t, shared), superControl(t, shared)
+	g := newGate(t, shared.Addr())
+	a := viewProxy(t, ctlA, ctlA, role, rule, func(c *Config) {
+		noPoll(c)
+		d, err := upstream.NewDialer(config.Server{Address: g.addr(), SSLMode: config.SSLDisable, ConnectTimeout: "30s"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Upstream = d
+	})
+	b := viewProxy(t, ctlB, ctlB, role, rule, noPoll)
+	waitListening(t, ctlA, ctlB)
+
+	first := make(chan error, 1)
+	go func() {
+		c, err := tryConnect(a.DSN(role, pw, "app"), 5*time.Minute, nil)
+		if err == nil {
+			defer c.Close(context.Background())
+			_, err = c.Exec(context.Background(), "select pg_sleep(300)")
+		}
+		first <- err
+	}()
+	waitUntil(t, time.Minute, "the first login in its server login", func() bool {
+		return sessionIn(a, role, StateConnecting)
+	})
+	second := make(chan error, 1)
+	var secondConn *pgx.Conn
+	go func() {
+		var err error
+		secondConn, err = tryConnect(b.DSN(role, pw, "app"), 5*time.Minute, nil)
+		second <- err
+	}()
+	waitUntil(t, time.Minute, "the second instance's login waiting for the login in flight", func() bool {
+		return strings.Contains(waitOf(b, role), "held by logins in flight")
+	})
+	g.open()
+	if err := <-second; err != nil {
+		t.Fatalf("newer login: %v", err)
+	}
+	defer secondConn.Close(context.Background())
+	if err := <-first; sqlstate(err) != "57P01" {
+		t.Fatalf("the evicted session got %v, want 57P01", err)
+	}
+	wantAlive(t, secondConn, "the newer login")
+}
+
+// waitOf is what a waiting session of role waits for, or "".
+func waitOf(p *testProxy, role string) string {
+	for _, s := range p.Sessions() {
+		if s.User == role && s.State == StateWaiting {
+			return s.Wait
+		}
+	}
+	return ""
+}
