@@ -21,7 +21,24 @@ import (
 // other roles' sessions, and pg_signal_backend to terminate them
 // (sql/setup.sql grants both).
 
-const censusQuery = `SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
+// censusQuery reads other instances' reservations (pg_locks) before the
+// sessions (pg_stat_activity): the server runs the branches of a UNION ALL
+// in order, and each function takes its snapshot when first read. A login
+// elsewhere shows its backend in pg_stat_activity before it drops its
+// reservation, so read in this order it is counted once or twice, never
+// missed; read the other way round it could fall between the two reads. No
+// new reservation of the role appears meanwhile: other instances reserve
+// under the role's advisory lock, which admission holds while it counts.
+const censusQuery = `SELECT 0 AS pid, CASE WHEN l.objid::int8 < 2147483648 THEN $1::text ELSE '' END,
+	CASE WHEN l.objid::int8 >= 2147483648 THEN $2::text ELSE '' END,
+	NULL::timestamptz AS backend_start, '', NULL::timestamptz, false, false, '', -1
+FROM pg_catalog.pg_locks l
+WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+	AND l.pid <> $4
+	AND (l.classid::int8 = (pg_catalog.hashtext($1)::int8 & 4294967295) AND l.objid::int8 < 2147483648
+		OR l.classid::int8 = (pg_catalog.hashtext($2)::int8 & 4294967295) AND l.objid::int8 >= 2147483648)
+UNION ALL
+SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
 	a.backend_start, coalesce(a.state, ''), a.state_change,
 	coalesce(r.rolsuper, false),
 	coalesce(a.application_name = $3 AND a.usename = session_user, false),
@@ -32,15 +49,6 @@ WHERE a.backend_type = 'client backend'
 	AND a.usename IS NOT NULL
 	AND (a.usename = $1 OR a.datname = $2)
 	AND a.pid <> pg_catalog.pg_backend_pid()
-UNION ALL
-SELECT 0, CASE WHEN l.objid::int8 < 2147483648 THEN $1::text ELSE '' END,
-	CASE WHEN l.objid::int8 >= 2147483648 THEN $2::text ELSE '' END,
-	NULL::timestamptz, '', NULL::timestamptz, false, false, '', -1
-FROM pg_catalog.pg_locks l
-WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
-	AND l.pid <> $4
-	AND (l.classid::int8 = (pg_catalog.hashtext($1)::int8 & 4294967295) AND l.objid::int8 < 2147483648
-		OR l.classid::int8 = (pg_catalog.hashtext($2)::int8 & 4294967295) AND l.objid::int8 >= 2147483648)
 ORDER BY backend_start, pid`
 
 // Census returns the client backends that hold slots of role or database:

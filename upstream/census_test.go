@@ -807,3 +807,31 @@ func TestTerminationValues(t *testing.T) {
 		t.Error("the statements' ELSE values are not NoBackend and NotGone")
 	}
 }
+
+// The census reads pg_locks before pg_stat_activity (see censusQuery): the
+// plan scans pg_lock_status first.
+func TestCensusReadsReservationsFirst(t *testing.T) {
+	t.Parallel()
+	c := pgtest.Start(t, pgtest.Options{})
+	su := connect(t, c.SuperDSN())
+	rows, err := su.Query(t.Context(), "EXPLAIN "+censusQuery, "r", "d", "rolegate", int32(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var plan strings.Builder
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			t.Fatal(err)
+		}
+		plan.WriteString(line + "\n")
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	p := plan.String()
+	locks, activity := strings.Index(p, "pg_lock_status"), strings.Index(p, "pg_stat_get_activity")
+	if locks < 0 || activity < 0 || locks > activity {
+		t.Fatalf("the plan does not read pg_locks before pg_stat_activity:\n%s", p)
+	}
+}
