@@ -771,7 +771,7 @@ func (s *Server) markOwn(holders []limiter.Holder) {
 // never later). A pending backend therefore cannot make the server refuse a
 // login it already let in; it can make the server refuse a new login at the
 // server's own limit (the server's 53300, as without rolegate), and a pending
-// login rolegate rejects gives its backend back when its connection closes.
+// login rolegate rejects stays pending until its backend has exited (close).
 type pendingLogins struct {
 	mu     sync.Mutex
 	logins map[*session]pendingLogin

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -46,6 +47,9 @@ type clientConn struct {
 	lease   *lease     // proxy mode: the admitted login's reserved slot, until its backend is counted
 	counted bool       // a limit applied to the login: its session's end is signalled to other instances
 	authOut []byte     // passthrough: the server's messages up to AuthenticationOk, which a rejection still sends
+	// pendingUntilGone: a passthrough login refused after the server logged
+	// it in; it stays a pending login until its backend has exited (close).
+	pendingUntilGone bool
 
 	// The server side, from connect on; the relay owns server and sr after
 	// the hand-off.
@@ -90,6 +94,10 @@ func (s *Server) newConn(raw net.Conn) *clientConn {
 // slot frees it, once the server socket is gone.
 func (c *clientConn) close() {
 	c.stop()
+	if c.pendingUntilGone {
+		c.endBackend()
+		c.s.pending.remove(c.sess)
+	}
 	c.sockets.close()
 	c.sess.markServerGone()
 	if c.s.cfg.Limits != nil && c.sess.loggedIn {
@@ -99,6 +107,17 @@ func (c *clientConn) close() {
 		if c.counted {
 			c.s.signalSlot(upstream.SlotFreed, c.sess.user, c.sess.database)
 		}
+	}
+}
+
+// endBackend ends the backend of a login that failed after the server
+// logged it in, and returns once the backend has exited (the server closes
+// the socket after the backend left pg_stat_activity), or after
+// victimGoneTimeout: until then other logins' census must not count it.
+func (c *clientConn) endBackend() {
+	_ = c.server.SetDeadline(time.Now().Add(victimGoneTimeout))
+	if _, err := c.server.Write(wire.Encode(nil, &pgproto3.Terminate{})); err == nil {
+		_, _ = io.Copy(io.Discard, c.server)
 	}
 }
 

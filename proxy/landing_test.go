@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -198,4 +199,39 @@ func sessionIn(p *testProxy, role string, state State) bool {
 		}
 	}
 	return false
+}
+
+// A passthrough login refused after the server logged it in leaves a
+// backend that the server counts until it exits. It stays a pending login
+// (left out of every census) until then: once it has left the pending set,
+// its backend is gone from pg_stat_activity.
+func TestPassthroughRefusedBackendPendingUntilGone(t *testing.T) {
+	t.Parallel()
+	const role = "pt_gone"
+	pw := newRole(t, role, -1)
+	ctl := superControl(t, shared)
+	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
+	lim.SetRules(mapRules{roles: map[string]limiter.Rule{role: {MaxSessions: 1, Policy: limiter.PolicyReject}}}, true, 0)
+	p := startProxy(t, proxyOpts{limits: lim}) // passthrough
+	holder := connect(t, p.DSN(role, pw, "app"))
+	defer holder.Close(context.Background())
+	su := connect(t, shared.SuperDSN())
+	for i := range 5 {
+		app := fmt.Sprintf("pt_gone_%d", i)
+		_, err := tryConnect(p.DSN(role, pw, "app")+" application_name="+app, time.Minute, nil)
+		wantTooMany(t, err, "role", role)
+		waitUntil(t, time.Minute, "the refused login out of the pending set", func() bool {
+			p.pending.mu.Lock()
+			defer p.pending.mu.Unlock()
+			return len(p.pending.logins) == 0
+		})
+		var n int
+		if err := su.QueryRow(context.Background(), "select count(*) from pg_stat_activity where application_name = $1", app).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != 0 {
+			t.Fatalf("refused login %d: its backend is in pg_stat_activity after it left the pending set", i)
+		}
+	}
+	wantAlive(t, holder, "the session holding the slot")
 }

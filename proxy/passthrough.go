@@ -20,8 +20,17 @@ import (
 // to ReadyForQuery, and only then admit: limits from proxy.toml apply once
 // the server has authenticated the client and holds a backend for it, before
 // the client hears AuthenticationOk, with the new backend left out of the count.
-func (c *clientConn) loginPassthrough() error {
-	defer c.s.pending.remove(c.sess) // connect added it, with limits
+func (c *clientConn) loginPassthrough() (err error) {
+	defer func() {
+		// connect added it, with limits. A login that fails once the server
+		// has authenticated it leaves a backend that counts as the role's
+		// until it has exited: close takes it out of the set then.
+		if err != nil && c.authOut != nil && c.server != nil {
+			c.pendingUntilGone = true
+			return
+		}
+		c.s.pending.remove(c.sess)
+	}()
 	if err := c.connect(); err != nil {
 		return err
 	}
