@@ -16,8 +16,8 @@ import (
 // The caller releases it exactly once, when the login ends either way:
 // Release(true) once the login's backend is visible in the census (the slot
 // passes to the backend; only a login waiting to evict a login in flight is
-// woken), Release(false) when the login
-// failed (the slot is free again; the first waiters are woken). Between the
+// woken), Release(false) when the login failed (the slot is free again; the
+// first waiters are woken). Between the
 // backend appearing and Release(true) a census shows the login's backend as
 // well: the caller tells the reservation how to recognize it (Identify), and
 // the login is then counted once, as a login still logging in, which no
@@ -41,15 +41,16 @@ type Reservation struct {
 // local end of its server connection (the backend's client_addr and
 // client_port), pid the backend's pid once the server has sent it. Either
 // may be the zero value (not known, or not shown: a Unix socket); a later
-// call keeps what it does not replace.
+// call keeps what it does not replace, except that a new server connection
+// (the login tried again) forgets the pid of the last one's backend.
 func (r *Reservation) Identify(client netip.AddrPort, pid uint32) {
 	if r == nil {
 		return
 	}
 	r.l.mu.Lock()
 	defer r.l.mu.Unlock()
-	if client.IsValid() {
-		r.client = client
+	if client.IsValid() && client != r.client {
+		r.client, r.pid = client, 0
 	}
 	if pid != 0 {
 		r.pid = pid
