@@ -305,13 +305,20 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 			return err
 		}
 		logf("PgBouncer auth: %s", pbAuth.describe)
-		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, o.idleSessions)
+		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, o.idleSessions, false)
 		if err != nil {
 			return err
 		}
 		defer pb.stop(syscall.SIGTERM) // SIGTERM: PgBouncer's immediate shutdown
 		targets = append(targets, pb.target)
 		daemons = append(daemons, pb)
+		fresh, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, 0, true)
+		if err != nil {
+			return err
+		}
+		defer fresh.stop(syscall.SIGTERM)
+		targets = append(targets, fresh.target)
+		daemons = append(daemons, fresh)
 		idleTargets = append(idleTargets, idleTarget{target: pb.target, database: pgbouncerIdleDB,
 			release: func(ctx context.Context) error { return killPgBouncerPool(ctx, pb.target, pbAuth) }})
 	}

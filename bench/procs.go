@@ -29,12 +29,16 @@ type target struct {
 	// logFile is the proxy's log, quoted when a warm-up through it fails.
 	logFile string
 	// extra marks a target that runs only the select-only and
-	// connect-rate rows (rolegate-gmp1).
+	// connect-rate rows (rolegate-gmp1, pgbouncer-fresh).
 	extra bool
 }
 
 // gmp1Target is the name of the rolegate started with GOMAXPROCS=1.
 const gmp1Target = "rolegate-gmp1"
+
+// pgbouncerFresh is the name of the PgBouncer whose server connections live
+// as long as their client's session (server_lifetime = 0).
+const pgbouncerFresh = "pgbouncer-fresh"
 
 // daemon is a proxy process the benchmark started.
 type daemon struct {
@@ -305,12 +309,21 @@ func pgbouncerMaxClients(idleSessions int) int { return max(200, idleSessions+10
 // logs in to the server with the client's SCRAM keys. The alias
 // pgbouncerIdleDB has a pool of idleSessions server connections for the
 // idle-session test, and pa.user may use the console to empty it.
-func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth, idleSessions int) (*daemon, error) {
+//
+// With fresh (target pgbouncerFresh) it closes each server connection once
+// its client has gone (server_lifetime = 0), as a 1:1 proxy does: every run
+// gets new backends, which have to fault in the shared buffers they touch,
+// where the warm pool reuses backends that already did.
+func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth, idleSessions int, fresh bool) (*daemon, error) {
 	cred, err := pgtest.ServerCredential() // PgBouncer refuses root too
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(work, "pgbouncer")
+	name, lifetime := "pgbouncer", ""
+	if fresh {
+		name, lifetime = pgbouncerFresh, "server_lifetime = 0\n"
+	}
+	dir := filepath.Join(work, name)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("pgbouncer dir: %w", err)
 	}
@@ -318,7 +331,7 @@ func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa
 	if err != nil {
 		return nil, err
 	}
-	t := &target{name: "pgbouncer", host: "127.0.0.1", port: port}
+	t := &target{name: name, host: "127.0.0.1", port: port, extra: fresh}
 	authFile := filepath.Join(dir, "userlist.txt")
 	logFile := filepath.Join(dir, "pgbouncer.log")
 	ini := fmt.Sprintf(`; written by the rolegate benchmark
@@ -345,8 +358,8 @@ logfile = %[8]s
 pidfile = %[9]s
 log_connections = 0
 log_disconnections = 0
-`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery,
-		pgbouncerIdleDB, max(idleSessions, 1), pgbouncerMaxClients(idleSessions))
+%[15]s`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery,
+		pgbouncerIdleDB, max(idleSessions, 1), pgbouncerMaxClients(idleSessions), lifetime)
 	iniFile := filepath.Join(dir, "pgbouncer.ini")
 	files := map[string]string{
 		iniFile:  ini,

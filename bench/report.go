@@ -308,6 +308,20 @@ func (r *report) verdicts() []string {
 					line += fmt.Sprintf("; NOT ahead of PgBouncer (%.2f×)", pbThroughput)
 				}
 			}
+			if f := r.target(pgbouncerFresh); f != nil && k.includes(f) && k != connect {
+				// Fresh backends, as a 1:1 proxy has: the fair throughput
+				// comparison (issue 11), where the warm pool's lead is the
+				// backends' memory, not the relay.
+				fresh := r.ratio(k, pgbouncerFresh)
+				if !k.higherIsBetter() {
+					fresh = 1 / fresh
+				}
+				verdict := "at least level with"
+				if throughput < fresh {
+					verdict = "BEHIND"
+				}
+				line += fmt.Sprintf("; %s PgBouncer with fresh backends (%.2f×)", verdict, fresh)
+			}
 			out = append(out, line)
 		}
 	}
