@@ -37,6 +37,10 @@ type Config struct {
 	// (GOMAXPROCS); 0 keeps the runtime's default. On a small machine that
 	// rolegate shares with PostgreSQL, 1 costs the least CPU per transaction.
 	MaxProcs int `toml:"max_procs"`
+	// Relay is how sessions are relayed once logged in: "loop" (an epoll
+	// event loop for plain TCP sessions, goroutines for TLS ones) or
+	// "goroutines" (two per session, as before the loop).
+	Relay string `toml:"relay"`
 
 	TLS     TLS     `toml:"tls"`
 	Server  Server  `toml:"server"`
@@ -276,6 +280,7 @@ func Default() *Config {
 		Listen:          "127.0.0.1:6432",
 		StartupTimeout:  "60s",
 		ShutdownTimeout: "30s",
+		Relay:           "loop",
 		Server: Server{
 			Address:        "127.0.0.1:5432",
 			SSLMode:        SSLPrefer,
@@ -402,6 +407,11 @@ func (c *Config) validate() error {
 	}
 	if c.MaxProcs < 0 {
 		return bad("max_procs", "must be 0 (the Go runtime's default) or a number of CPUs, not %d", c.MaxProcs)
+	}
+	switch c.Relay {
+	case "", "loop", "goroutines":
+	default:
+		return bad("relay", "want \"loop\" or \"goroutines\", not %q", c.Relay)
 	}
 	if _, _, err := net.SplitHostPort(c.Server.Address); err != nil {
 		return bad("server.address", "want host:port: %v", err)

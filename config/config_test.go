@@ -39,6 +39,7 @@ func TestDefaults(t *testing.T) {
 		Listen:          "127.0.0.1:6432",
 		StartupTimeout:  "60s",
 		ShutdownTimeout: "30s",
+		Relay:           "loop",
 		Server:          Server{Address: "127.0.0.1:5432", SSLMode: SSLPrefer, ConnectTimeout: "10s"},
 		Control:         Control{MaxConns: 4},
 		// Mode "" until Parse resolves it from the verifier sources.
@@ -89,6 +90,7 @@ listen = "0.0.0.0:7432"
 startup_timeout = "5s"
 shutdown_timeout = "1m30s"
 max_procs = 2
+relay = "goroutines"
 
 [tls]
 cert = "/etc/rolegate/server.crt"
@@ -157,6 +159,7 @@ min_session_age = "1s"
 		StartupTimeout:  "5s",
 		ShutdownTimeout: "1m30s",
 		MaxProcs:        2,
+		Relay:           "goroutines",
 		TLS:             TLS{Cert: "/etc/rolegate/server.crt", Key: "/etc/rolegate/server.key"},
 		Server: Server{Address: "db.internal:5433", SSLMode: SSLVerifyFull,
 			SSLRootCert: "/etc/rolegate/root.crt", ConnectTimeout: "250ms"},
@@ -248,6 +251,7 @@ func TestErrors(t *testing.T) {
 		{"duration as a number", "shutdown_timeout = 30\n", "shutdown_timeout", 1, "cannot decode TOML integer"},
 		{"negative max_procs", "\nmax_procs = -1\n", "max_procs", 2, "must be 0"},
 		{"max_procs as a string", "max_procs = \"all\"\n", "max_procs", 1, "cannot decode TOML string"},
+		{"bad relay", "\nrelay = \"epoll\"\n", "relay", 2, `want "loop" or "goroutines", not "epoll"`},
 		{"bad connect_timeout", "[server]\n\nconnect_timeout = \"soon\"\n", "server.connect_timeout", 3, `invalid duration "soon"`},
 		{"zero connect_timeout", "[server]\nconnect_timeout = \"0ms\"\n", "server.connect_timeout", 2, "must be greater than zero"},
 		{"auth mode proxy without a source", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2,

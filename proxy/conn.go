@@ -46,7 +46,10 @@ type clientConn struct {
 	keys    *auth.Keys // proxy mode: the client's recovered keys, which log in to the server
 	lease   *lease     // proxy mode: the admitted login's reserved slot, until its backend is counted
 	counted bool       // a limit applied to the login: its session's end is signalled to other instances
-	authOut []byte     // passthrough: the server's messages up to AuthenticationOk, which a rejection still sends
+	// detached: the session was handed to the event loop, which ends it; the
+	// goroutine that handled the login has returned.
+	detached bool
+	authOut  []byte // passthrough: the server's messages up to AuthenticationOk, which a rejection still sends
 	// pendingUntilGone: a passthrough login refused after the server logged
 	// it in; it stays a pending login until its backend has exited (close).
 	pendingUntilGone bool
@@ -60,18 +63,32 @@ type clientConn struct {
 	ready  wire.Message // the server's first ReadyForQuery, held until the hand-off
 }
 
-// handle serves one client connection from accept to close. It owns raw.
-func (s *Server) handle(raw net.Conn) {
+// handle serves one client connection from accept to close. It owns raw. A
+// session it hands to the event loop (relayOnLoop) is detached: handle
+// returns true at once, and the session's end runs finish then.
+func (s *Server) handle(raw net.Conn) (detached bool) {
 	c := s.newConn(raw)
-	defer c.cancel(nil)
-	defer c.close()
+	defer func() {
+		if !c.detached {
+			c.finish()
+		}
+	}()
 	defer func() {
 		if v := recover(); v != nil {
+			detached = c.detached
 			c.log.Error("session panicked; closing it", "panic", v, "stack", string(debug.Stack()))
 		}
 	}()
-	defer s.registry.remove(c.sess)
 	c.serve()
+	return c.detached
+}
+
+// finish is the end of every connection: it leaves the session list, closes
+// both sockets and frees the session's slot (close), and ends its context.
+func (c *clientConn) finish() {
+	c.s.registry.remove(c.sess)
+	c.close()
+	c.cancel(nil)
 }
 
 // newConn sets up the connection's value and registers its session: listed
@@ -427,9 +444,18 @@ func (c *clientConn) relay() {
 	// The relay owns the readers from here, and lets their buffers go once
 	// it has taken what they read ahead; an idle session keeps nothing of
 	// its login.
+	c.lc, c.out, c.ready, c.authOut, c.keys, c.lookup, c.lease = nil, nil, wire.Message{}, nil, nil, nil, nil
+	if c.relayOnLoop() {
+		return // the loop ends the session (loopRelay.Closed)
+	}
 	cr, sr := c.cr, c.sr
-	c.cr, c.sr, c.lc, c.out, c.ready, c.authOut, c.keys, c.lookup, c.lease = nil, nil, nil, nil, wire.Message{}, nil, nil, nil, nil
-	why := s.relay(c.ctx, c.cancel, sess, c.client, cr, c.server, sr)
+	c.cr, c.sr = nil, nil
+	c.relayEnded(s.relay(c.ctx, c.cancel, sess, c.client, cr, c.server, sr))
+}
+
+// relayEnded records the end of a relayed session.
+func (c *clientConn) relayEnded(why error) {
+	s, sess := c.s, c.sess
 	sess.setState(StateClosing)
 	s.obs.SessionEnded(sess.user, sess.database, sess.bytesIn.Load(), sess.bytesOut.Load())
 	c.log.Info("session ended", "reason", why.Error(), "duration", time.Since(sess.start).Round(time.Millisecond),
@@ -477,6 +503,13 @@ func (p *sockets) drop(slot *net.Conn) {
 		(*slot).Close()
 		*slot = nil
 	}
+}
+
+// handedOff forgets both sockets: the event loop owns them now.
+func (p *sockets) handedOff() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.client, p.server = nil, nil
 }
 
 // startRelay marks the session logged in and relaying.

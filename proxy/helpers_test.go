@@ -169,8 +169,11 @@ func startProxyWith(t testing.TB, o proxyOpts, adjust func(*Config)) *testProxy 
 		Auth:           o.auth,
 		Limits:         o.limits,
 		StartupTimeout: o.startupTimeout,
-		Logger:         slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		throttle:       o.throttle,
+		// ROLEGATE_TEST_RELAY=goroutines runs the tests with the goroutine
+		// relay for every session (the default relays plain TCP on the loop).
+		Relay:    os.Getenv("ROLEGATE_TEST_RELAY"),
+		Logger:   slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		throttle: o.throttle,
 	}
 	if adjust != nil {
 		adjust(&cfg)

@@ -109,28 +109,48 @@ func measureIdle(t *testing.T, addr string, n int, profile string) idleCost {
 
 // TestIdleSessionMemory measures what an idle session holds in rolegate: live
 // heap, goroutine stacks and goroutines, net of what the test's own client
-// sockets hold (measured against the server directly). Idle sessions are
-// rolegate's main case; a relay direction that kept a large buffer while
-// blocked in Read would hold 32 KiB. Run with -args -idleprofile FILE for a heap
-// profile of the idle sessions.
+// sockets hold (measured against the server directly), relayed by the event
+// loop (no goroutine at all) and by goroutines (one per direction). Idle
+// sessions are rolegate's main case; a relay direction that kept a large
+// buffer while blocked in Read would hold 32 KiB. Run with -args
+// -idleprofile FILE for a heap profile of the idle sessions (loop).
 func TestIdleSessionMemory(t *testing.T) {
 	if *idleProfile != "" {
 		runtime.MemProfileRate = 1
 		defer func() { runtime.MemProfileRate = 512 * 1024 }()
 	}
 	const n = 120
-	p := startProxy(t, proxyOpts{sslmode: "disable"})
-	direct := measureIdle(t, shared.Addr(), n, "")
-	proxied := measureIdle(t, p.Addr(), n, *idleProfile)
-	heap, goroutines := proxied.heap-direct.heap, proxied.goroutines-direct.goroutines
-	t.Logf("per idle session: heap %.0f B, stacks %.0f B, goroutines %.2f, allocated %.0f B (clients alone: heap %.0f B, stacks %.0f B, goroutines %.2f, allocated %.0f B)",
-		heap, proxied.stack-direct.stack, goroutines, proxied.allocated-direct.allocated,
-		direct.heap, direct.stack, direct.goroutines, direct.allocated)
-	// Two 2 KiB read buffers and the session's own state come to about 7.5 KiB.
-	if heap > 16<<10 {
-		t.Errorf("an idle session holds %.0f bytes of heap, want at most 16 KiB", heap)
-	}
-	if goroutines < 1.9 || goroutines > 2.1 {
-		t.Errorf("an idle session has %.2f goroutines, want 2 (one per relay direction)", goroutines)
+	for _, tt := range []struct {
+		relay      string
+		maxHeap    float64
+		goroutines float64
+	}{
+		// The session's own state, the loop's and the connection's.
+		{RelayLoop, 4 << 10, 0},
+		// Two 2 KiB read buffers and the session's own state come to about 7.5 KiB.
+		{RelayGoroutines, 16 << 10, 2},
+	} {
+		t.Run(tt.relay, func(t *testing.T) {
+			p := startProxyWith(t, proxyOpts{sslmode: "disable"}, func(c *Config) { c.Relay = tt.relay })
+			if got := p.RelayMode(); got != tt.relay {
+				t.Fatalf("relay mode %s, want %s", got, tt.relay)
+			}
+			direct := measureIdle(t, shared.Addr(), n, "")
+			profile := ""
+			if tt.relay == RelayLoop {
+				profile = *idleProfile
+			}
+			proxied := measureIdle(t, p.Addr(), n, profile)
+			heap, goroutines := proxied.heap-direct.heap, proxied.goroutines-direct.goroutines
+			t.Logf("per idle session: heap %.0f B, stacks %.0f B, goroutines %.2f, allocated %.0f B (clients alone: heap %.0f B, stacks %.0f B, goroutines %.2f, allocated %.0f B)",
+				heap, proxied.stack-direct.stack, goroutines, proxied.allocated-direct.allocated,
+				direct.heap, direct.stack, direct.goroutines, direct.allocated)
+			if heap > tt.maxHeap {
+				t.Errorf("an idle session holds %.0f bytes of heap, want at most %.0f", heap, tt.maxHeap)
+			}
+			if goroutines < tt.goroutines-0.1 || goroutines > tt.goroutines+0.1 {
+				t.Errorf("an idle session has %.2f goroutines, want %.0f", goroutines, tt.goroutines)
+			}
+		})
 	}
 }

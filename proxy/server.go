@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rolegate/rolegate/internal/evloop"
 	"github.com/rolegate/rolegate/upstream"
 )
 
@@ -46,6 +47,9 @@ type Config struct {
 	ConsoleUsers    []string
 	// StartupTimeout bounds startup and authentication of a client.
 	StartupTimeout time.Duration
+	// Relay is RelayLoop (or "") or RelayGoroutines: how logged-in
+	// sessions are relayed.
+	Relay string
 	// Logger receives one line per login, session end and failure; repeated
 	// failures are rate-limited per kind and role. nil: slog.Default().
 	Logger *slog.Logger
@@ -79,6 +83,9 @@ type Server struct {
 	cancel   context.CancelCauseFunc
 	handlers sync.WaitGroup // one per connection being handled (handle)
 	nextID   atomic.Uint64
+	// loop relays plain TCP sessions once logged in; nil: goroutines relay
+	// every session (Config.Relay).
+	loop *evloop.Loop
 	// background runs the Server's own goroutines (slot signals from other
 	// instances: listenSlots); Close waits for them.
 	background sync.WaitGroup
@@ -111,7 +118,15 @@ func New(cfg Config) *Server {
 		obs = nopObserver{}
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
+	var loop *evloop.Loop
+	if cfg.Relay != RelayGoroutines {
+		var err error
+		if loop, err = evloop.New(evloop.Config{DrainTimeout: victimGoneTimeout, FarewellTimeout: shutdownNoticeTimeout}); err != nil {
+			cfg.Logger.Warn("event loop unavailable; relaying with goroutines", "err", err)
+		}
+	}
 	return &Server{
+		loop:      loop,
 		cfg:       cfg,
 		log:       cfg.Logger,
 		obs:       obs,
@@ -137,6 +152,15 @@ type consoleBox struct{ Console }
 // SetConsole installs the admin console; it is separate from New because the
 // console reads the Server's own snapshots.
 func (s *Server) SetConsole(c Console) { s.console.Store(&consoleBox{c}) }
+
+// RelayMode says how logged-in sessions are relayed: RelayLoop or
+// RelayGoroutines.
+func (s *Server) RelayMode() string {
+	if s.loop != nil {
+		return RelayLoop
+	}
+	return RelayGoroutines
+}
 
 // Events returns the most recent evictions and rejections, newest first.
 func (s *Server) Events() []Event { return s.events.recent() }
@@ -189,8 +213,9 @@ func (s *Server) Serve(ln net.Listener) error {
 			return ErrServerClosed
 		}
 		go func() {
-			defer s.track(-1)
-			s.handle(c)
+			if !s.handle(c) {
+				s.track(-1)
+			} // else the session's end on the event loop untracks it
 		}()
 	}
 }
@@ -266,7 +291,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.closeListeners(true)
 	s.cancel(errShutdown)
+	if s.loop != nil {
+		s.loop.StopAll(errShutdown) // sessions on the loop have no context of their own
+	}
 	s.handlers.Wait()
 	s.background.Wait()
+	if s.loop != nil {
+		s.loop.Close() // its sessions ended with their handlers
+	}
 	return nil
 }

@@ -176,6 +176,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		ConsoleDatabase: cfg.Admin.Database,
 		ConsoleUsers:    cfg.Admin.Users,
 		StartupTimeout:  cfg.StartupTimeout.Value(),
+		Relay:           cfg.Relay,
 		Logger:          log,
 		Observer:        metrics,
 	})
@@ -184,7 +185,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	}
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode,
-		"max_procs", runtime.GOMAXPROCS(0))
+		"max_procs", runtime.GOMAXPROCS(0), "relay", srv.RelayMode())
 
 	if cfg.Auth.Mode == config.AuthPassthrough && p.limits != nil {
 		log.Info("passthrough mode: limits apply once the server has authenticated a login; " +

@@ -72,6 +72,10 @@ type Handler interface {
 	// written to the other. It returns what to write (buf itself, or a
 	// rewrite; it may alias buf) and, non-nil, a Stop.
 	Data(d Dir, buf []byte) (out []byte, stop *Stop)
+	// Farewell gives the last bytes for the client of a session stopped
+	// from outside (Session.Stop, Loop.StopAll) for reason why; nil for
+	// none.
+	Farewell(why error) []byte
 	// Closed is called once, after both sockets are closed, with why the
 	// session ended.
 	Closed(why error)
@@ -264,25 +268,33 @@ func dupFD(c *net.TCPConn) (int, error) {
 }
 
 // Stop ends the session from outside, for a reason such as a shutdown: the
-// server side closes at once, farewell (run on the loop's goroutine, so it
-// may read the Handler's state; nil for none) gives the last bytes for the
-// client, and the client side closes once they are written, or after
-// Config.FarewellTimeout. Stopping a session that has ended does nothing.
-func (s *Session) Stop(why error, farewell func() []byte) {
-	s.l.do(func() {
-		if s.ended || s.closing {
-			return
+// server side closes at once, the Handler's Farewell gives the last bytes
+// for the client, and the client side closes once they are written, or
+// after Config.FarewellTimeout. Stopping a session that has ended does
+// nothing.
+func (s *Session) Stop(why error) {
+	s.l.do(func() { s.l.stopSession(s, why) })
+}
+
+// StopAll stops every session on the loop, as Session.Stop does.
+func (l *Loop) StopAll(why error) {
+	l.do(func() {
+		for s := range l.sessions {
+			l.stopSession(s, why)
 		}
-		s.why = why
-		s.draining = false
-		s.l.closeSide(&s.server)
-		var out []byte
-		if farewell != nil {
-			out = farewell()
-		}
-		s.l.setMask(&s.client, s.client.mask&^unix.EPOLLIN) // nothing from the client matters now
-		s.l.closeAfter(s, out, s.l.cfg.FarewellTimeout)
 	})
+}
+
+func (l *Loop) stopSession(s *Session, why error) {
+	if s.ended || s.closing {
+		return
+	}
+	s.why = why
+	s.draining = false
+	l.closeSide(&s.server)
+	out := s.h.Farewell(why)
+	l.setMask(&s.client, s.client.mask&^unix.EPOLLIN) // nothing from the client matters now
+	l.closeAfter(s, out, l.cfg.FarewellTimeout)
 }
 
 // start registers the session's sockets and writes what was read ahead.

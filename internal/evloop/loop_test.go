@@ -23,10 +23,13 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // recorder is a Handler that counts what passes, may rewrite or stop on a
 // marker, and reports how the session ended.
 type recorder struct {
-	bytes  [2]atomic.Int64
-	onData func(d Dir, buf []byte) ([]byte, *Stop) // nil: pass through
-	ended  chan error
+	bytes    [2]atomic.Int64
+	onData   func(d Dir, buf []byte) ([]byte, *Stop) // nil: pass through
+	farewell []byte
+	ended    chan error
 }
+
+func (r *recorder) Farewell(error) []byte { return r.farewell }
 
 func newRecorder() *recorder { return &recorder{ended: make(chan error, 1)} }
 
@@ -322,7 +325,8 @@ func TestStopFarewell(t *testing.T) {
 		t.Fatalf("client got %q", got)
 	}
 	why := errors.New("shutting down")
-	p.s.Stop(why, func() []byte { return []byte("farewell") })
+	rec.farewell = []byte("farewell")
+	p.s.Stop(why)
 	_ = p.client.SetReadDeadline(time.Now().Add(time.Minute))
 	got, err := io.ReadAll(p.client)
 	if err != nil || string(got) != "farewell" {
@@ -335,7 +339,7 @@ func TestStopFarewell(t *testing.T) {
 	if n, err := p.server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Fatalf("server end after Stop: %d, %v; want EOF", n, err)
 	}
-	p.s.Stop(why, nil) // a second Stop does nothing
+	p.s.Stop(why) // a second Stop does nothing
 }
 
 // Closing the loop ends every session on it, and leaves no descriptor open.
