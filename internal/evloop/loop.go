@@ -292,7 +292,7 @@ func (l *Loop) stopSession(s *Session, why error) {
 	s.why = why
 	s.draining = false
 	l.closeSide(&s.server)
-	out := s.h.Farewell(why)
+	out := l.farewell(s, why)
 	l.setMask(&s.client, s.client.mask&^unix.EPOLLIN) // nothing from the client matters now
 	l.closeAfter(s, out, l.cfg.FarewellTimeout)
 }
@@ -315,7 +315,7 @@ func (l *Loop) start(s *Session, toServer, toClient []byte) {
 		if len(ahead.b) == 0 || s.ended {
 			continue
 		}
-		out, stop := s.h.Data(ahead.src.dir, ahead.b)
+		out, stop := l.data(s, ahead.src.dir, ahead.b)
 		l.forward(ahead.src, out)
 		if stop != nil && !s.ended {
 			l.stop(s, ahead.src, stop)
@@ -432,7 +432,7 @@ func (l *Loop) ready(sd *side, events uint32) {
 		if s.draining && sd.dir == FromServer {
 			return // only its close matters now
 		}
-		out, stop := s.h.Data(sd.dir, l.buf[:n])
+		out, stop := l.data(s, sd.dir, l.buf[:n])
 		l.forward(sd, out)
 		if stop != nil && !s.ended {
 			l.stop(s, sd, stop)
@@ -635,5 +635,27 @@ func (l *Loop) end(s *Session, why error) {
 	if why == nil {
 		why = ErrLoopClosed
 	}
+	defer func() { _ = recover() }() // a Handler's panic must not end the loop
 	s.h.Closed(why)
+}
+
+// data calls the Handler's Data; a panic there ends the session, not the
+// loop and every other session on it.
+func (l *Loop) data(s *Session, d Dir, b []byte) (out []byte, stop *Stop) {
+	defer func() {
+		if v := recover(); v != nil {
+			out, stop = nil, &Stop{Why: fmt.Errorf("internal error: %v", v)}
+		}
+	}()
+	return s.h.Data(d, b)
+}
+
+// farewell calls the Handler's Farewell; a panic there says nothing.
+func (l *Loop) farewell(s *Session, why error) (out []byte) {
+	defer func() {
+		if v := recover(); v != nil {
+			out = nil
+		}
+	}()
+	return s.h.Farewell(why)
 }

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -417,4 +418,49 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(es)
+}
+
+// A Handler that panics ends its own session with an internal error; the
+// loop and its other sessions go on.
+func TestHandlerPanic(t *testing.T) {
+	l := newLoop(t)
+	bad := newRecorder()
+	bad.onData = func(Dir, []byte) ([]byte, *Stop) { panic("scanner bug") }
+	p := relay(t, l, bad, nil, nil)
+	good := relay(t, l, newRecorder(), nil, nil)
+	if _, err := p.client.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := bad.wait(t); err == nil || !strings.Contains(err.Error(), "internal error: scanner bug") {
+		t.Fatalf("ended with %v", err)
+	}
+	if _, err := good.client.Write([]byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readN(t, good.server, 10); string(got) != "still here" {
+		t.Fatalf("the other session got %q", got)
+	}
+}
+
+// StopAll stops every session, each with its Handler's farewell.
+func TestStopAll(t *testing.T) {
+	l := newLoop(t)
+	why := errors.New("shutting down")
+	var pairs []*pair
+	for i := range 5 {
+		rec := newRecorder()
+		rec.farewell = []byte{byte('a' + i)}
+		pairs = append(pairs, relay(t, l, rec, nil, nil))
+	}
+	l.StopAll(why)
+	for i, p := range pairs {
+		_ = p.client.SetReadDeadline(time.Now().Add(time.Minute))
+		got, err := io.ReadAll(p.client)
+		if err != nil || string(got) != string(rune('a'+i)) {
+			t.Fatalf("session %d: client got %q, %v", i, got, err)
+		}
+		if err := p.rec.wait(t); !errors.Is(err, why) {
+			t.Fatalf("session %d ended with %v", i, err)
+		}
+	}
 }
