@@ -286,6 +286,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		if o.gomaxprocs1 {
 			instances = append(instances, rolegateInstance{name: gmp1Target, gomaxprocs: 1})
 		}
+		instances = append(instances, rolegateInstance{name: goroutinesTarget, relay: "goroutines"})
 	}
 	for _, inst := range instances {
 		rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr(), ctl, inst)
@@ -293,7 +294,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 			return err
 		}
 		defer rg.stop(syscall.SIGINT) // SIGINT: close at once; nothing is left to drain
-		rg.extra = inst.name == gmp1Target
+		rg.extra = inst.name == gmp1Target || inst.name == goroutinesTarget
 		targets = append(targets, rg.target)
 		daemons = append(daemons, rg)
 		idleTargets = append(idleTargets, idleTarget{target: rg.target, database: benchRole})

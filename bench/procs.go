@@ -29,7 +29,8 @@ type target struct {
 	// logFile is the proxy's log, quoted when a warm-up through it fails.
 	logFile string
 	// extra marks a target that runs only the select-only and
-	// connect-rate rows (rolegate-gmp1, pgbouncer-fresh).
+	// connect-rate rows (rolegate-gmp1, rolegate-goroutines,
+	// pgbouncer-fresh).
 	extra bool
 }
 
@@ -143,7 +144,13 @@ type rolegateInstance struct {
 	// extraConfig is appended to the configuration file ([limits],
 	// [roles.NAME] tables).
 	extraConfig string
+	// relay is the top-level relay key; empty: rolegate's default (loop).
+	relay string
 }
+
+// goroutinesTarget is the name of the rolegate started with relay =
+// "goroutines": the relay before the event loop, for comparison.
+const goroutinesTarget = "rolegate-goroutines"
 
 // rolegateCacheTTL is [auth] cache_ttl, written out although it is the
 // default, so the config file says what was measured.
@@ -167,8 +174,13 @@ func startRolegate(ctx context.Context, bin, work, server string, ctl controlSet
 	if format == "" {
 		format = "text"
 	}
+	relay := inst.relay
+	if relay == "" {
+		relay = "loop"
+	}
 	config := fmt.Sprintf(`# written by the rolegate benchmark
 listen = %q
+relay = %q
 
 [server]
 address = %q
@@ -190,7 +202,7 @@ format = %q
 
 [admin]
 http = ""   # several instances run at once; the benchmark does not use it
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), relay, server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
 	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {

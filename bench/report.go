@@ -270,7 +270,7 @@ func (r *report) machineLine() string {
 // adds. rolegate-gmp1 gets the same lines, for comparison.
 func (r *report) verdicts() []string {
 	var out []string
-	for _, name := range []string{"rolegate", gmp1Target} {
+	for _, name := range []string{"rolegate", gmp1Target, goroutinesTarget} {
 		t := r.target(name)
 		if t == nil {
 			continue
