@@ -90,6 +90,46 @@ func (g *gate) close() {
 	g.wg.Wait()
 }
 
+// gatedProxy is a proxy-mode proxy with rule for role whose server
+// connections go through a gate, whose first connection it holds.
+func gatedProxy(t *testing.T, role string, rule limiter.Rule) (p *testProxy, g *gate, pw string) {
+	t.Helper()
+	pw = newRole(t, role, -1)
+	ctl := superControl(t, shared)
+	g = newGate(t, shared.Addr())
+	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
+	lim.SetRules(mapRules{roles: map[string]limiter.Rule{role: rule}}, true, 0)
+	p = startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim, serverAddr: g.addr(),
+		sslmode: config.SSLDisable, startupTimeout: time.Minute})
+	return p, g, pw
+}
+
+// bgLogin is a login started in the background; done says when it has ended.
+type bgLogin struct {
+	done chan error
+	conn *pgx.Conn // once done
+}
+
+func startLogin(dsn string) *bgLogin {
+	l := &bgLogin{done: make(chan error, 1)}
+	go func() {
+		var err error
+		l.conn, err = tryConnect(dsn, 2*time.Minute, nil)
+		l.done <- err
+	}()
+	return l
+}
+
+// wait returns the login's connection once it has logged in, closed with the test.
+func (l *bgLogin) wait(t *testing.T, what string) *pgx.Conn {
+	t.Helper()
+	if err := <-l.done; err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	t.Cleanup(func() { l.conn.Close(context.Background()) })
+	return l.conn
+}
+
 // Under newest-wins the admission locks are held only while deciding: a
 // login of the role is admitted, and logs in, while another login of the
 // role is still in its server login (here held there by the gate), instead
@@ -97,40 +137,19 @@ func (g *gate) close() {
 func TestNewestWinsDoesNotWaitForLoginInFlight(t *testing.T) {
 	t.Parallel()
 	const role = "inflight_two"
-	pw := newRole(t, role, -1)
-	ctl := superControl(t, shared)
-	g := newGate(t, shared.Addr())
-	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
-	lim.SetRules(mapRules{roles: map[string]limiter.Rule{role: {MaxSessions: 2, Policy: limiter.PolicyNewestWins}}}, true, 0)
-	p := startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim, serverAddr: g.addr(),
-		sslmode: config.SSLDisable, startupTimeout: time.Minute})
-
-	first := make(chan error, 1)
-	var firstConn *pgx.Conn
-	go func() {
-		c, err := tryConnect(p.DSN(role, pw, "app"), 2*time.Minute, nil)
-		firstConn = c
-		first <- err
-	}()
+	p, g, pw := gatedProxy(t, role, limiter.Rule{MaxSessions: 2, Policy: limiter.PolicyNewestWins})
+	first := startLogin(p.DSN(role, pw, "app"))
 	waitUntil(t, time.Minute, "the first login in its server login", func() bool {
 		return sessionIn(p, role, StateConnecting)
 	})
-	second, err := tryConnect(p.DSN(role, pw, "app"), 2*time.Minute, nil)
-	if err != nil {
-		t.Fatalf("second login while the first is in flight: %v", err)
-	}
-	defer second.Close(context.Background())
+	second := startLogin(p.DSN(role, pw, "app")).wait(t, "second login while the first is in flight")
 	select {
-	case err := <-first:
+	case err := <-first.done:
 		t.Fatalf("the first login ended before the gate opened: %v", err)
 	default:
 	}
 	g.open()
-	if err := <-first; err != nil {
-		t.Fatalf("first login: %v", err)
-	}
-	defer firstConn.Close(context.Background())
-	wantAlive(t, firstConn, "the first login")
+	wantAlive(t, first.wait(t, "first login"), "the first login")
 	wantAlive(t, second, "the second login")
 }
 
@@ -141,49 +160,18 @@ func TestNewestWinsDoesNotWaitForLoginInFlight(t *testing.T) {
 func TestNewestWinsEvictsLoginInFlight(t *testing.T) {
 	t.Parallel()
 	const role = "inflight_one"
-	pw := newRole(t, role, -1)
-	ctl := superControl(t, shared)
-	g := newGate(t, shared.Addr())
-	lim := &Limits{Limiter: limiter.New(time.Now), Server: ctl}
-	lim.SetRules(mapRules{roles: map[string]limiter.Rule{role: {MaxSessions: 1, Policy: limiter.PolicyNewestWins,
-		Fallback: limiter.PolicyReject}}}, true, 0)
-	p := startProxy(t, proxyOpts{auth: proxyAuth(time.Minute, auth.SourceFunc(ctl.Secret)), limits: lim, serverAddr: g.addr(),
-		sslmode: config.SSLDisable, startupTimeout: time.Minute})
-
-	first := make(chan error, 1)
-	var firstConn *pgx.Conn
-	go func() {
-		c, err := tryConnect(p.DSN(role, pw, "app"), 2*time.Minute, nil)
-		firstConn = c
-		first <- err
-	}()
+	p, g, pw := gatedProxy(t, role, limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject})
+	first := startLogin(p.DSN(role, pw, "app"))
 	waitUntil(t, time.Minute, "the first login in its server login", func() bool {
 		return sessionIn(p, role, StateConnecting)
 	})
-	second := make(chan error, 1)
-	var secondConn *pgx.Conn
-	go func() {
-		c, err := tryConnect(p.DSN(role, pw, "app"), 2*time.Minute, nil)
-		secondConn = c
-		second <- err
-	}()
+	second := startLogin(p.DSN(role, pw, "app"))
 	waitUntil(t, time.Minute, "the second login waiting for the login in flight", func() bool {
-		for _, s := range p.Sessions() {
-			if s.User == role && s.State == StateWaiting && strings.Contains(s.Wait, "held by logins in flight") {
-				return true
-			}
-		}
-		return false
+		return strings.Contains(waitOf(p, role), "held by logins in flight")
 	})
 	g.open()
-	if err := <-first; err != nil {
-		t.Fatalf("first login: %v", err)
-	}
-	defer firstConn.Close(context.Background())
-	if err := <-second; err != nil {
-		t.Fatalf("second login: %v", err)
-	}
-	defer secondConn.Close(context.Background())
+	firstConn := first.wait(t, "first login")
+	secondConn := second.wait(t, "second login")
 	wantEvicted(t, firstConn, "role", role, limiter.PolicyNewestWins)
 	wantAlive(t, secondConn, "the newer login")
 	if l := admissionWarnings(p); len(l) != 0 {

@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/rolegate/rolegate/config"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/upstream"
@@ -47,22 +45,12 @@ func TestSlotFreedElsewhereWakesWaiter(t *testing.T) {
 	waitListening(t, ctlA, ctlB)
 
 	holder := connect(t, a.DSN(role, pw, "app"))
-	waiter := make(chan error, 1)
-	var waiterConn *pgx.Conn
-	go func() {
-		var err error
-		waiterConn, err = tryConnect(b.DSN(role, pw, "app"), 5*time.Minute, nil)
-		waiter <- err
-	}()
+	waiter := startLogin(b.DSN(role, pw, "app"))
 	waitUntil(t, time.Minute, "a login waiting for the slot on the second instance", func() bool {
-		return sessionIn(b, role, StateWaiting) && strings.Contains(waitOf(b, role), "slot of role")
+		return strings.Contains(waitOf(b, role), "slot of role")
 	})
 	holder.Close(context.Background())
-	if err := <-waiter; err != nil {
-		t.Fatalf("waiter: %v", err)
-	}
-	defer waiterConn.Close(context.Background())
-	wantAlive(t, waiterConn, "the waiter")
+	wantAlive(t, waiter.wait(t, "waiter"), "the waiter")
 }
 
 // A login that lands on one instance wakes a newest-wins login on another
@@ -98,21 +86,12 @@ func TestSlotLandedElsewhereWakesEvictor(t *testing.T) {
 	waitUntil(t, time.Minute, "the first login in its server login", func() bool {
 		return sessionIn(a, role, StateConnecting)
 	})
-	second := make(chan error, 1)
-	var secondConn *pgx.Conn
-	go func() {
-		var err error
-		secondConn, err = tryConnect(b.DSN(role, pw, "app"), 5*time.Minute, nil)
-		second <- err
-	}()
+	second := startLogin(b.DSN(role, pw, "app"))
 	waitUntil(t, time.Minute, "the second instance's login waiting for the login in flight", func() bool {
 		return strings.Contains(waitOf(b, role), "held by logins in flight")
 	})
 	g.open()
-	if err := <-second; err != nil {
-		t.Fatalf("newer login: %v", err)
-	}
-	defer secondConn.Close(context.Background())
+	secondConn := second.wait(t, "newer login")
 	if err := <-first; sqlstate(err) != "57P01" {
 		t.Fatalf("the evicted session got %v, want 57P01", err)
 	}
