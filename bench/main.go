@@ -369,6 +369,14 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 	r.wall = time.Since(began)
 	r.proxyLogs = logSummary(daemons)
+	for _, d := range daemons {
+		if !strings.HasPrefix(d.target.name, "rolegate") {
+			continue
+		}
+		if g, err := readGCPauses(d.target.name, d.logFile); err == nil {
+			r.gc = append(r.gc, g)
+		}
+	}
 	r.print(os.Stdout)
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -228,7 +229,8 @@ http = ""   # several instances run at once; the benchmark does not use it
 
 // rolegateEnv is rolegate's environment: ours without PG* variables (pgx
 // would read them for the control connection) and without Go runtime
-// tuning, plus the control password and, when set, GOMAXPROCS.
+// tuning, plus the control password, GODEBUG=gctrace=1 and, when set,
+// GOMAXPROCS.
 func rolegateEnv(password string, gomaxprocs int) []string {
 	var env []string
 	for _, kv := range os.Environ() {
@@ -238,7 +240,8 @@ func rolegateEnv(password string, gomaxprocs int) []string {
 		}
 		env = append(env, kv)
 	}
-	env = append(env, "ROLEGATE_CONTROL_PASSWORD="+password)
+	// One line per collection in its log, for the pauses (gc.go).
+	env = append(env, "ROLEGATE_CONTROL_PASSWORD="+password, "GODEBUG=gctrace=1")
 	if gomaxprocs > 0 {
 		env = append(env, "GOMAXPROCS="+strconv.Itoa(gomaxprocs))
 	}
@@ -485,7 +488,7 @@ func logSummary(daemons []*daemon) []string {
 			out = append(out, fmt.Sprintf("%s logged nothing", d.name))
 			continue
 		}
-		lines := strings.Split(text, "\n")
+		lines := slices.DeleteFunc(strings.Split(text, "\n"), gctraceLine.MatchString) // counted in gc.go
 		var notable []string
 		for _, l := range lines {
 			if d.name == "rolegate" || strings.Contains(l, "WARNING") || strings.Contains(l, "ERROR") || strings.Contains(l, "FATAL") {

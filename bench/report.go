@@ -132,6 +132,7 @@ type report struct {
 	logins    *loginResult  // nil when -logins 0
 	limits    *limitsResult // nil when -limit-logins 0
 	proxyLogs []string
+	gc        []gcPauses // per rolegate, from its gctrace lines
 	// idle is the CPU use before the first run, with everything started
 	// and nothing of the benchmark's doing work.
 	idle cpuUse
@@ -381,6 +382,12 @@ func (r *report) print(w io.Writer) {
 	r.printIdle(w, false)
 	if r.limits != nil {
 		r.printLimits(w)
+	}
+	if len(r.gc) > 0 {
+		fmt.Fprintf(w, "\nGarbage collection over the whole run (GODEBUG=gctrace=1)\n\n")
+		for _, g := range r.gc {
+			fmt.Fprintf(w, "  %s\n", g.describe())
+		}
 	}
 
 	fmt.Fprintf(w, "\nEvery run (CPU in cores, %d in all: the machine's busy time split into the server, the client tool, the proxy and other work)\n\n", r.machine.cpus)
