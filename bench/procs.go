@@ -143,6 +143,9 @@ type rolegateInstance struct {
 	// extraConfig is appended to the configuration file ([limits],
 	// [roles.NAME] tables).
 	extraConfig string
+	// adminHTTP is [admin] http, host:port; empty turns the admin HTTP
+	// server off.
+	adminHTTP string
 }
 
 // rolegateCacheTTL is [auth] cache_ttl, written out although it is the
@@ -189,8 +192,8 @@ level = %q
 format = %q
 
 [admin]
-http = ""   # several instances run at once; the benchmark does not use it
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
+http = %q   # "" (off) unless the test polls /healthz: several instances run at once
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format, inst.adminHTTP)
 	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
