@@ -128,6 +128,10 @@ func (o options) limitsOnly() bool { return o.only == onlyLimits }
 func (o options) runs(test string) bool { return o.only == "" || o.only == test }
 
 func main() {
+	if addr := os.Getenv(healthPollerEnv); addr != "" {
+		// This process is the storm test's /healthz poller (storm.go).
+		os.Exit(runHealthPoller(addr))
+	}
 	var o options
 	flag.StringVar(&o.rolegate, "rolegate", "", "rolegate binary; empty builds ./cmd/rolegate into the temp dir")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every test against every target")

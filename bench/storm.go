@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -337,8 +338,13 @@ func stormOnce(ctx context.Context, so stormOptions, c *pgtest.Cluster, bin, wor
 		return run, err
 	}
 	meter.settle()
-	// The client is this process, which the meter counts as itself.
-	run.cpu = meter.take(pids...).since(before, 0)
+	// The client is this process, which the meter counts as itself and
+	// leaves out of the other work.
+	after := meter.take(pids...)
+	run.cpu = after.since(before, 0)
+	if wall := after.at.Sub(before.at).Seconds(); wall > 0 && after.selfOK && before.selfOK {
+		run.cpu.client = float64(after.self-before.self) / clockTicks / wall
+	}
 	if rg != nil {
 		run.hwmKiB = kibField(readFile(fmt.Sprintf("/proc/%d/status", rg.pid)), "VmHWM")
 		run.scanLog(rg.logFile)
@@ -420,17 +426,26 @@ func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgco
 
 	// The watchers run from just before the storm until every login is
 	// answered and its session closed.
+	var poller *healthPoller
+	if adminAddr != "" {
+		var err error
+		if poller, err = startHealthPoller(adminAddr); err != nil {
+			close(start)
+			wg.Wait()
+			return err
+		}
+	}
 	wctx, stopWatching := context.WithCancel(ctx)
 	var watchers sync.WaitGroup
 	watchers.Go(func() { sampleSessions(wctx, super, run) })
-	if adminAddr != "" {
-		watchers.Go(func() { pollHealth(wctx, adminAddr, run) })
-	}
 	t0 = time.Now()
 	close(start) // t0 is written before the close, read after it
 	wg.Wait()
 	stopWatching()
 	watchers.Wait()
+	if poller != nil {
+		poller.stop(run)
+	}
 	if err := context.Cause(ctx); err != nil {
 		return err
 	}
@@ -533,8 +548,23 @@ func sampleSessions(ctx context.Context, super *pgconn.PgConn, run *stormRun) {
 	}
 }
 
-// pollHealth asks /healthz every stormHealthEvery until ctx ends.
-func pollHealth(ctx context.Context, addr string, run *stormRun) {
+// healthPollerEnv, set to rolegate's admin address, makes the benchmark's
+// binary the /healthz poller (runHealthPoller) instead of the benchmark. The
+// poller is a process of its own because the benchmark's own goroutines,
+// thousands of SCRAM clients in a storm, would delay its requests and its
+// clock far more than rolegate does.
+const healthPollerEnv = "ROLEGATE_BENCH_HEALTHZ_POLLER"
+
+// runHealthPoller asks /healthz at addr every stormHealthEvery until its
+// standard input ends, and writes one line per request to standard output:
+// "ok NANOSECONDS" or "err MESSAGE". It returns the exit status.
+func runHealthPoller(addr string) int {
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		// The parent closes our standard input to stop us.
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		cancel()
+	}()
 	client := &http.Client{Timeout: stormHealthTimeout}
 	defer client.CloseIdleConnections()
 	tick := time.NewTicker(stormHealthEvery)
@@ -542,22 +572,84 @@ func pollHealth(ctx context.Context, addr string, run *stormRun) {
 	for {
 		took, err := getHealth(ctx, client, addr)
 		if ctx.Err() != nil {
-			return
+			return 0
 		}
+		line := fmt.Sprintf("ok %d\n", took.Nanoseconds())
 		if err != nil {
-			run.healthFailed++
-			if run.healthErr == "" {
-				run.healthErr = err.Error()
-			}
-		} else {
-			run.health = append(run.health, took)
+			line = "err " + strings.ReplaceAll(err.Error(), "\n", " ") + "\n"
+		}
+		if _, err := os.Stdout.WriteString(line); err != nil {
+			return 1
 		}
 		select {
 		case <-ctx.Done():
-			return
+			return 0
 		case <-tick.C:
 		}
 	}
+}
+
+// healthPoller is a running runHealthPoller process.
+type healthPoller struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	done  chan struct{}
+	// read from the poller's output until done is closed
+	took     []time.Duration
+	failed   int
+	firstErr string
+}
+
+// startHealthPoller starts this binary as the /healthz poller of addr.
+func startHealthPoller(addr string) (*healthPoller, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("the /healthz poller: %w", err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), healthPollerEnv+"="+addr)
+	cmd.Stderr = os.Stderr
+	// A benchmark killed hard must not leave the poller running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("the /healthz poller: %w", err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("the /healthz poller: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("the /healthz poller: %w", err)
+	}
+	p := &healthPoller{cmd: cmd, stdin: stdin, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			kind, rest, _ := strings.Cut(sc.Text(), " ")
+			if ns, err := strconv.ParseInt(rest, 10, 64); kind == "ok" && err == nil {
+				p.took = append(p.took, time.Duration(ns))
+				continue
+			}
+			p.failed++
+			if p.firstErr == "" {
+				p.firstErr = rest
+			}
+		}
+	}()
+	return p, nil
+}
+
+// stop ends the poller and puts what it measured in run.
+func (p *healthPoller) stop(run *stormRun) {
+	_ = p.stdin.Close()
+	<-p.done
+	if err := p.cmd.Wait(); err != nil && p.firstErr == "" {
+		p.failed++
+		p.firstErr = fmt.Sprintf("the poller: %v", err)
+	}
+	run.health, run.healthFailed, run.healthErr = p.took, p.failed, p.firstErr
 }
 
 // waitRoleGone returns once pg_stat_activity shows no session of role.
@@ -700,7 +792,7 @@ func (res *stormResult) notes() []string {
 				s += fmt.Sprintf(" (the first: %s)", run.healthErr)
 			}
 		}
-		s += "; " + run.cpu.String() + " (client: this benchmark, in neither)"
+		s += "; " + run.cpu.String() + " (client: this benchmark's SCRAM clients)"
 		if run.kind != stormDirect {
 			var lines []string
 			for _, msg := range sortedKeys(run.logLines) {
