@@ -411,6 +411,15 @@ type stormLogin struct {
 // so.hold once admitted, while super samples the role's sessions and, with
 // adminAddr, /healthz is polled; it fills run.
 func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgconn.PgConn, adminAddr string, run *stormRun) error {
+	// The watchers run from just before the storm until every login is
+	// answered and its session closed.
+	var poller *healthPoller
+	if adminAddr != "" {
+		var err error
+		if poller, err = startHealthPoller(adminAddr); err != nil {
+			return err
+		}
+	}
 	holdSQL := fmt.Sprintf("select pg_sleep(%g)", so.hold.Seconds())
 	bound := so.bound()
 	logins := make([]stormLogin, so.logins)
@@ -424,20 +433,9 @@ func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgco
 		})
 	}
 
-	// The watchers run from just before the storm until every login is
-	// answered and its session closed.
-	var poller *healthPoller
-	if adminAddr != "" {
-		var err error
-		if poller, err = startHealthPoller(adminAddr); err != nil {
-			close(start)
-			wg.Wait()
-			return err
-		}
-	}
-	wctx, stopWatching := context.WithCancel(ctx)
+	stop, stopWatching := context.WithCancel(ctx)
 	var watchers sync.WaitGroup
-	watchers.Go(func() { sampleSessions(wctx, super, run) })
+	watchers.Go(func() { sampleSessions(ctx, stop, super, run) })
 	t0 = time.Now()
 	close(start) // t0 is written before the close, read after it
 	wg.Wait()
@@ -524,8 +522,9 @@ func (run *stormRun) add(l stormLogin) {
 }
 
 // sampleSessions counts the role's sessions in pg_stat_activity every
-// stormSampleEvery until ctx ends.
-func sampleSessions(ctx context.Context, super *pgconn.PgConn, run *stormRun) {
+// stormSampleEvery until stop ends. Each query runs under ctx, not stop: a
+// query cancelled midway would break super, which the next storm needs.
+func sampleSessions(ctx, stop context.Context, super *pgconn.PgConn, run *stormRun) {
 	sql := fmt.Sprintf("select count(*) from pg_stat_activity where usename = '%s'", stormRole)
 	tick := time.NewTicker(stormSampleEvery)
 	defer tick.Stop()
@@ -541,7 +540,7 @@ func sampleSessions(ctx context.Context, super *pgconn.PgConn, run *stormRun) {
 		run.samples++
 		run.serverMax = max(run.serverMax, n)
 		select {
-		case <-ctx.Done():
+		case <-stop.Done():
 			return
 		case <-tick.C:
 		}
