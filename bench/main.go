@@ -5,6 +5,7 @@
 //
 //	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300] [-pinned] [-idle-sessions 200]
 //	go run ./bench -only limits [-limit-logins 300]
+//	go run ./bench -only storm [-storm-logins 5000] [-storm-limit 5] [-storm-hold 50ms]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
 // the role bench and loads `pgbench -i -s 10` as that role, sets up
@@ -21,7 +22,10 @@
 // test (issue 4, limits.go): logins of a role at its limit that evict its
 // oldest session, through a rolegate of their own, against plain logins and
 // against terminating the session by hand; `-only limits` runs that test
-// alone. Everything it started is stopped and removed on exit, also on
+// alone. After it, the login storm (issue 11, storm.go): thousands of
+// logins of a role with a small limit started at once, straight at the
+// server and through a rolegate of their own per policy; `-only storm` runs
+// it alone. Everything it started is stopped and removed on exit, also on
 // Ctrl-C.
 package main
 
@@ -101,15 +105,33 @@ type options struct {
 	// idleSessions is how many idle sessions the idle-session test opens
 	// through each proxy; 0 skips it.
 	idleSessions int
+	// stormLogins is how many logins the storm test starts at once; 0
+	// skips it in a full run. stormLimit is the role's limit, stormHold how
+	// long an admitted login holds its session.
+	stormLogins, stormLimit int
+	stormHold               time.Duration
 }
 
-// onlyLimits is -only's value for the newest-wins test alone.
-const onlyLimits = "limits"
+// -only's values: the newest-wins test alone, the login storm alone.
+const (
+	onlyLimits = "limits"
+	onlyStorm  = "storm"
+)
+
+// alone says whether the run is one test alone (-only).
+func (o options) alone() bool { return o.only != "" }
 
 // limitsOnly says whether the run is the newest-wins test alone.
 func (o options) limitsOnly() bool { return o.only == onlyLimits }
 
+// runs says whether the run includes the test named by an -only value.
+func (o options) runs(test string) bool { return o.only == "" || o.only == test }
+
 func main() {
+	if addr := os.Getenv(healthPollerEnv); addr != "" {
+		// This process is the storm test's /healthz poller (storm.go).
+		os.Exit(runHealthPoller(addr))
+	}
 	var o options
 	flag.StringVar(&o.rolegate, "rolegate", "", "rolegate binary; empty builds ./cmd/rolegate into the temp dir")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every test against every target")
@@ -125,11 +147,14 @@ func main() {
 	flag.IntVar(&o.connectClients, "connect-clients", 8, "pgbench -c for the connect-rate row (pgbench -C)")
 	flag.IntVar(&o.logins, "logins", 500, "sequential logins timed per target for the login latency (0 skips it)")
 	flag.StringVar(&o.setupSQL, "setup-sql", "", "rolegate's control-role script; empty: sql/setup.sql of the repository, and without one the superuser")
-	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4); empty runs everything`)
+	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4) or "storm" (the login storm, issue 11); empty runs everything`)
 	flag.IntVar(&o.limitLogins, "limit-logins", 300, "newest-wins test: logins timed per row (0 skips the test in a full run)")
 	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
 	flag.BoolVar(&o.pinned, "pinned", runtime.NumCPU() >= 2, "also run the select-only rows with the server and pgbench on one CPU and each proxy on another (needs 2 CPUs)")
 	flag.IntVar(&o.idleSessions, "idle-sessions", 200, "idle sessions opened through each proxy for its memory per session (0 skips the test)")
+	flag.IntVar(&o.stormLogins, "storm-logins", 5000, "login storm: logins started at once per storm (0 skips the test in a full run)")
+	flag.IntVar(&o.stormLimit, "storm-limit", 5, "login storm: the role's session limit")
+	flag.DurationVar(&o.stormHold, "storm-hold", 50*time.Millisecond, "login storm: how long an admitted login holds its session (select pg_sleep)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments: %v\n", flag.Args())
@@ -162,14 +187,22 @@ func (o options) validate() error {
 		return errors.New("-scale must be at least 1")
 	case o.repeats < 0:
 		return errors.New("-repeats must be 0 or more")
-	case o.only != "" && o.only != onlyLimits:
-		return fmt.Errorf("-only %q: the only test that runs alone is %q", o.only, onlyLimits)
+	case o.only != "" && o.only != onlyLimits && o.only != onlyStorm:
+		return fmt.Errorf("-only %q: the tests that run alone are %q and %q", o.only, onlyLimits, onlyStorm)
 	case o.limitLogins < 0:
 		return errors.New("-limit-logins must be 0 or more")
 	case o.limitsOnly() && o.limitLogins == 0:
 		return errors.New("-only limits needs -limit-logins of at least 1")
 	case o.idleSessions < 0:
 		return errors.New("-idle-sessions must be 0 or more")
+	case o.stormLogins < 0:
+		return errors.New("-storm-logins must be 0 or more")
+	case o.only == onlyStorm && o.stormLogins == 0:
+		return errors.New("-only storm needs -storm-logins of at least 1")
+	case o.stormLimit < 1:
+		return errors.New("-storm-limit must be at least 1")
+	case o.stormHold < 0:
+		return errors.New("-storm-hold must be 0 or more")
 	}
 	return nil
 }
@@ -206,7 +239,7 @@ func run(o options) int {
 // bench does the whole run; its deferred calls are the cleanup.
 func bench(ctx context.Context, o options, began time.Time) (err error) {
 	tools := []string{"pgbench", "psql"}
-	if o.limitsOnly() {
+	if o.alone() {
 		tools = []string{"psql"} // for sql/setup.sql
 	}
 	for _, tool := range tools {
@@ -235,7 +268,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 
 	var bouncerBin, bouncerNote string
-	if o.limitsOnly() {
+	if o.alone() {
 		// Nothing to say: the test has no PgBouncer column.
 	} else if o.noPgBouncer {
 		bouncerNote = "PgBouncer left out (-no-pgbouncer)"
@@ -268,7 +301,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		return err
 	}
 	logf("rolegate control: %s", ctl.describe)
-	if !o.limitsOnly() {
+	if !o.alone() {
 		logf("pgbench -i -s %d as %s", o.scale, benchRole)
 		if _, _, err := runTool(ctx, env, "pgbench", "-i", "-q", "-s", strconv.Itoa(o.scale),
 			"-h", cluster.Host, "-p", strconv.Itoa(cluster.Port), "-U", benchRole, benchRole); err != nil {
@@ -280,7 +313,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	var daemons []*daemon
 	var instances []rolegateInstance
 	var idleTargets []idleTarget
-	if !o.limitsOnly() {
+	if !o.alone() {
 		targets = append(targets, &target{name: "direct", host: cluster.Host, port: cluster.Port})
 		instances = append(instances, rolegateInstance{name: "rolegate"})
 		if o.gomaxprocs1 {
@@ -347,7 +380,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		logf("with the benchmark idle, other work used %.2f cores; each run waits for quiet (-quiet-wait %v)", r.idle.other, o.quietWait)
 	}
 
-	if !o.limitsOnly() {
+	if !o.alone() {
 		if r.plan, r.pinnedNote, err = setUpPinning(o, meter, pids); err != nil {
 			return err
 		}
@@ -364,8 +397,15 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 			return err
 		}
 	}
-	if err := measureLimits(ctx, o, cluster, rolegateBin, work, ctl, meter, pids, r); err != nil {
-		return err
+	if o.runs(onlyLimits) {
+		if err := measureLimits(ctx, o, cluster, rolegateBin, work, ctl, meter, pids, r); err != nil {
+			return err
+		}
+	}
+	if o.runs(onlyStorm) {
+		if err := measureStorm(ctx, o, cluster, rolegateBin, work, ctl, meter, pids, r); err != nil {
+			return err
+		}
 	}
 	r.wall = time.Since(began)
 	r.proxyLogs = logSummary(daemons)

@@ -147,6 +147,9 @@ type rolegateInstance struct {
 	extraConfig string
 	// relay is the top-level relay key; empty: rolegate's default (loop).
 	relay string
+	// adminHTTP is [admin] http, host:port; empty turns the admin HTTP
+	// server off.
+	adminHTTP string
 }
 
 // goroutinesTarget is the name of the rolegate started with relay =
@@ -202,8 +205,8 @@ level = %q
 format = %q
 
 [admin]
-http = ""   # several instances run at once; the benchmark does not use it
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), relay, server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format)
+http = %q   # "" (off) unless the test polls /healthz: several instances run at once
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), relay, server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format, inst.adminHTTP)
 	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {

@@ -131,6 +131,7 @@ type report struct {
 	runs      map[testKind]map[string][]sample
 	logins    *loginResult  // nil when -logins 0
 	limits    *limitsResult // nil when -limit-logins 0
+	storm     *stormResult  // nil when -storm-logins 0
 	proxyLogs []string
 	gc        []gcPauses // per rolegate, from its gctrace lines
 	// idle is the CPU use before the first run, with everything started
@@ -216,10 +217,10 @@ func (r *report) target(name string) *target {
 }
 
 // settings is one line describing what ran in the rounds and the login
-// latency; empty for -only limits.
+// latency; empty for -only.
 func (r *report) settings() string {
 	o := r.opts
-	if o.limitsOnly() {
+	if o.alone() {
 		return ""
 	}
 	s := fmt.Sprintf("%d rounds, interleaved; pgbench -n -S -c %d -j %d -T %d (scale %d); COPY (select repeat('x', %d) from generate_series(1, %d)) TO STDOUT, %d bytes, psql > /dev/null; connect rate pgbench -n -S -C -c %d -j %d -T %d",
@@ -235,8 +236,11 @@ func (r *report) settings() string {
 func (r *report) setupLines() []string {
 	m := r.machine
 	name := "rolegate"
-	if r.opts.limitsOnly() {
+	switch r.opts.only {
+	case onlyLimits:
 		name = limitsTarget
+	case onlyStorm:
+		name = "rolegate-storm-*"
 	}
 	lines := []string{name + ": proxy mode (SCRAM with the client, the recovered ClientKey to the server), control connection " + m.control}
 	if r.has(gmp1Target) {
@@ -247,6 +251,9 @@ func (r *report) setupLines() []string {
 	}
 	if r.limits != nil {
 		lines = append(lines, limitsSetupLine)
+	}
+	if r.storm != nil {
+		lines = append(lines, stormSetupLine)
 	}
 	return lines
 }
@@ -353,18 +360,23 @@ func (r *report) print(w io.Writer) {
 	if r.limits != nil {
 		fmt.Fprintf(w, "limits:  %s\n", limitsSettings(r.opts))
 	}
+	if r.storm != nil {
+		fmt.Fprintf(w, "storm:   %s\n", stormSettings(r.opts, r.storm))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "setup:   %s\n", line)
 	}
 	if r.machine.pgbouncerNote != "" {
 		fmt.Fprintf(w, "NOTE:    %s\n", r.machine.pgbouncerNote)
 	}
-	if r.opts.limitsOnly() {
-		r.printLimits(w)
-		fmt.Fprintf(w, "\nAgainst issue 4's target (a newest-wins login at most 5 ms more than a plain login at the median, 30 ms at p99):\n")
-		for _, line := range r.limits.verdicts() {
-			fmt.Fprintf(w, "  %s\n", line)
+	if r.opts.alone() {
+		if r.limits != nil {
+			r.printLimits(w)
 		}
+		if r.storm != nil {
+			r.printStorm(w, false)
+		}
+		r.printAloneVerdicts(w, false)
 		fmt.Fprintf(w, "\n----- Markdown, for bench/README.md -----\n\n")
 		r.markdown(w)
 		return
@@ -389,6 +401,9 @@ func (r *report) print(w io.Writer) {
 			fmt.Fprintf(w, "  %s\n", g.describe())
 		}
 	}
+	if r.storm != nil {
+		r.printStorm(w, false)
+	}
 
 	fmt.Fprintf(w, "\nEvery run (CPU in cores, %d in all: the machine's busy time split into the server, the client tool, the proxy and other work)\n\n", r.machine.cpus)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -412,12 +427,7 @@ func (r *report) print(w io.Writer) {
 			fmt.Fprintf(w, "  %s\n", line)
 		}
 	}
-	if r.limits != nil {
-		fmt.Fprintf(w, "\nAgainst issue 4's target (a newest-wins login at most 5 ms more than a plain login at the median, 30 ms at p99):\n")
-		for _, line := range r.limits.verdicts() {
-			fmt.Fprintf(w, "  %s\n", line)
-		}
-	}
+	r.printAloneVerdicts(w, false)
 	if len(r.proxyLogs) > 0 {
 		fmt.Fprintf(w, "\nProxy logs:\n")
 		for _, line := range r.proxyLogs {
@@ -442,18 +452,23 @@ func (r *report) markdown(w io.Writer) {
 	if r.limits != nil {
 		fmt.Fprintf(w, "- Newest-wins: %s\n", strings.TrimPrefix(limitsSettings(r.opts), "newest-wins: "))
 	}
+	if r.storm != nil {
+		fmt.Fprintf(w, "- Login storm: %s\n", stormSettings(r.opts, r.storm))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "- %s\n", line)
 	}
 	if r.machine.pgbouncerNote != "" {
 		fmt.Fprintf(w, "- Note: %s\n", r.machine.pgbouncerNote)
 	}
-	if r.opts.limitsOnly() {
-		r.markdownLimits(w)
-		fmt.Fprintf(w, "\nAgainst issue 4's target:\n\n")
-		for _, line := range r.limits.verdicts() {
-			fmt.Fprintf(w, "- %s\n", line)
+	if r.opts.alone() {
+		if r.limits != nil {
+			r.markdownLimits(w)
 		}
+		if r.storm != nil {
+			r.printStorm(w, true)
+		}
+		r.printAloneVerdicts(w, true)
 		return
 	}
 	fmt.Fprintln(w)
@@ -469,6 +484,9 @@ func (r *report) markdown(w io.Writer) {
 	r.printIdle(w, true)
 	if r.limits != nil {
 		r.markdownLimits(w)
+	}
+	if r.storm != nil {
+		r.printStorm(w, true)
 	}
 
 	fmt.Fprintf(w, "\nEvery run, in the order they ran within each round:\n\n")
@@ -528,11 +546,39 @@ func (r *report) markdown(w io.Writer) {
 	if r.limits != nil {
 		v = append(v, r.limits.verdicts()...)
 	}
+	if r.storm != nil {
+		v = append(v, r.storm.verdicts()...)
+	}
 	if len(v) > 0 {
 		fmt.Fprintf(w, "\nAgainst the targets:\n\n")
 		for _, line := range v {
 			fmt.Fprintf(w, "- %s\n", line)
 		}
+	}
+}
+
+// printAloneVerdicts writes the newest-wins and storm tests' verdicts, each
+// under its issue's targets, as text or as Markdown.
+func (r *report) printAloneVerdicts(w io.Writer, md bool) {
+	section := func(title string, lines []string) {
+		if md {
+			fmt.Fprintf(w, "\n%s:\n\n", title)
+		} else {
+			fmt.Fprintf(w, "\n%s:\n", title)
+		}
+		for _, line := range lines {
+			if md {
+				fmt.Fprintf(w, "- %s\n", line)
+			} else {
+				fmt.Fprintf(w, "  %s\n", line)
+			}
+		}
+	}
+	if r.limits != nil {
+		section("Against issue 4's target (a newest-wins login at most 5 ms more than a plain login at the median, 30 ms at p99)", r.limits.verdicts())
+	}
+	if r.storm != nil {
+		section("Against issue 11's storm targets (every login answered, the server never above the limit, rolegate's peak RSS under 256 MiB, /healthz within 100 ms, every login answered under reject within 1.5× of the direct storm)", r.storm.verdicts())
 	}
 }
 

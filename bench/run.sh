@@ -4,7 +4,9 @@
 #   bench/run.sh -rounds 5 -duration 20s
 # `make bench` calls this. It takes about fifteen minutes and is never run in CI;
 #   bench/run.sh -only limits
-# runs only the newest-wins test (issue 4), in 1–2 minutes.
+# runs only the newest-wins test (issue 4), in 1–2 minutes;
+#   bench/run.sh -only storm [-storm-logins 5000] [-storm-limit 5]
+# runs only the login storm (issue 11).
 #
 # ROLEGATE_REF=HEAD (or any commit) builds rolegate from a clean export of that
 # commit (git archive) instead of the working tree, so that uncommitted changes
