@@ -71,7 +71,16 @@ type admission struct {
 	// inLine: the login has waited in line; the admin views keep showing its
 	// place there while it checks again, not the lock or the census.
 	inLine bool
+	// recheck, after a wake-up that found no slot, is when to look again:
+	// the session whose end woke the login may still be leaving the server
+	// (its backend exits a moment after its socket closes), so the login
+	// looks again soon, backing off to the poll interval.
+	recheck time.Duration
 }
+
+// Re-checks after a wake-up that found no slot: the first after
+// recheckFirst, each later one twice as long, up to the poll interval.
+const recheckFirst = 5 * time.Millisecond
 
 // evictFailure is one victim admission could not evict; cause is in words a
 // client may read (the server's message, or what did not happen), never a
@@ -666,12 +675,20 @@ func (a *admission) wait(ctx context.Context, d limiter.Decision) error {
 		}
 		ready = t.Ready()
 	}
+	if a.recheck > 0 {
+		delay = min(delay, a.recheck)
+		a.recheck *= 2
+		if a.recheck >= poll {
+			a.recheck = 0
+		}
+	}
 	timer := time.NewTimer(delay)
 	defer timer.Stop()
 	left := watchHangUp(a.client, a.cr)
 	defer left.stop()
 	select {
 	case <-ready:
+		a.recheck = recheckFirst
 	case <-timer.C:
 	case <-left.gone:
 		return errClientClosed

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -106,4 +107,26 @@ func waitOf(p *testProxy, role string) string {
 		}
 	}
 	return ""
+}
+
+// A chain of hand-offs under wait with limit 1 and no re-check timer: each
+// session's end wakes the next login, which may find the ended session's
+// backend still leaving the server; it then looks again soon (recheck),
+// without the poll, and every login in the chain gets in.
+func TestWaitHandOffWithoutPoll(t *testing.T) {
+	t.Parallel()
+	const role = "handoff_chain"
+	pw := newRole(t, role, -1)
+	ctl := superControl(t, shared)
+	p := viewProxy(t, ctl, ctl, role, limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyWait, WaitTimeout: 5 * time.Minute}, noPoll)
+	holder := connect(t, p.DSN(role, pw, "app"))
+	for i := range 10 {
+		next := startLogin(p.DSN(role, pw, "app"))
+		waitUntil(t, time.Minute, "the next login waiting", func() bool {
+			return strings.Contains(waitOf(p, role), "slot of role")
+		})
+		holder.Close(context.Background())
+		holder = next.wait(t, fmt.Sprintf("login %d of the chain", i))
+		wantAlive(t, holder, "the new holder")
+	}
 }
