@@ -40,7 +40,8 @@ type loopRelay struct {
 func (c *clientConn) relayOnLoop() bool {
 	ct, cok := c.client.(*net.TCPConn)
 	st, sok := c.server.(*net.TCPConn)
-	if c.s.loop == nil || !cok || !sok {
+	loop := c.s.loop.Load()
+	if loop == nil || !cok || !sok {
 		return false
 	}
 	r := &loopRelay{c: c, fromClient: scanner{want: clientEvents}, fromServer: scanner{want: serverEvents},
@@ -48,7 +49,7 @@ func (c *clientConn) relayOnLoop() bool {
 	defer close(r.started)
 	// Detached before Add: Closed may run on the loop before Add returns.
 	c.detached = true
-	ls, err := c.s.loop.Add(ct, st, readAhead(c.cr), readAhead(c.sr), r)
+	ls, err := loop.Add(ct, st, readAhead(c.cr), readAhead(c.sr), r)
 	if err != nil {
 		c.detached = false
 		return false

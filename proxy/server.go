@@ -84,8 +84,11 @@ type Server struct {
 	handlers sync.WaitGroup // one per connection being handled (handle)
 	nextID   atomic.Uint64
 	// loop relays plain TCP sessions once logged in; nil: goroutines relay
-	// every session (Config.Relay).
-	loop *evloop.Loop
+	// every session (Config.Relay). The first Serve starts it (startLoop),
+	// so that a Server never served holds no goroutine.
+	loop       atomic.Pointer[evloop.Loop]
+	loopOnce   sync.Once
+	loopFailed atomic.Bool
 	// background runs the Server's own goroutines (slot signals from other
 	// instances: listenSlots); Close waits for them.
 	background sync.WaitGroup
@@ -118,15 +121,7 @@ func New(cfg Config) *Server {
 		obs = nopObserver{}
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	var loop *evloop.Loop
-	if cfg.Relay != RelayGoroutines {
-		var err error
-		if loop, err = evloop.New(evloop.Config{DrainTimeout: victimGoneTimeout, FarewellTimeout: shutdownNoticeTimeout}); err != nil {
-			cfg.Logger.Warn("event loop unavailable; relaying with goroutines", "err", err)
-		}
-	}
 	return &Server{
-		loop:      loop,
 		cfg:       cfg,
 		log:       cfg.Logger,
 		obs:       obs,
@@ -156,10 +151,27 @@ func (s *Server) SetConsole(c Console) { s.console.Store(&consoleBox{c}) }
 // RelayMode says how logged-in sessions are relayed: RelayLoop or
 // RelayGoroutines.
 func (s *Server) RelayMode() string {
-	if s.loop != nil {
-		return RelayLoop
+	if s.cfg.Relay == RelayGoroutines || s.loopFailed.Load() {
+		return RelayGoroutines
 	}
-	return RelayGoroutines
+	return RelayLoop
+}
+
+// startLoop starts the event loop, once, unless the configuration relays
+// with goroutines; if the loop cannot start, goroutines relay every session.
+func (s *Server) startLoop() {
+	s.loopOnce.Do(func() {
+		if s.cfg.Relay == RelayGoroutines {
+			return
+		}
+		loop, err := evloop.New(evloop.Config{DrainTimeout: victimGoneTimeout, FarewellTimeout: shutdownNoticeTimeout})
+		if err != nil {
+			s.loopFailed.Store(true)
+			s.log.Warn("event loop unavailable; relaying with goroutines", "err", err)
+			return
+		}
+		s.loop.Store(loop)
+	})
 }
 
 // Events returns the most recent evictions and rejections, newest first.
@@ -179,6 +191,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
+	s.startLoop()
 	s.listenSlots()
 	defer func() {
 		s.mu.Lock()
@@ -291,13 +304,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.closeListeners(true)
 	s.cancel(errShutdown)
-	if s.loop != nil {
-		s.loop.StopAll(errShutdown) // sessions on the loop have no context of their own
+	s.loopOnce.Do(func() {}) // no loop starts after this
+	loop := s.loop.Load()
+	if loop != nil {
+		loop.StopAll(errShutdown) // sessions on the loop have no context of their own
 	}
 	s.handlers.Wait()
 	s.background.Wait()
-	if s.loop != nil {
-		s.loop.Close() // its sessions ended with their handlers
+	if loop != nil {
+		loop.Close() // its sessions ended with their handlers
 	}
 	return nil
 }
