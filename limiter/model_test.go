@@ -95,10 +95,10 @@ type sim struct {
 	dying     map[uint32]time.Time
 	lingering map[uint32]bool
 	claims    map[uint64][]uint32
-	step     int
-	pid      uint32
-	id       uint64
-	log      []string
+	step      int
+	pid       uint32
+	id        uint64
+	log       []string
 }
 
 // flight is an admitted login still logging in to the server: its slot is
@@ -109,7 +109,7 @@ type flight struct {
 	lg     Login
 	r      *Reservation
 	landAt int
-	pid    uint32 // its backend, when the server shows it already (Identify)
+	pid    uint32   // its backend, when the server shows it already (Identify)
 	claims []uint32 // signalled victims whose slots it took over
 	tries  int      // server logins refused while its victims were still there
 }
