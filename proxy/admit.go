@@ -88,9 +88,9 @@ type admission struct {
 type evictResult int
 
 const (
-	notEvicted evictResult = iota
-	evictedGone           // its slot is free (Evicted)
-	evictedSignalled      // signalled, its exit not awaited (Signalled)
+	notEvicted       evictResult = iota
+	evictedGone                  // its slot is free (Evicted)
+	evictedSignalled             // signalled, its exit not awaited (Signalled)
 )
 
 // evictFailure is one victim admission could not evict; cause is in words a
