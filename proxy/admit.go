@@ -88,9 +88,9 @@ type admission struct {
 type evictResult int
 
 const (
-	notEvicted       evictResult = iota
-	evictedGone                  // its slot is free (Evicted)
-	evictedSignalled             // signalled, its exit not awaited (Signalled)
+	evictNone        evictResult = iota // not evicted (EvictFailed)
+	evictedGone                         // its slot is free (Evicted)
+	evictedSignalled                    // signalled, its exit not awaited (Signalled)
 )
 
 // evictFailure is one victim admission could not evict; cause is in words a
@@ -555,7 +555,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 // is free (evictedGone), or, for a victim rolegate does not relay when the
 // server enforces the login's limits, once it was signalled
 // (evictedSignalled: the login's server login overlaps its exit). It
-// reports notEvicted when the terminate failed, the victim was no longer
+// reports evictNone when the terminate failed, the victim was no longer
 // the session the census saw (its pid reused, or, under evict-idle, no
 // longer idle), or it did not exit in time.
 func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) evictResult {
@@ -594,7 +594,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		case <-t.C:
 			return a.notEvicted(v, upstream.NotGone, nil, attrs)
 		case <-ctx.Done():
-			return notEvicted
+			return evictNone
 		}
 	} else if a.overlap {
 		// Not waited for: the server refuses this login's server login
@@ -629,7 +629,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 }
 
 // notEvicted logs why victim v was not evicted (r, or err) and remembers it
-// for the DETAIL of a rejection; it returns notEvicted, for evict. A victim that
+// for the DETAIL of a rejection; it returns evictNone, for evict. A victim that
 // had already ended, or whose pid a newer backend has, is no failure: its
 // slot is free, and the next census shows it. The lines are rate-limited
 // per role and cause, so a cause that hits every login of a role (the
@@ -650,7 +650,7 @@ func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err err
 	default:
 		a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user+" "+r.String(), "not evicted", append(attrs, "why", r.String())...)
 	}
-	return notEvicted
+	return evictNone
 }
 
 // clientCause is why a terminate failed, in words a client may read (the
