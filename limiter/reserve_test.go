@@ -319,3 +319,135 @@ func TestLandedElsewhere(t *testing.T) {
 	evictor.Ticket.Leave()
 	waiter.Ticket.Leave()
 }
+
+// A victim reported Signalled (terminated, not waited for): its claimant is
+// admitted with its slot at once; every other login counts the victim and
+// the claimant's reservation as one slot, never picks the victim again, and
+// waits for the claimant to land to evict it; a census read before the
+// signal does not end the victim, one read after it and without its row
+// does; the claimant's landing ends it too.
+func TestSignalled(t *testing.T) {
+	clk := newClock()
+	l := New(clk.Now)
+	nw := rule(1, PolicyNewestWins)
+	old := idle(7, "app", "d", time.Hour)
+	census := []Holder{old}
+	stale := l.Epoch() // a census read now, before the signal
+
+	a := login(1)
+	a.CensusEpoch = l.Epoch()
+	d := l.Decide(a, nw, NoLimit(), census)
+	if d.Kind != Evict || len(d.Victims) != 1 || d.Victims[0].PID != 7 {
+		t.Fatalf("a: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	a.Ticket = d.Ticket
+	l.Signalled(7)
+	// The victim is still in pg_stat_activity: a is admitted all the same.
+	a.CensusEpoch = l.Epoch()
+	if d := l.Decide(a, nw, NoLimit(), census); d.Kind != Admit {
+		t.Fatalf("a after the signal: %v (%s)", d.Kind, d.Reason)
+	}
+	res := l.Reserve(a)
+	if s := l.Snapshot(); len(s.Evicting) != 1 || !s.Evicting[0].Signalled {
+		t.Fatalf("evicting %+v", s.Evicting)
+	}
+
+	// b: the victim and a's reservation are one slot; the victim is not
+	// chosen again; b waits for a to land, to evict it then.
+	b := login(2)
+	b.CensusEpoch = l.Epoch()
+	d = l.Decide(b, nw, NoLimit(), census)
+	b.Ticket = mustWait(t, d)
+	if !d.Landing || d.Count != 1 || !strings.Contains(d.Reason, "1 being evicted, 1 logging in") {
+		t.Fatalf("b: landing %v count %d (%s)", d.Landing, d.Count, d.Reason)
+	}
+	// Under reject the slot is taken.
+	if d := l.Decide(login(3), rule(1, PolicyReject), NoLimit(), census); d.Kind != Reject || d.Count != 1 {
+		t.Fatalf("reject: %v count %d (%s)", d.Kind, d.Count, d.Reason)
+	}
+	// A census read before the signal may lack the victim's row for any
+	// reason: the victim still counts.
+	gone := without(census, 7)
+	if d := l.Decide(Login{ID: 4, Role: "app", Database: "d", CensusEpoch: stale}, rule(1, PolicyReject), NoLimit(), gone); d.Kind != Reject {
+		t.Fatalf("stale census: %v (%s)", d.Kind, d.Reason)
+	}
+	if len(l.Snapshot().Evicting) != 1 {
+		t.Fatal("a stale census ended the victim")
+	}
+	// A census of another role and database does not list it at all.
+	if d := l.Decide(Login{ID: 5, Role: "other", Database: "e", CensusEpoch: l.Epoch()}, nw, NoLimit(), nil); d.Kind != Admit {
+		t.Fatalf("other: %v (%s)", d.Kind, d.Reason)
+	}
+	if len(l.Snapshot().Evicting) != 1 {
+		t.Fatal("a census that does not list the victim's role or database ended it")
+	}
+	// A fresh census without its row: it left; a's reservation holds the slot.
+	if d := l.Decide(Login{ID: 6, Role: "app", Database: "d", CensusEpoch: l.Epoch()}, rule(1, PolicyReject), NoLimit(), gone); d.Kind != Reject || d.Count != 1 {
+		t.Fatalf("after the victim left: %v count %d (%s)", d.Kind, d.Count, d.Reason)
+	}
+	if n := len(l.Snapshot().Evicting); n != 0 {
+		t.Fatalf("%d victims in flight after the victim left", n)
+	}
+	res.Release(true)
+	if !ready(b.Ticket) {
+		t.Fatal("b not woken by a's landing")
+	}
+	b.CensusEpoch = l.Epoch()
+	if d := l.Decide(b, nw, NoLimit(), []Holder{idle(8, "app", "d", 0)}); d.Kind != Evict || d.Victims[0].PID != 8 {
+		t.Fatalf("b after a landed: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	b.Ticket.Leave()
+}
+
+// A signalled victim whose claimant's login failed is nobody's: a newer
+// login waits for it to leave rather than being rejected; one that lingers
+// past signalledKeep counts as an ordinary session again and may be chosen
+// once more. The claimant's landing ends a victim still listed (the server
+// let the claimant in, so its slot was free).
+func TestSignalledOrphan(t *testing.T) {
+	clk := newClock()
+	l := New(clk.Now)
+	nw := rule(1, PolicyNewestWins)
+	census := []Holder{idle(7, "app", "d", time.Hour)}
+	a := login(1)
+	d := l.Decide(a, nw, NoLimit(), census)
+	a.Ticket = d.Ticket
+	l.Signalled(7)
+	if d := l.Decide(a, nw, NoLimit(), census); d.Kind != Admit {
+		t.Fatalf("a: %v (%s)", d.Kind, d.Reason)
+	}
+	l.Reserve(a).Release(false) // the server login failed
+
+	b := login(2)
+	b.CensusEpoch = l.Epoch()
+	d = l.Decide(b, nw, NoLimit(), census)
+	b.Ticket = mustWait(t, d)
+	if !d.Landing || !strings.Contains(d.Reason, "1 session being evicted to leave") {
+		t.Fatalf("b: landing %v (%s)", d.Landing, d.Reason)
+	}
+	// It lingers past the bound: an ordinary session again, chosen again.
+	clk.Advance(signalledKeep + time.Second)
+	b.CensusEpoch = l.Epoch()
+	d = l.Decide(b, nw, NoLimit(), census)
+	if d.Kind != Evict || d.Victims[0].PID != 7 {
+		t.Fatalf("b after the bound: %v %v (%s)", d.Kind, pids(d.Victims), d.Reason)
+	}
+	b.Ticket = d.Ticket
+	l.Signalled(7)
+	if d := l.Decide(b, nw, NoLimit(), census); d.Kind != Admit {
+		t.Fatalf("b: %v (%s)", d.Kind, d.Reason)
+	}
+	res := l.Reserve(b)
+	res.Release(true)
+	if n := len(l.Snapshot().Evicting); n != 0 {
+		t.Fatalf("%d victims in flight after the claimant landed", n)
+	}
+	// Abandon keeps a signalled victim counted.
+	c := login(3)
+	d = l.Decide(c, nw, NoLimit(), []Holder{idle(9, "app", "d", time.Hour)})
+	l.Signalled(9)
+	d.Ticket.Abandon()
+	if s := l.Snapshot(); len(s.Evicting) != 1 || s.Evicting[0].Victim.PID != 9 {
+		t.Fatalf("after Abandon: %+v", s.Evicting)
+	}
+}
