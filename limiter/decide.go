@@ -209,7 +209,7 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 
 	rv := &scopeView{key: queueKey{ScopeRole, login.Role}, rule: role}
 	dv := &scopeView{key: queueKey{ScopeDatabase, login.Database}, rule: db}
-	l.census(now, login, holders, t, rv, dv)
+	l.census(holders, t, login.CensusEpoch, rv, dv)
 	for _, v := range []*scopeView{rv, dv} {
 		v.ahead = l.ahead(v.key, t)
 		// Under an evicting policy the line only keeps the order in which
@@ -255,10 +255,7 @@ type scopeView struct {
 	leaving int                  // how many of count are victims in flight
 	ahead   int                  // waiters for this limit that arrived before the login
 	passed  int                  // earlier waiters the login passes: it may wait no longer
-	mine    []uint32             // the login's own victims in flight under this limit, not signalled
-	claimed int                  // the login's own signalled victims under this limit: their slots are its own
-	orphans int                  // signalled victims nobody claims: their slots free when they leave
-	covered int                  // reservations not counted: their slots are signalled victims' (Signalled)
+	mine    []uint32             // the login's own victims in flight under this limit
 	failed  map[uint32]time.Time // victims the login could not evict (its ticket's)
 }
 
@@ -294,9 +291,8 @@ func (s *scopeView) counts(h Holder) bool {
 	return h.Database == s.key.name
 }
 
-// census fills the views from the caller's rows and the victims in flight,
-// and ends the signalled victims that have left.
-func (l *Limiter) census(now time.Time, login Login, holders []Holder, t *Ticket, views ...*scopeView) {
+// census fills the views from the caller's rows and the victims in flight.
+func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*scopeView) {
 	seen := make(map[uint32]int, len(holders))
 	rows := make([]Holder, 0, len(holders))
 	for _, h := range holders {
@@ -316,19 +312,7 @@ func (l *Limiter) census(now time.Time, login Login, holders []Holder, t *Ticket
 			a, b := e.victim.BackendStart, rows[i].BackendStart
 			if !a.IsZero() && !b.IsZero() && !a.Equal(b) {
 				delete(l.evicting, pid)
-				continue
 			}
-		}
-		if !e.signalled {
-			continue
-		}
-		_, present := seen[pid]
-		// A census lists the login's role and database: only there does a
-		// missing row mean the victim left, and only in a census read after
-		// the signal (an older one may predate the victim itself).
-		listed := e.victim.Role == login.Role || e.victim.Database == login.Database
-		if !present && listed && login.CensusEpoch >= e.signalEpoch || now.Sub(e.signalledAt) > signalledKeep {
-			delete(l.evicting, pid)
 		}
 	}
 	l.markLoggingIn(rows)
@@ -349,17 +333,12 @@ func (l *Limiter) census(now time.Time, login Login, holders []Holder, t *Ticket
 			if _, present := seen[pid]; !present {
 				s.ghosts++
 			}
-			switch {
-			case t != nil && e.claimant == t && e.signalled:
-				s.claimed++
-			case t != nil && e.claimant == t:
+			if t != nil && e.claimant == t {
 				s.mine = append(s.mine, pid)
-			case e.orphan():
-				s.orphans++
 			}
 		}
-		s.booked, s.covered = l.reservedFor(s, login.CensusEpoch, rows)
-		s.logging = s.booked + s.covered
+		s.booked = l.reservedFor(s, epoch, rows)
+		s.logging = s.booked
 		for _, h := range s.members {
 			if h.Reserved {
 				s.logging++
@@ -390,9 +369,7 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 	if !s.rule.Limited() {
 		return outcome{kind: Admit, view: s}
 	}
-	// Slots to free for this login; those of its own signalled victims are
-	// its own already.
-	need := s.count + 1 - s.rule.MaxSessions - s.claimed
+	need := s.count + 1 - s.rule.MaxSessions // slots to free for this login
 	for _, v := range chosen {
 		if s.counts(v) {
 			need--
@@ -444,24 +421,11 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 		return outcome{kind: Evict, view: s, victims: victims, chosenBy: by,
 			reason: fmt.Sprintf("%s: %s evicted for %s", at, describeVictims(now, p, victims), p)}
 	}
-	// Signalled victims nobody claims free their slots as they leave, in
-	// milliseconds; waiting for them is part of evicting too.
-	flying := s.logging
-	if s.rule.MinSessionAge > 0 {
-		flying = 0
-	}
-	if flying+s.orphans > 0 && len(cands)+flying+s.orphans >= need {
+	if s.logging > 0 && s.rule.MinSessionAge == 0 && len(cands)+s.logging >= need {
 		// Waiting for them is part of evicting (their server login takes
 		// milliseconds): wait_timeout does not bound it.
-		var what []string
-		if flying > 0 {
-			what = append(what, plural(flying, "login")+" in flight to become sessions to evict")
-		}
-		if s.orphans > 0 {
-			what = append(what, plural(s.orphans, "session")+" being evicted to leave")
-		}
 		return outcome{kind: Wait, view: s, landing: true,
-			reason: fmt.Sprintf("%s: waiting for %s for %s", at, strings.Join(what, " and "), p)}
+			reason: fmt.Sprintf("%s: waiting for %s in flight to become sessions to evict for %s", at, plural(s.logging, "login"), p)}
 	}
 	fb := s.rule.fallback()
 	short := "no session can be evicted"
@@ -565,15 +529,6 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 
 	switch d.Kind {
 	case Admit:
-		if t != nil {
-			// Its signalled victims' slots pass to the login: Reserve ties
-			// its reservation to them.
-			for _, e := range l.evicting {
-				if e.claimant == t && e.signalled {
-					e.admitted = true
-				}
-			}
-		}
 		l.retire(t)
 		l.counter(key).Admitted++
 	case Reject:

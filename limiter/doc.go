@@ -13,11 +13,8 @@
 // What the census cannot tell, the limiter remembers: victims handed out and
 // not yet reported (they keep their slot until the caller says they are gone,
 // are never handed out twice, and count for the login they were evicted for,
-// so several logins decided in a row do not over-evict), victims signalled
-// and not waited for (Signalled: their slot is their claimant's at once, and
-// every other login counts them until a census no longer lists them), the
-// order of waiting logins, and the counters that Snapshot copies out for the
-// admin surface.
+// so several logins decided in a row do not over-evict), the order of waiting
+// logins, and the counters that Snapshot copies out for the admin surface.
 //
 // # The caller's loop
 //
@@ -36,12 +33,9 @@
 //		d := l.Decide(login, roleRule, dbRule, census())
 //		for d.Kind == limiter.Evict {
 //			for _, v := range d.Victims {
-//				switch terminate(v) {
-//				case gone: // waited until its slot was free
+//				if terminateAndWaitGone(v) {
 //					l.Evicted(v.PID)
-//				case signalled: // not waited for: the server login overlaps its exit
-//					l.Signalled(v.PID)
-//				default:
+//				} else {
 //					l.EvictFailed(v.PID)
 //				}
 //			}
@@ -53,7 +47,7 @@
 //		case limiter.Admit:
 //			r := l.Reserve(login) // counted until the session is in the census
 //			unlock()
-//			err := dialAndLogIn() // after Signalled: retry the server's 53300 until the victim left
+//			err := dialAndLogIn()
 //			r.Release(err == nil)
 //			return err
 //		case limiter.Reject:

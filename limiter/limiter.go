@@ -21,7 +21,7 @@ type Limiter struct {
 	now func() time.Time
 
 	mu       sync.Mutex
-	evicting map[uint32]*eviction   // by victim pid, until Evicted, EvictFailed or, once Signalled, gone
+	evicting map[uint32]*eviction   // by victim pid, until Evicted or EvictFailed
 	tickets  map[*Ticket]struct{}   // tickets that have not left
 	queues   map[queueKey][]*Ticket // waiting tickets by the limit they wait for, in arrival order
 	seq      uint64                 // last ticket sequence number handed out
@@ -53,10 +53,9 @@ func New(now func() time.Time) *Limiter {
 }
 
 // eviction is a victim handed out in an Evict decision whose fate the caller
-// has not reported yet, or that it reported Signalled and that has not left
-// yet. Until then the victim still holds its slot (it is counted even once
-// it drops out of pg_stat_activity, which happens slightly before the server
-// frees its slot) and is never handed out again.
+// has not reported yet. Until it does, the victim still holds its slot (it is
+// counted even once it drops out of pg_stat_activity, which happens slightly
+// before the server frees its slot) and is never handed out again.
 type eviction struct {
 	victim   Holder
 	claimant *Ticket // the login the slot is freed for; nil once it left
@@ -64,35 +63,6 @@ type eviction struct {
 	key      CounterKey
 	scope    Scope
 	since    time.Time
-
-	// signalled: reported with Signalled at signalledAt (the limiter's
-	// epoch then in signalEpoch). The entry ends when a census read after
-	// the signal no longer shows the victim, when its claimant's login
-	// lands, or after signalledKeep.
-	signalled   bool
-	signalledAt time.Time
-	signalEpoch uint64
-	// admitted: the claimant was admitted with this victim's slot as its
-	// own; heir is the reservation it then took (Reserve). While the
-	// victim is counted, the heir's reservation is not counted again for
-	// the limits the victim counts against: they are one slot.
-	admitted bool
-	heir     *Reservation
-}
-
-// signalledKeep bounds how long a victim reported with Signalled is counted
-// as leaving. A backend that has not left pg_stat_activity so long after
-// pg_terminate_backend is stuck; from then on it counts as an ordinary
-// session again (and may be chosen again), rather than as a slot about to
-// free for good.
-const signalledKeep = 30 * time.Second
-
-// orphan reports whether e is a signalled victim nobody claims any more: its
-// claimant left without being admitted, or was admitted and its login
-// failed (Release(false) clears admitted). Its slot frees when it leaves,
-// for whoever finds it free first.
-func (e *eviction) orphan() bool {
-	return e.signalled && e.claimant == nil && !e.admitted
 }
 
 // Evicted reports that a victim is gone: its server socket closed, or the
@@ -110,39 +80,6 @@ func (l *Limiter) Evicted(pid uint32) {
 	// Only a login that waits on its own evictions (it decided again before
 	// reporting them) needs waking; anyone else queued would find the slot
 	// claimed.
-	if c := e.claimant; c != nil && c.queued {
-		l.signal(c)
-	}
-}
-
-// Signalled reports that a victim was sent its termination signal and that
-// the caller does not wait for it to exit: the claimant logs in to the
-// server at once, overlapping the victim's exit, and retries the server's
-// own 53300 until the slot is free. Call it only when the server itself
-// enforces every limit the victim was chosen for (rolconnlimit or
-// datconnlimit no higher than the rule's limit), so that the claimant's
-// server login cannot go in before the victim has left.
-//
-// For the login it was evicted for, the victim's slot is its own from now
-// on: its next Decide admits it with that slot (and Reserve ties the
-// reservation to the victim). For every other login the victim keeps its
-// slot, as a session being evicted (never a victim again), until a census
-// read after the signal (Login.CensusEpoch) no longer lists it, its pid
-// belongs to a newer backend, the claimant's reservation is released as
-// logged in (the server let it in, so the slot was free), Evicted is
-// reported, or signalledKeep has passed. While both are there the victim and
-// the claimant's reservation are one slot, counted once, and the claimant is
-// counted as a login in flight that a newer login may evict once it lands.
-func (l *Limiter) Signalled(pid uint32) {
-	now := l.now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	e := l.evicting[pid]
-	if e == nil || e.signalled {
-		return
-	}
-	l.epoch++
-	e.signalled, e.signalledAt, e.signalEpoch = true, now, l.epoch
 	if c := e.claimant; c != nil && c.queued {
 		l.signal(c)
 	}
@@ -210,8 +147,6 @@ type Eviction struct {
 	Scope   Scope  // the limit that needed the slot
 	Policy  Policy
 	Since   time.Time // when Decide handed it out
-	// Signalled: reported with Signalled; it is counted until it leaves.
-	Signalled bool
 }
 
 // Snapshot is a copy of the limiter's state for the admin surface. Nothing in
@@ -248,7 +183,7 @@ func (l *Limiter) Snapshot() Snapshot {
 	for _, e := range l.evicting {
 		s.Evicting = append(s.Evicting, Eviction{
 			Victim: e.victim, LoginID: e.loginID, Role: e.key.Role,
-			Scope: e.scope, Policy: e.key.Policy, Since: e.since, Signalled: e.signalled,
+			Scope: e.scope, Policy: e.key.Policy, Since: e.since,
 		})
 	}
 	slices.SortFunc(s.Evicting, func(a, b Eviction) int { return cmp.Compare(a.Victim.PID, b.Victim.PID) })

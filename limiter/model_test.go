@@ -34,17 +34,7 @@ import (
 //     is never rejected for its role while an evictable session exists
 //     (one it has not failed to evict), or logins in flight that would be;
 //   - with only a role limit, an eviction asks for exactly the slots needed;
-//   - the limiter's tickets and victims in flight match the caller's;
-//   - victims opened elsewhere may be reported Signalled instead of Evicted:
-//     they linger in pg_stat_activity for a few steps (some for good), and
-//     the login they were evicted for is admitted with their slot at once
-//     and logs in only once the server has a slot for it (it retries the
-//     server's 53300 while its victims are still there). Such a victim is
-//     never chosen again while it is being evicted, is counted by every
-//     other login until it leaves (the login in flight and its victim are
-//     one slot, never zero and never two at an admission), and a newer
-//     newest-wins login waits for it to leave or for its claimant to land
-//     instead of being rejected.
+//   - the limiter's tickets and victims in flight match the caller's.
 
 // chooser is where the model's choices come from: math/rand for the model
 // test, the fuzzer's bytes for FuzzDecide.
@@ -88,17 +78,10 @@ type sim struct {
 	failed   map[uint64]map[uint32]time.Time // per login: victims it failed to evict, by backend_start
 	waiting  []Login
 	flights  []flight // admitted logins still logging in (reserved)
-	// dying are victims reported Signalled that are still sessions, with
-	// the time of the signal (zero once the limiter may choose them again:
-	// the login that claimed them landed); lingering ones never exit on
-	// their own account. claims are each login's signalled victims.
-	dying     map[uint32]time.Time
-	lingering map[uint32]bool
-	claims    map[uint64][]uint32
-	step      int
-	pid       uint32
-	id        uint64
-	log       []string
+	step     int
+	pid      uint32
+	id       uint64
+	log      []string
 }
 
 // flight is an admitted login still logging in to the server: its slot is
@@ -109,9 +92,7 @@ type flight struct {
 	lg     Login
 	r      *Reservation
 	landAt int
-	pid    uint32   // its backend, when the server shows it already (Identify)
-	claims []uint32 // signalled victims whose slots it took over
-	tries  int      // server logins refused while its victims were still there
+	pid    uint32 // its backend, when the server shows it already (Identify)
 }
 
 var (
@@ -127,7 +108,6 @@ func newSim(tb testing.TB, ch chooser) *sim {
 		roles: map[string]Rule{}, dbs: map[string]Rule{}, supers: map[string]bool{"postgres": true},
 		sessions: map[uint32]Holder{}, ghosts: map[uint32]Holder{}, inflight: map[uint32]bool{},
 		stuck: map[uint32]bool{}, failed: map[uint64]map[uint32]time.Time{},
-		dying: map[uint32]time.Time{}, lingering: map[uint32]bool{}, claims: map[uint64][]uint32{},
 	}
 	for _, r := range simRoles {
 		s.roles[r] = s.rule()
@@ -171,7 +151,6 @@ func (s *sim) fail(format string, args ...any) {
 func (s *sim) run() {
 	for !s.ch.done() {
 		s.step++
-		s.exit()
 		s.land(false)
 		switch s.pick(10) {
 		case 0, 1, 2:
@@ -237,15 +216,9 @@ func (s *sim) land(all bool) {
 			}
 			s.logf("login %d (pid %d) lands", lg.ID, f.pid)
 			f.r.Release(true)
-			s.landed(f)
 			return true
 		}
 		full := s.serverFull(ScopeRole, lg.Role, s.roles[lg.Role]) || s.serverFull(ScopeDatabase, lg.Database, s.dbs[lg.Database])
-		if full && !all && f.tries < 3 && slices.ContainsFunc(f.claims, s.present) {
-			// The server's 53300 while its victims are still there: the
-			// login tries again a little later.
-			return false
-		}
 		if lg.ID%7 == 0 || full {
 			s.logf("login %d fails to log in (server full: %v)", lg.ID, full)
 			f.r.Release(false)
@@ -254,96 +227,8 @@ func (s *sim) land(all bool) {
 		s.addSession(lg)
 		s.logf("login %d lands as pid %d", lg.ID, s.pid)
 		f.r.Release(true)
-		s.landed(f)
 		return true
 	})
-	for i := range s.flights {
-		if s.flights[i].landAt <= s.step {
-			s.flights[i].landAt, s.flights[i].tries = s.step+1, s.flights[i].tries+1
-		}
-	}
-}
-
-// landed: f's victims' entries end with its landing; any still there are
-// ordinary sessions to the limiter again.
-func (s *sim) landed(f flight) {
-	for _, v := range f.claims {
-		if _, ok := s.dying[v]; ok {
-			s.dying[v] = time.Time{}
-		}
-	}
-}
-
-// present reports whether pid is a session on the server.
-func (s *sim) present(pid uint32) bool {
-	_, ok := s.sessions[pid]
-	return ok
-}
-
-// exit ends some of the signalled victims still there, as their backends
-// exit (the model leaves out the moment between a backend leaving
-// pg_stat_activity and its slot freeing, which the server's 53300 covers).
-func (s *sim) exit() {
-	for _, p := range slices.Sorted(maps.Keys(s.dying)) {
-		if !s.present(p) {
-			delete(s.dying, p)
-			continue
-		}
-		if !s.lingering[p] && s.pick(2) == 0 {
-			s.logf("signalled pid %d exits", p)
-			delete(s.sessions, p)
-			delete(s.dying, p)
-		}
-	}
-}
-
-// protected reports whether pid is a signalled victim the limiter must not
-// choose again: still there, signalled within signalledKeep, and its
-// claimant has not landed.
-func (s *sim) protected(pid uint32) bool {
-	at, ok := s.dying[pid]
-	return ok && !at.IsZero() && s.present(pid) && s.clk.Now().Sub(at) <= signalledKeep
-}
-
-// paired reports whether flight f and one of its signalled victims are one
-// slot of the limit: the victim is still there and counts against it.
-func (s *sim) paired(f flight, scope Scope, name string) bool {
-	return slices.ContainsFunc(f.claims, func(p uint32) bool {
-		h, ok := s.sessions[p]
-		if !ok || !s.protected(p) {
-			return false
-		}
-		return scope == ScopeRole && h.Role == name && !h.Superuser || scope == ScopeDatabase && h.Database == name
-	})
-}
-
-// orphans counts the signalled victims of a limit still there whose
-// claimant neither waits nor logs in any more.
-func (s *sim) orphans(scope Scope, name string) int {
-	n := 0
-	for p := range s.dying {
-		h, ok := s.sessions[p]
-		if !ok || !s.protected(p) || h.Replication {
-			continue
-		}
-		if !(scope == ScopeRole && h.Role == name && !h.Superuser || scope == ScopeDatabase && h.Database == name) {
-			continue
-		}
-		claimed := false
-		for id, ps := range s.claims {
-			if !slices.Contains(ps, p) {
-				continue
-			}
-			if slices.ContainsFunc(s.waiting, func(w Login) bool { return w.ID == id }) ||
-				slices.ContainsFunc(s.flights, func(f flight) bool { return f.lg.ID == id && slices.Contains(f.claims, p) }) {
-				claimed = true
-			}
-		}
-		if !claimed {
-			n++
-		}
-	}
-	return n
 }
 
 // serverFull reports whether the server would refuse one more session of the
@@ -391,7 +276,6 @@ func (s *sim) endSession() {
 	}
 	h := s.sessions[p]
 	delete(s.sessions, p)
-	delete(s.dying, p)
 	if s.inflight[p] {
 		s.ghosts[p] = h // its report comes with the eviction
 	}
@@ -421,22 +305,9 @@ func (s *sim) direct() {
 
 // held counts the slots of a limit taken: sessions and ghosts, superusers
 // included for databases, as in the limiter, and with flights the logins
-// still logging in (which the server does not see yet). A login in flight
-// and the signalled victims whose slots it took over are one slot: the
-// login may be on the server already while its victim still is (the server
-// had a free slot, one another login in flight reserved: that one then
-// meets the server's 53300 and tries again), but the server itself never
-// exceeds the limit (checkLimits).
+// still logging in (which the server does not see yet).
 func (s *sim) held(scope Scope, name string, flights bool) int {
 	n := 0
-	taken := map[uint32]bool{}
-	for _, f := range s.flights {
-		for _, p := range f.claims {
-			if flights && s.protected(p) {
-				taken[p] = true
-			}
-		}
-	}
 	for _, f := range s.flights {
 		switch {
 		case !flights || f.pid != 0: // a backend already: counted below
@@ -449,7 +320,7 @@ func (s *sim) held(scope Scope, name string, flights bool) int {
 	for _, m := range []map[uint32]Holder{s.sessions, s.ghosts} {
 		for _, h := range m {
 			switch {
-			case h.Replication, taken[h.PID]:
+			case h.Replication:
 			case scope == ScopeRole && h.Role == name && !h.Superuser:
 				n++
 			case scope == ScopeDatabase && h.Database == name:
@@ -479,7 +350,7 @@ func (s *sim) login(lg Login, nest bool) {
 				// Reserved, as the proxy does, and logging in for a step or
 				// three; the check counts it from now on. Some show their
 				// backend in the census before they land.
-				f := flight{lg: lg, r: s.l.Reserve(lg), landAt: s.step + 1 + int(lg.ID%3), claims: s.claims[lg.ID]}
+				f := flight{lg: lg, r: s.l.Reserve(lg), landAt: s.step + 1 + int(lg.ID%3)}
 				full := s.serverFull(ScopeRole, lg.Role, s.roles[lg.Role]) || s.serverFull(ScopeDatabase, lg.Database, s.dbs[lg.Database])
 				if lg.ID%2 == 0 && !full {
 					s.addSession(lg)
@@ -545,19 +416,6 @@ func (s *sim) report(lg Login, victims []Holder) {
 			s.failed[lg.ID][v.PID] = v.BackendStart
 			continue
 		}
-		if s.pick(2) == 0 {
-			// Signalled, not waited for: it lingers until it exits (or
-			// for good); a victim already out of pg_stat_activity is gone.
-			s.logf("pid %d signalled for login %d", v.PID, lg.ID)
-			delete(s.ghosts, v.PID)
-			if present {
-				s.dying[v.PID] = s.clk.Now()
-				s.lingering[v.PID] = s.pick(5) == 0
-			}
-			s.claims[lg.ID] = append(s.claims[lg.ID], v.PID)
-			s.l.Signalled(v.PID)
-			continue
-		}
 		delete(s.sessions, v.PID)
 		delete(s.ghosts, v.PID)
 		s.l.Evicted(v.PID)
@@ -590,8 +448,6 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %d is not in the census", v.PID)
 		case s.inflight[v.PID]:
 			s.fail("victim %d is already being evicted", v.PID)
-		case s.protected(v.PID):
-			s.fail("victim %d was signalled at %v and is still being evicted", v.PID, s.dying[v.PID].Sub(t0))
 		case v.Superuser || v.Protected || v.Replication || v.PID == 0:
 			s.fail("victim %+v is exempt", v)
 		case s.failedFor(lg, v):
@@ -622,7 +478,7 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 			s.fail("victim %d chosen by policy %s for login %+v", v.PID, p, lg)
 		}
 	}
-	if need := d.Count + 1 - d.Limit - s.claimed(lg); d.Kind == Evict && !dr.Limited() && len(d.Victims) != need-s.unseen(lg, rr, need) {
+	if need := d.Count + 1 - d.Limit; d.Kind == Evict && !dr.Limited() && len(d.Victims) != need-s.unseen(lg, rr, need) {
 		s.fail("%d victims for count %d limit %d", len(d.Victims), d.Count, d.Limit)
 	}
 	if d.Kind == Reject && d.Scope == ScopeRole && rr.policy() == PolicyNewestWins && rr.MinSessionAge == 0 && rr.fallback() == PolicyReject {
@@ -635,7 +491,7 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 		evictable := 0
 		for _, h := range census {
 			logging := slices.ContainsFunc(s.flights, func(f flight) bool { return f.pid == h.PID })
-			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] && !s.failedFor(lg, h) && !logging && !s.protected(h.PID) {
+			if h.Role == lg.Role && !h.Superuser && !h.Protected && !h.Replication && h.PID != 0 && !s.inflight[h.PID] && !s.failedFor(lg, h) && !logging {
 				if flying == 0 {
 					s.fail("rejected under newest-wins although pid %d could be evicted", h.PID)
 				}
@@ -648,24 +504,7 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 		if need := s.held(ScopeRole, lg.Role, true) + 1 - rr.MaxSessions; flying > 0 && evictable+flying >= need {
 			s.fail("rejected under newest-wins although %d logins in flight could be evicted once they land", flying)
 		}
-		// Signalled victims nobody claims free their slots in a moment:
-		// the login waits for them.
-		if o := s.orphans(ScopeRole, lg.Role); o > 0 && evictable+flying+o >= s.held(ScopeRole, lg.Role, true)+1-rr.MaxSessions {
-			s.fail("rejected under newest-wins although %d signalled sessions nobody claims are leaving", o)
-		}
 	}
-}
-
-// claimed counts lg's own signalled victims of its role still being
-// evicted: their slots are its own.
-func (s *sim) claimed(lg Login) int {
-	n := 0
-	for _, p := range s.claims[lg.ID] {
-		if h, ok := s.sessions[p]; ok && s.protected(p) && h.Role == lg.Role {
-			n++
-		}
-	}
-	return n
 }
 
 // unseen counts the slots of lg's role held by logins in flight whose
@@ -677,7 +516,7 @@ func (s *sim) unseen(lg Login, r Rule, need int) int {
 	}
 	n := 0
 	for _, f := range s.flights {
-		if f.lg.Role == lg.Role && f.pid == 0 && !s.paired(f, ScopeRole, lg.Role) {
+		if f.lg.Role == lg.Role && f.pid == 0 {
 			n++
 		}
 	}
@@ -727,18 +566,8 @@ func (s *sim) checkState() {
 	s.tb.Helper()
 	s.checkLimits(false, Login{})
 	snap := s.l.Snapshot()
-	for _, e := range snap.Evicting {
-		// Only signalled victims stay in flight between logins.
-		if !e.Signalled {
-			s.fail("victim in flight between logins: %+v", e)
-		}
-	}
-	for p := range s.dying {
-		if s.protected(p) && !slices.ContainsFunc(snap.Evicting, func(e Eviction) bool { return e.Victim.PID == p }) {
-			// Only a census or the bound ends an entry; the model's
-			// census always lists the victim while it is there.
-			s.fail("signalled pid %d is still there but no longer in flight", p)
-		}
+	if len(snap.Evicting) != 0 {
+		s.fail("victims in flight between logins: %+v", snap.Evicting)
 	}
 	waiting := 0
 	for _, n := range snap.WaitingByRole {

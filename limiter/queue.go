@@ -87,8 +87,7 @@ func (t *Ticket) First() bool {
 
 // Abandon is Leave for a login whose admission broke off (a panic): any
 // eviction it was handed and did not report is reported as failed, so that
-// the victim does not hold a slot in the limiter's books for good. A victim
-// reported Signalled stays counted until it leaves (see Signalled). After
+// the victim does not hold a slot in the limiter's books for good. After
 // every eviction was reported it is the same as Leave.
 func (t *Ticket) Abandon() {
 	if t == nil {
@@ -98,7 +97,7 @@ func (t *Ticket) Abandon() {
 	defer t.l.mu.Unlock()
 	if !t.gone {
 		for pid, e := range t.l.evicting {
-			if e.claimant == t && !e.signalled {
+			if e.claimant == t {
 				delete(t.l.evicting, pid)
 				t.l.counter(e.key).EvictFailures++
 			}

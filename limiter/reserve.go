@@ -75,11 +75,6 @@ func (l *Limiter) Reserve(login Login) *Reservation {
 	defer l.mu.Unlock()
 	r := &Reservation{l: l, loginID: login.ID, role: login.Role, database: login.Database, since: now}
 	l.reserved[r] = struct{}{}
-	for _, e := range l.evicting {
-		if e.admitted && e.heir == nil && e.loginID == login.ID {
-			e.heir = r // the signalled victim's slot is the reservation's
-		}
-	}
 	return r
 }
 
@@ -100,21 +95,6 @@ func (r *Reservation) Release(loggedIn bool) {
 	}
 	r.gone = true
 	delete(l.reserved, r)
-	for pid, e := range l.evicting {
-		if e.heir != r {
-			continue
-		}
-		if loggedIn {
-			// The server let the login in, and it enforces the limits
-			// its victims were chosen for (see Signalled): their slots
-			// are free, and the login's backend holds one now.
-			delete(l.evicting, pid)
-		} else {
-			// Nobody claims the victim any more; it still holds its
-			// slot until it leaves.
-			e.heir, e.admitted = nil, false
-		}
-	}
 	if loggedIn {
 		// Admission reads the census without the lock that Release would
 		// need: a census read before the backend appeared must still count
@@ -167,39 +147,28 @@ func (l *Limiter) pruneLanded(now time.Time) {
 // are not in the census rows themselves: those held, and those released as
 // logged in after the census was read (epoch). A reservation whose backend
 // is a row is counted by the row (census marks a held one's row Reserved).
-// A held reservation whose slot is a signalled victim's that counts against
-// s (its heir) is not booked but covered: the victim is counted instead.
-func (l *Limiter) reservedFor(s *scopeView, epoch uint64, rows []Holder) (booked, covered int) {
+func (l *Limiter) reservedFor(s *scopeView, epoch uint64, rows []Holder) int {
 	of := func(role, database string) bool {
 		return s.key.scope == ScopeRole && role == s.key.name || s.key.scope == ScopeDatabase && database == s.key.name
 	}
 	inCensus := func(client netip.AddrPort, pid uint32) bool {
 		return slices.ContainsFunc(rows, func(h Holder) bool { return identifies(client, pid, h) })
 	}
-	heirs := make(map[*Reservation]bool)
-	for _, e := range l.evicting {
-		if e.heir != nil && s.counts(e.victim) {
-			heirs[e.heir] = true
-		}
-	}
+	n := 0
 	for r := range l.reserved {
-		switch {
-		case !of(r.role, r.database) || inCensus(r.client, r.pid):
-		case heirs[r]:
-			covered++
-		default:
-			booked++
+		if of(r.role, r.database) && !inCensus(r.client, r.pid) {
+			n++
 		}
 	}
 	if epoch == 0 {
-		return booked, covered
+		return n
 	}
 	for _, g := range l.landed {
 		if g.seq > epoch && of(g.role, g.database) && !inCensus(g.client, g.pid) {
-			booked++
+			n++
 		}
 	}
-	return booked, covered
+	return n
 }
 
 // markLoggingIn flags the census rows that are the backends of logins

@@ -37,11 +37,8 @@ type ServerView interface {
 }
 
 // Timings of admission. A victim rolegate holds frees its slot when its server
-// socket closes, usually within tens of milliseconds of the signal. One opened
-// elsewhere is signalled and not waited for when the server enforces the
-// limit itself (the login's server login overlaps its exit and tries again
-// on the server's 53300 for up to victimGoneTimeout); otherwise it is
-// awaited by pg_terminate_backend's own timeout form.
+// socket closes, usually within tens of milliseconds of the signal; one opened
+// elsewhere is awaited by pg_terminate_backend's own timeout form.
 const (
 	victimGoneTimeout = 5 * time.Second
 	waitPoll          = 250 * time.Millisecond
@@ -79,28 +76,11 @@ type admission struct {
 	// (its backend exits a moment after its socket closes), so the login
 	// looks again soon, backing off to the poll interval.
 	recheck time.Duration
-	// overlap: a victim rolegate does not relay is signalled and not
-	// waited for (limiter.Signalled): the login is admitted with a reserved
-	// slot and the server, which enforces every limit the login is under,
-	// refuses its server login until the victim has left. signalled are the
-	// victims so evicted, the first at signalledAt.
-	overlap     bool
-	signalled   []uint32
-	signalledAt time.Time
 }
 
 // Re-checks after a wake-up that found no slot: the first after
 // recheckFirst, each later one twice as long, up to the poll interval.
 const recheckFirst = 5 * time.Millisecond
-
-// evictResult is what evict did with a victim.
-type evictResult int
-
-const (
-	evictNone        evictResult = iota // not evicted (EvictFailed)
-	evictedGone                         // its slot is free (Evicted)
-	evictedSignalled                    // signalled, its exit not awaited (Signalled)
-)
 
 // evictFailure is one victim admission could not evict; cause is in words a
 // client may read (the server's message, or what did not happen), never a
@@ -197,10 +177,8 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 	// waited on, or, in the lock, the role's (or the database's).
 	waitedOn := a.lockWait()
 	// Passthrough admits a login whose backend exists and is counted
-	// already: there is nothing to reserve, and no server login to overlap
-	// with a victim's exit.
+	// already: there is nothing to reserve.
 	reserve := c.authOut == nil
-	a.overlap = a.overlap && reserve
 	for {
 		// A login in line keeps showing its place while it checks again.
 		if !a.inLine {
@@ -222,7 +200,6 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
 			sess.setState(StateConnecting)
-			c.signalled, c.signalledAt = a.signalled, a.signalledAt
 			return l, nil
 		case limiter.Reject:
 			return nil, a.reject(d)
@@ -470,14 +447,10 @@ func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
 // rules resolves the effective rules of the login's role and database.
 func (a *admission) rules(ctx context.Context) error {
 	var err error
-	var enf enforced
-	a.role, a.db, _, _, a.login.Superuser, enf, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
+	a.role, a.db, _, _, a.login.Superuser, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
 	if err != nil {
 		return &admissionError{what: `reading the connection limits of role "` + a.sess.user + `"`, err: err}
 	}
-	// Overlapping a victim's exit is safe only where the server itself
-	// refuses the login that would go over the limit.
-	a.overlap = (!a.role.Limited() || enf.role) && (!a.db.Limited() || enf.database)
 	return nil
 }
 
@@ -547,12 +520,9 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 			if i < len(d.VictimPolicies) {
 				policy = d.VictimPolicies[i]
 			}
-			switch a.evict(ctx, v, policy, d) {
-			case evictedGone:
+			if a.evict(ctx, v, policy, d) {
 				a.lim.Limiter.Evicted(v.PID)
-			case evictedSignalled:
-				a.lim.Limiter.Signalled(v.PID)
-			default:
+			} else {
 				a.lim.Limiter.EvictFailed(v.PID)
 			}
 		}
@@ -561,13 +531,10 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 
 // evict terminates one victim, chosen under policy (which decides the
 // guard; the messages name the decision's policy), and returns once its slot
-// is free (evictedGone), or, for a victim rolegate does not relay when the
-// server enforces the login's limits, once it was signalled
-// (evictedSignalled: the login's server login overlaps its exit). It
-// reports evictNone when the terminate failed, the victim was no longer
-// the session the census saw (its pid reused, or, under evict-idle, no
-// longer idle), or it did not exit in time.
-func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) evictResult {
+// is free. It reports false when the victim was not evicted: the terminate
+// failed, the victim was no longer the session the census saw (its pid
+// reused, or, under evict-idle, no longer idle), or it did not exit in time.
+func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) bool {
 	a.sess.setWaiting(waitingFor{what: fmt.Sprintf("waiting for pid %d to exit (evicted for this login, policy %s)", v.PID, policy)})
 	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
 		`" (policy ` + d.Policy.String() + `)`
@@ -585,7 +552,6 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 	if policy == limiter.PolicyEvictIdle {
 		target.IdleSince = v.StateChange
 	}
-	var result evictResult
 	held := a.s.registry.byBackendPID(v.PID)
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
@@ -593,7 +559,6 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		if r != upstream.Terminated || err != nil {
 			return a.notEvicted(v, r, err, attrs)
 		}
-		result = evictedGone
 		// The server closes the socket only once the backend has left, so its
 		// close is the moment the slot is free.
 		t := time.NewTimer(victimGoneTimeout)
@@ -603,23 +568,8 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		case <-t.C:
 			return a.notEvicted(v, upstream.NotGone, nil, attrs)
 		case <-ctx.Done():
-			return evictNone
+			return false
 		}
-	} else if a.overlap {
-		// Not waited for: the server refuses this login's server login
-		// until the victim has left, and the login tries again then.
-		tctx, cancel := context.WithTimeout(ctx, controlTimeout)
-		r, err := a.lim.Server.Terminate(tctx, target, 0)
-		cancel()
-		if r != upstream.Terminated || err != nil {
-			return a.notEvicted(v, r, err, attrs)
-		}
-		if len(a.signalled) == 0 {
-			a.signalledAt = time.Now()
-		}
-		a.signalled = append(a.signalled, v.PID)
-		attrs = append(attrs, "awaited", false)
-		result = evictedSignalled
 	} else {
 		tctx, cancel := context.WithTimeout(ctx, controlTimeout+victimGoneTimeout)
 		r, err := a.lim.Server.Terminate(tctx, target, victimGoneTimeout)
@@ -627,23 +577,22 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		if r != upstream.Terminated || err != nil {
 			return a.notEvicted(v, r, err, attrs)
 		}
-		result = evictedGone
 	}
 	a.log.Info("evicted", attrs...)
 	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(),
 		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason}
 	a.s.events.add(ev)
-	return result
+	return true
 }
 
 // notEvicted logs why victim v was not evicted (r, or err) and remembers it
-// for the DETAIL of a rejection; it returns evictNone, for evict. A victim that
+// for the DETAIL of a rejection; it returns false, for evict. A victim that
 // had already ended, or whose pid a newer backend has, is no failure: its
 // slot is free, and the next census shows it. The lines are rate-limited
 // per role and cause, so a cause that hits every login of a role (the
 // control role may not signal its sessions) costs a line a second.
-func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err error, attrs []any) evictResult {
+func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err error, attrs []any) bool {
 	switch {
 	case err != nil:
 		cause, class := clientCause(err)
@@ -659,7 +608,7 @@ func (a *admission) notEvicted(v limiter.Holder, r upstream.Termination, err err
 	default:
 		a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user+" "+r.String(), "not evicted", append(attrs, "why", r.String())...)
 	}
-	return evictNone
+	return false
 }
 
 // clientCause is why a terminate failed, in words a client may read (the

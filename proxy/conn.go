@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/netip"
 	"runtime/debug"
-	"strings"
 	"sync"
 	"time"
 
@@ -47,14 +46,6 @@ type clientConn struct {
 	keys    *auth.Keys // proxy mode: the client's recovered keys, which log in to the server
 	lease   *lease     // proxy mode: the admitted login's reserved slot, until its backend is counted
 	counted bool       // a limit applied to the login: its session's end is signalled to other instances
-	// signalled are the victims admission signalled for this login without
-	// waiting for them to exit, the first at signalledAt: the server login
-	// overlaps their exit and tries again on the server's 53300 until
-	// overlapUntil. full is the server's last 53300 to the login.
-	signalled    []uint32
-	signalledAt  time.Time
-	overlapUntil time.Time
-	full         *clientError
 	// detached: the session was handed to the event loop, which ends it; the
 	// goroutine that handled the login has returned.
 	detached bool
@@ -221,10 +212,7 @@ func (c *clientConn) login() error {
 // admitAndLogIn admits an authenticated client (proxy mode) and logs it in
 // to the server. When the server refuses the login at its own limit all the
 // same, it tries again a few times: with the reserved slot kept, after a
-// short pause, or, when nothing was reserved, through admission again. A
-// login admitted with the slot of a victim it signalled and did not wait for
-// (a session rolegate does not relay) tries again at short intervals until
-// the victim has left, for up to victimGoneTimeout.
+// short pause, or, when nothing was reserved, through admission again.
 func (c *clientConn) admitAndLogIn() error {
 	admitted := false
 	var full time.Time // the server's first 53300 to this login
@@ -239,15 +227,8 @@ func (c *clientConn) admitAndLogIn() error {
 				c.deadline = time.Now().Add(c.s.cfg.StartupTimeout / 2)
 				_ = c.client.SetDeadline(c.deadline)
 			}
-			// The tries end in time for a last server login within the
-			// login's deadline.
-			c.overlapUntil = c.signalledAt.Add(victimGoneTimeout)
-			if last := time.Now().Add(c.s.cfg.StartupTimeout / 4); last.Before(c.overlapUntil) {
-				c.overlapUntil = last
-			}
 		}
-		overlap := len(c.signalled) > 0 && c.lease.reserved()
-		err := c.loginAs(c.s.cfg.Limits != nil && (overlap || c.mayRetryFull(attempt, full)))
+		err := c.loginAs(c.s.cfg.Limits != nil && c.mayRetryFull(attempt, full))
 		if !errors.Is(err, errServerFull) {
 			return err
 		}
@@ -255,32 +236,19 @@ func (c *clientConn) admitAndLogIn() error {
 			full = time.Now()
 		}
 		c.sockets.drop(&c.sockets.server)
-		if overlap {
-			if !time.Now().Before(c.overlapUntil) {
-				c.lease.release(false)
-				return c.victimsStayed()
-			}
-			// The victims are on their way out: the server frees their
-			// slots within milliseconds of the signal, usually.
-			level := slog.LevelDebug
-			if attempt == 1 {
-				level = slog.LevelInfo
-			}
-			c.log.Log(c.ctx, level, "server at its limit after admission; trying again", "attempt", attempt,
-				"waiting_for", pidList(c.signalled))
-			if err := c.pause(min(overlapBackoff<<min(attempt-1, 8), overlapMaxBackoff)); err != nil {
-				return err
-			}
-			continue
-		}
 		if c.lease.reserved() {
 			// The census showed the slot free, and it is still reserved for
 			// this login: the server counts a backend on its way out (its
 			// pg_stat_activity row goes before its slot does), or a session
 			// from elsewhere took it. Try again shortly, keeping the slot.
 			c.log.Info("server at its limit after admission; trying again", "attempt", attempt)
-			if err := c.pause(min(time.Duration(attempt)*serverFullBackoff, serverFullMaxBackoff)); err != nil {
-				return err
+			t := time.NewTimer(min(time.Duration(attempt)*serverFullBackoff, serverFullMaxBackoff))
+			select {
+			case <-t.C:
+			case <-c.ctx.Done():
+				t.Stop()
+				c.lease.release(false)
+				return context.Cause(c.ctx)
 			}
 			continue
 		}
@@ -288,38 +256,6 @@ func (c *clientConn) admitAndLogIn() error {
 		c.log.Info("server at its limit after admission; admitting again", "attempt", attempt)
 		admitted = false
 	}
-}
-
-// pause waits d before a reserved login tries the server again; if the
-// session ends meanwhile the reserved slot is freed.
-func (c *clientConn) pause(d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-c.ctx.Done():
-		c.lease.release(false)
-		return context.Cause(c.ctx)
-	}
-}
-
-// victimsStayed is the server's 53300 to a login whose signalled victims
-// had not left when its tries ran out, with a DETAIL that says so.
-func (c *clientConn) victimsStayed() error {
-	e := *c.full
-	e.raw = nil // sent with rolegate's DETAIL, in the server's words
-	e.detail = fmt.Sprintf("rolegate terminated %s to make room for this login, and the server still counted it %s later",
-		pidList(c.signalled), time.Since(c.signalledAt).Round(100*time.Millisecond))
-	return &e
-}
-
-func pidList(pids []uint32) string {
-	parts := make([]string, len(pids))
-	for i, p := range pids {
-		parts[i] = fmt.Sprint(p)
-	}
-	return "pid " + strings.Join(parts, ", ")
 }
 
 // mayRetryFull reports whether the server's 53300 to this login's next
@@ -342,15 +278,6 @@ func (c *clientConn) mayRetryFull(attempt int, full time.Time) bool {
 const (
 	serverFullPatience   = 2 * time.Second
 	serverFullMaxBackoff = 200 * time.Millisecond
-)
-
-// overlapBackoff is the first pause before a login that overlaps its
-// victims' exit tries the server again; each retry waits twice as long,
-// up to overlapMaxBackoff. A victim usually frees its slot within 15–50 ms
-// of the signal.
-const (
-	overlapBackoff    = time.Millisecond
-	overlapMaxBackoff = 50 * time.Millisecond
 )
 
 // serverFullBackoff is the first pause before a login that holds a reserved
@@ -477,7 +404,6 @@ func (c *clientConn) awaitReady(holdFull bool) error {
 		case 'E':
 			refused := refusedBy(m, c.out)
 			if holdFull && refused.class == ReasonRefusedByServer && refused.code == "53300" {
-				c.full = refused
 				return errServerFull
 			}
 			return refused

@@ -111,23 +111,16 @@ const (
 // "override", "server" or "none" (no limit). Without limits configured at all
 // both rules are limiter.NoLimit().
 func (l *Limits) Effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, err error) {
-	roleRule, dbRule, roleSource, dbSource, _, _, err = l.effective(ctx, role, database)
+	roleRule, dbRule, roleSource, dbSource, _, err = l.effective(ctx, role, database)
 	return roleRule, dbRule, roleSource, dbSource, err
 }
 
-// enforced says which of a login's limits the server enforces itself: its
-// own rolconnlimit (datconnlimit) is set and no higher than the effective
-// limit, so the server refuses a login that would go over it, even one
-// rolegate has admitted.
-type enforced struct{ role, database bool }
-
-// effective is Effective, whether role is a superuser (known only when
-// some limit made it ask the server), and which of the limits the server
-// enforces itself.
-func (l *Limits) effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, super bool, enf enforced, err error) {
+// effective is Effective and whether role is a superuser (known only when
+// some limit made it ask the server).
+func (l *Limits) effective(ctx context.Context, role, database string) (roleRule, dbRule limiter.Rule, roleSource, dbSource string, super bool, err error) {
 	box := l.rules.Load()
 	if box == nil {
-		return limiter.NoLimit(), limiter.NoLimit(), SourceNone, SourceNone, false, enf, nil
+		return limiter.NoLimit(), limiter.NoLimit(), SourceNone, SourceNone, false, nil
 	}
 	roleRule, dbRule = box.RoleRule(role), box.DatabaseRule(database)
 	roleSource, dbSource = sourceOf(roleRule, SourceConfig), sourceOf(dbRule, SourceConfig)
@@ -141,13 +134,13 @@ func (l *Limits) effective(ctx context.Context, role, database string) (roleRule
 		}
 	}
 	if !box.serverLimits && !roleRule.Limited() && !dbRule.Limited() {
-		return roleRule, dbRule, roleSource, dbSource, false, enf, nil
+		return roleRule, dbRule, roleSource, dbSource, false, nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
 	roleLimit, super, dbLimit, err := l.Server.ServerLimits(cctx, role, database, box.ttl)
 	if err != nil {
-		return roleRule, dbRule, roleSource, dbSource, false, enf, fmt.Errorf("read limits of role %q: %w", role, err)
+		return roleRule, dbRule, roleSource, dbSource, false, fmt.Errorf("read limits of role %q: %w", role, err)
 	}
 	if box.serverLimits {
 		if e := limiter.Effective(roleRule.MaxSessions, roleLimit); e != roleRule.MaxSessions {
@@ -157,9 +150,7 @@ func (l *Limits) effective(ctx context.Context, role, database string) (roleRule
 			dbRule.MaxSessions, dbSource = e, SourceServer
 		}
 	}
-	enf.role = roleLimit >= 0 && roleLimit <= roleRule.MaxSessions
-	enf.database = dbLimit >= 0 && dbLimit <= dbRule.MaxSessions
-	return roleRule, dbRule, roleSource, dbSource, super, enf, nil
+	return roleRule, dbRule, roleSource, dbSource, super, nil
 }
 
 // sourceOf is source for a rule with a limit, "none" for one without.
