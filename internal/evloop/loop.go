@@ -286,7 +286,17 @@ func (l *Loop) StopAll(why error) {
 }
 
 func (l *Loop) stopSession(s *Session, why error) {
-	if s.ended || s.closing {
+	if s.ended {
+		return
+	}
+	if s.closing {
+		// Already ending, maybe waiting for a client that does not read
+		// the server's last bytes: a stop bounds that wait.
+		if _, timed := l.timed[s]; !timed {
+			s.why = why
+			s.deadline = time.Now().Add(l.cfg.FarewellTimeout)
+			l.timed[s] = struct{}{}
+		}
 		return
 	}
 	s.why = why

@@ -464,3 +464,4 @@ func TestStopAll(t *testing.T) {
 		}
 	}
 }
+
