@@ -464,4 +464,3 @@ func TestStopAll(t *testing.T) {
 		}
 	}
 }
-
