@@ -689,6 +689,40 @@ type logLine struct {
 	Client string `json:"client"`
 }
 
+// logTally counts a rolegate's JSON log lines by message, and its warnings
+// and errors, quoting the first few.
+type logTally struct {
+	lines    map[string]int
+	warnings int
+	quoted   []string
+	most     int // how many warnings to quote
+}
+
+// add counts one raw log line and returns it decoded; ok is false for a
+// blank line, a gctrace line (gc.go reads those) and one that is not JSON
+// (counted as such).
+func (t *logTally) add(raw []byte) (l logLine, ok bool) {
+	if len(bytes.TrimSpace(raw)) == 0 || gctraceLine.Match(raw) {
+		return l, false
+	}
+	if err := json.Unmarshal(raw, &l); err != nil {
+		t.lines["(not JSON)"]++
+		return l, false
+	}
+	msg := l.Msg
+	if strings.HasPrefix(msg, serverFullMsg) {
+		msg = serverFullMsg
+	}
+	t.lines[msg]++
+	if l.Level == "WARN" || l.Level == "ERROR" {
+		t.warnings++
+		if len(t.quoted) < t.most {
+			t.quoted = append(t.quoted, string(raw))
+		}
+	}
+	return l, true
+}
+
 // scanLog reads what rolegate-limits logged since the last call: it counts
 // the lines by message and attributes the retries and evictions to b's
 // logins by their client address.
@@ -709,38 +743,25 @@ func (lr *limRunner) scanLog(b *limBatchResult) {
 	lr.logOff += int64(end)
 	res := lr.res
 	retried := make(map[string]bool)
+	tally := logTally{lines: res.logLines, warnings: res.warnings, quoted: res.logWarnings, most: limShown}
+	defer func() { res.warnings, res.logWarnings = tally.warnings, tally.quoted }()
 	for _, raw := range bytes.Split(data[:end], []byte("\n")) {
-		if len(bytes.TrimSpace(raw)) == 0 {
+		l, ok := tally.add(raw)
+		if !ok {
 			continue
-		}
-		var l logLine
-		if err := json.Unmarshal(raw, &l); err != nil {
-			res.logLines["(not JSON)"]++
-			continue
-		}
-		msg := l.Msg
-		if strings.HasPrefix(msg, serverFullMsg) {
-			msg = serverFullMsg
-		}
-		res.logLines[msg]++
-		if l.Level == "WARN" || l.Level == "ERROR" {
-			res.warnings++
-			if len(res.logWarnings) < limShown {
-				res.logWarnings = append(res.logWarnings, string(raw))
-			}
 		}
 		k, ok := b.clients[l.Client]
 		if !ok {
 			continue
 		}
 		switch {
-		case msg == serverFullMsg:
+		case strings.HasPrefix(l.Msg, serverFullMsg):
 			b.retries[k]++
 			if !retried[l.Client] {
 				retried[l.Client] = true
 				b.retried[k]++
 			}
-		case msg == "evicted":
+		case l.Msg == "evicted":
 			b.evictions[k]++
 		}
 	}

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -685,28 +684,11 @@ func (run *stormRun) scanLog(path string) {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	tally := logTally{lines: run.logLines, warnings: run.warnings, quoted: run.logWarnings, most: stormShown}
 	for sc.Scan() {
-		raw := sc.Bytes()
-		if len(strings.TrimSpace(string(raw))) == 0 {
-			continue
-		}
-		var l logLine
-		if err := json.Unmarshal(raw, &l); err != nil {
-			run.logLines["(not JSON)"]++
-			continue
-		}
-		msg := l.Msg
-		if strings.HasPrefix(msg, serverFullMsg) {
-			msg = serverFullMsg
-		}
-		run.logLines[msg]++
-		if l.Level == "WARN" || l.Level == "ERROR" {
-			run.warnings++
-			if len(run.logWarnings) < stormShown {
-				run.logWarnings = append(run.logWarnings, string(raw))
-			}
-		}
+		tally.add(sc.Bytes())
 	}
+	run.warnings, run.logWarnings = tally.warnings, tally.quoted
 }
 
 // describe is the storm's outcome in one line, for the progress log.
