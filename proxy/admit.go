@@ -34,11 +34,15 @@ type ServerView interface {
 	// evict-idle its idle state_change), in the same statement; a guard
 	// that fails is not an error (upstream.Control.Terminate).
 	Terminate(ctx context.Context, t upstream.Target, timeout time.Duration) (upstream.Termination, error)
+	// Present reports whether t's backend is still in pg_stat_activity
+	// (upstream.Control.Present).
+	Present(ctx context.Context, t upstream.Target) (bool, error)
 }
 
 // Timings of admission. A victim rolegate holds frees its slot when its server
-// socket closes, usually within tens of milliseconds of the signal; one opened
-// elsewhere is awaited by pg_terminate_backend's own timeout form.
+// socket closes, usually within a millisecond or two of the signal; one
+// opened elsewhere is looked for in pg_stat_activity until it has left
+// (goneChecks), at most victimGoneTimeout after the signal.
 const (
 	victimGoneTimeout = 5 * time.Second
 	waitPoll          = 250 * time.Millisecond
@@ -571,9 +575,10 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 			return false
 		}
 	} else {
-		tctx, cancel := context.WithTimeout(ctx, controlTimeout+victimGoneTimeout)
-		r, err := a.lim.Server.Terminate(tctx, target, victimGoneTimeout)
-		cancel()
+		r, err := a.s.terminate(ctx, target, nil, why)
+		if r == upstream.Terminated && err == nil {
+			r, err = a.awaitGone(ctx, target)
+		}
 		if r != upstream.Terminated || err != nil {
 			return a.notEvicted(v, r, err, attrs)
 		}
@@ -584,6 +589,44 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason}
 	a.s.events.add(ev)
 	return true
+}
+
+// goneChecks are the pauses between looks for a signalled victim rolegate
+// does not relay, the last repeated: a backend leaves pg_stat_activity
+// within a millisecond or two of the signal when the machine is not
+// loaded, so the first looks come quickly (pg_terminate_backend's timeout
+// form looks only every 100 ms, which made such an eviction cost 100 ms).
+var goneChecks = [...]time.Duration{500 * time.Microsecond, 500 * time.Microsecond, time.Millisecond,
+	time.Millisecond, 2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond, 32 * time.Millisecond}
+
+// awaitGone waits until the signalled victim t has left pg_stat_activity
+// (Terminated) or victimGoneTimeout has passed since the signal (NotGone).
+// Leaving pg_stat_activity comes just before the server frees the slot; a
+// login that meets the server's 53300 in between tries again with its
+// reserved slot (admitAndLogIn).
+func (a *admission) awaitGone(ctx context.Context, t upstream.Target) (upstream.Termination, error) {
+	deadline := time.Now().Add(victimGoneTimeout)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for i := 0; ; i++ {
+		timer.Reset(goneChecks[min(i, len(goneChecks)-1)])
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			return 0, context.Cause(ctx)
+		}
+		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+		present, err := a.lim.Server.Present(cctx, t)
+		cancel()
+		switch {
+		case err != nil:
+			return 0, err
+		case !present:
+			return upstream.Terminated, nil
+		case time.Now().After(deadline):
+			return upstream.NotGone, nil
+		}
+	}
 }
 
 // notEvicted logs why victim v was not evicted (r, or err) and remembers it

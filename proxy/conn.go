@@ -242,7 +242,7 @@ func (c *clientConn) admitAndLogIn() error {
 			// pg_stat_activity row goes before its slot does), or a session
 			// from elsewhere took it. Try again shortly, keeping the slot.
 			c.log.Info("server at its limit after admission; trying again", "attempt", attempt)
-			t := time.NewTimer(min(time.Duration(attempt)*serverFullBackoff, serverFullMaxBackoff))
+			t := time.NewTimer(min(serverFullBackoff<<min(attempt-1, 10), serverFullMaxBackoff))
 			select {
 			case <-t.C:
 			case <-c.ctx.Done():
@@ -281,8 +281,10 @@ const (
 )
 
 // serverFullBackoff is the first pause before a login that holds a reserved
-// slot tries the server again after its 53300; each retry waits longer.
-const serverFullBackoff = 20 * time.Millisecond
+// slot tries the server again after its 53300; each retry waits twice as
+// long. The first is short: the usual cause is a victim that has just left
+// pg_stat_activity and frees its slot a moment later.
+const serverFullBackoff = time.Millisecond
 
 // loginAs logs in to the server as the client, with its recovered keys, and
 // hands the session over. With holdFull, the server's own 53300 is returned

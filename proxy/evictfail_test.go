@@ -134,7 +134,9 @@ func TestEvictFailNotEvicted(t *testing.T) {
 		detail    string // "" : admitted
 		calls     int
 	}{
-		{"did not exit", limiter.PolicyNewestWins, func(*fakeView, upstream.Target) upstream.Termination { return upstream.NotGone },
+		// Signalled, and still in pg_stat_activity when victimGoneTimeout
+		// has passed.
+		{"did not exit", limiter.PolicyNewestWins, func(*fakeView, upstream.Target) upstream.Termination { return upstream.Terminated },
 			"rolegate could not evict pid 301: it did not exit within 5s", 1},
 		{"busy since the census", limiter.PolicyEvictIdle, func(view *fakeView, tg upstream.Target) upstream.Termination {
 			// The session opened a transaction after the census.
@@ -169,8 +171,8 @@ func TestEvictFailNotEvicted(t *testing.T) {
 			view := newFakeView()
 			view.add(fakeSession(301, "trust_user", "postgres", start))
 			view.onTerminate(func(tg upstream.Target, timeout time.Duration) (upstream.Termination, error) {
-				if timeout != victimGoneTimeout {
-					t.Errorf("a victim opened elsewhere terminated with timeout %v", timeout)
+				if timeout != 0 {
+					t.Errorf("a victim opened elsewhere terminated with timeout %v, want 0 (not waited for)", timeout)
 				}
 				if want := c.policy == limiter.PolicyEvictIdle; !tg.IdleSince.IsZero() != want || tg.BackendStart.IsZero() {
 					t.Errorf("guards %+v under %s", tg, c.policy)
@@ -193,6 +195,63 @@ func TestEvictFailNotEvicted(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A victim opened elsewhere is signalled without waiting, and admission
+// looks for it in pg_stat_activity until it has left: one that leaves after
+// a few looks makes room for the login; a look that fails is an eviction
+// failure, reported as the control connection's.
+func TestEvictElsewhereAwaitsExit(t *testing.T) {
+	t.Parallel()
+	start := time.Now().Add(-time.Hour)
+	rules := map[string]limiter.Rule{"trust_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins}}
+	t.Run("leaves", func(t *testing.T) {
+		t.Parallel()
+		view := newFakeView()
+		view.add(fakeSession(311, "trust_user", "postgres", start))
+		view.onTerminate(func(upstream.Target, time.Duration) (upstream.Termination, error) {
+			return upstream.Terminated, nil // signalled; it leaves later
+		})
+		view.onPresent(func(tg upstream.Target, calls int) error {
+			if calls == 4 {
+				view.remove(tg.PID)
+			}
+			return nil
+		})
+		p := fakeLimitedProxy(t, view, rules, proxyOpts{}, "trust_user")
+		conn, err := tryConnect(p.DSN("trust_user", "trust_user_pw", "postgres"), 30*time.Second, nil)
+		if err != nil {
+			t.Fatalf("login: %v", err)
+		}
+		wantAlive(t, conn, "the new session")
+		conn.Close(context.Background())
+		if n := view.presentCalls(); n != 4 {
+			t.Errorf("%d looks for the victim, want 4 (it left at the fourth)", n)
+		}
+		if got, timeouts := view.terminated(), view.terminateTimeouts(); len(got) != 1 || got[0].PID != 311 || timeouts[0] != 0 {
+			t.Errorf("terminate calls %+v, timeouts %v; want one for pid 311, not waited for", got, timeouts)
+		}
+		if lines := logLines(p, `msg=evicted`, "victim_pid=311"); len(lines) != 1 {
+			t.Errorf("eviction lines:\n%s", strings.Join(lines, "\n"))
+		}
+	})
+	t.Run("look fails", func(t *testing.T) {
+		t.Parallel()
+		view := newFakeView()
+		view.add(fakeSession(312, "trust_user", "postgres", start))
+		view.onTerminate(func(upstream.Target, time.Duration) (upstream.Termination, error) {
+			return upstream.Terminated, nil
+		})
+		view.onPresent(func(tg upstream.Target, _ int) error {
+			return fmt.Errorf("look for backend %d: %w", tg.PID, errDenied)
+		})
+		p := fakeLimitedProxy(t, view, rules, proxyOpts{}, "trust_user")
+		_, err := tryConnect(p.DSN("trust_user", "trust_user_pw", "postgres"), 30*time.Second, nil)
+		wantNoSlot(t, err, "trust_user", "rolegate could not evict pid 312: "+errDenied.Message)
+		if lines := logLines(p, `msg="eviction failed"`, "victim_pid=312"); len(lines) != 1 {
+			t.Errorf("eviction failure lines:\n%s", strings.Join(lines, "\n"))
+		}
+	})
 }
 
 // A victim rolegate relays that does not exit once signalled: admission

@@ -31,9 +31,10 @@ type fakeView struct {
 	stall    chan struct{}    // not nil: Census blocks until it is closed or ctx ends
 	census   func(role, database string, holders []limiter.Holder) ([]limiter.Holder, error)
 	term     func(t upstream.Target, timeout time.Duration) (upstream.Termination, error)
-	targets  []upstream.Target // every Terminate call, in order
-	timeouts []time.Duration   // the timeout of each
-	calls    struct{ census, terminate, limits int }
+	present  func(t upstream.Target, calls int) error // runs before each Present, with its count so far
+	targets  []upstream.Target                        // every Terminate call, in order
+	timeouts []time.Duration                          // the timeout of each
+	calls    struct{ census, terminate, limits, present int }
 }
 
 func newFakeView() *fakeView {
@@ -106,6 +107,13 @@ func (f *fakeView) terminateTimeouts() []time.Duration {
 	return slices.Clone(f.timeouts)
 }
 
+// presentCalls returns how often Present was called.
+func (f *fakeView) presentCalls() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls.present
+}
+
 // counts returns how often Census, Terminate and ServerLimits were called.
 func (f *fakeView) counts() (census, terminate, limits int) {
 	f.mu.Lock()
@@ -167,6 +175,34 @@ func (f *fakeView) Terminate(ctx context.Context, t upstream.Target, timeout tim
 		return term(t, timeout)
 	}
 	return f.end(t), nil
+}
+
+// onPresent sets a hook that runs before each Present with the number of
+// calls so far (for example to end a signalled victim after a few looks);
+// an error it returns is Present's. It runs without the fake's lock held.
+func (f *fakeView) onPresent(fn func(t upstream.Target, calls int) error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.present = fn
+}
+
+// Present reports whether t's backend is in the census (its pid, and its
+// backend_start when t has one).
+func (f *fakeView) Present(ctx context.Context, t upstream.Target) (bool, error) {
+	f.mu.Lock()
+	f.calls.present++
+	hook, calls := f.present, f.calls.present
+	f.mu.Unlock()
+	if hook != nil {
+		if err := hook(t, calls); err != nil {
+			return false, err
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.ContainsFunc(f.holders, func(h limiter.Holder) bool {
+		return h.PID == t.PID && (t.BackendStart.IsZero() || t.BackendStart.Equal(h.BackendStart))
+	}), nil
 }
 
 // end is what the server does with a target: it checks the guards against

@@ -55,6 +55,10 @@ func (l localView) Terminate(ctx context.Context, t upstream.Target, timeout tim
 	return l.v.Terminate(ctx, t, timeout)
 }
 
+func (l localView) Present(ctx context.Context, t upstream.Target) (bool, error) {
+	return l.v.Present(ctx, t)
+}
+
 // viewProxy is a proxy-mode proxy whose limits read the server through view,
 // with rule for role.
 func viewProxy(t *testing.T, ctl *upstream.Control, view ServerView, role string, rule limiter.Rule, adjust func(*Config)) *testProxy {

@@ -340,6 +340,41 @@ func TestServerView(t *testing.T) {
 		case <-ctx.Done():
 			t.Fatal("the terminated session's query did not end")
 		}
+		// Present sees a signalled backend until it has left, and never a
+		// pid that a newer backend has (another backend_start) or none.
+		for {
+			present, err := ctl.Present(ctx, Target{PID: busy.PgConn().PID()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !present {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatal("the signalled backend did not leave pg_stat_activity")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		alive := connect(t, c.DSN("term_r", rolePW, "postgres"))
+		var started time.Time
+		if err := su.QueryRow(ctx, "select backend_start from pg_stat_activity where pid = $1", int32(alive.PgConn().PID())).Scan(&started); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			t    Target
+			want bool
+		}{
+			{Target{PID: alive.PgConn().PID()}, true},
+			{Target{PID: alive.PgConn().PID(), BackendStart: started}, true},
+			{Target{PID: alive.PgConn().PID(), BackendStart: started.Add(-time.Second)}, false},
+			{Target{PID: busy.PgConn().PID()}, false},
+			{Target{PID: 0}, false},
+			{Target{PID: math.MaxUint32}, false},
+		} {
+			if got, err := ctl.Present(ctx, c.t); got != c.want || err != nil {
+				t.Errorf("Present(%+v) = %v, %v; want %v", c.t, got, err, c.want)
+			}
+		}
 
 		// With a timeout: the backend is gone when Terminate returns. The
 		// victim is idle, reading; it is told 57P01 too.

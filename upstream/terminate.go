@@ -120,6 +120,30 @@ func (c *Control) Terminate(ctx context.Context, t Target, timeout time.Duration
 	return 0, fmt.Errorf("terminate backend %d: %w", t.PID, err)
 }
 
+// presentQuery counts the target's row in pg_stat_activity: its pid, and
+// its backend_start when the target has one (without pg_read_all_stats
+// another role's backend_start reads NULL, and the census's zero time then
+// means no guard, as in Terminate).
+const presentQuery = `SELECT count(*) FROM pg_catalog.pg_stat_get_activity($1::int4) a
+WHERE $2::timestamptz IS NULL OR a.backend_start IS NOT DISTINCT FROM $2::timestamptz`
+
+// Present reports whether the backend t names is still in pg_stat_activity:
+// false once it has left (a signalled backend leaves it just before the
+// server frees its slot) or its pid belongs to a newer backend. It is the
+// cheap check that admission repeats after signalling a victim without
+// waiting, instead of pg_terminate_backend's timeout form, which looks only
+// every 100 ms.
+func (c *Control) Present(ctx context.Context, t Target) (bool, error) {
+	if t.PID == 0 || t.PID > math.MaxInt32 {
+		return false, nil
+	}
+	var n int64
+	if err := c.pool.QueryRow(ctx, presentQuery, int32(t.PID), timeArg(t.BackendStart)).Scan(&n); err != nil {
+		return false, fmt.Errorf("look for backend %d: %w", t.PID, err)
+	}
+	return n > 0, nil
+}
+
 // timeArg is a guard's parameter: NULL for the zero time (no guard).
 func timeArg(t time.Time) any {
 	if t.IsZero() {
