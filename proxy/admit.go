@@ -559,29 +559,20 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 	held := a.s.registry.byBackendPID(v.PID)
 	if held != nil {
 		attrs = append(attrs, "victim_client", held.clientAddr, "victim_application_name", held.appName)
-		r, err := a.s.terminate(ctx, target, held, why)
-		if r != upstream.Terminated || err != nil {
-			return a.notEvicted(v, r, err, attrs)
+	}
+	r, err := a.s.terminate(ctx, target, held, why)
+	if r == upstream.Terminated && err == nil {
+		var closed <-chan struct{}
+		if held != nil {
+			closed = held.serverGone
 		}
-		// The server closes the socket only once the backend has left, so its
-		// close is the moment the slot is free.
-		t := time.NewTimer(victimGoneTimeout)
-		defer t.Stop()
-		select {
-		case <-held.serverGone:
-		case <-t.C:
-			return a.notEvicted(v, upstream.NotGone, nil, attrs)
-		case <-ctx.Done():
-			return false
-		}
-	} else {
-		r, err := a.s.terminate(ctx, target, nil, why)
-		if r == upstream.Terminated && err == nil {
-			r, err = a.awaitGone(ctx, target)
-		}
-		if r != upstream.Terminated || err != nil {
-			return a.notEvicted(v, r, err, attrs)
-		}
+		r, err = a.awaitGone(ctx, target, closed)
+	}
+	if ctx.Err() != nil {
+		return false // the login is over (its client left, or shutdown): no failure to report
+	}
+	if r != upstream.Terminated || err != nil {
+		return a.notEvicted(v, r, err, attrs)
 	}
 	a.log.Info("evicted", attrs...)
 	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
@@ -591,34 +582,49 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 	return true
 }
 
-// goneChecks are the pauses between looks for a signalled victim rolegate
-// does not relay, the last repeated: a backend leaves pg_stat_activity
-// within a millisecond or two of the signal when the machine is not
-// loaded, so the first looks come quickly (pg_terminate_backend's timeout
-// form looks only every 100 ms, which made such an eviction cost 100 ms).
-var goneChecks = [...]time.Duration{500 * time.Microsecond, 500 * time.Microsecond, time.Millisecond,
-	time.Millisecond, 2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond, 32 * time.Millisecond}
+// goneChecks are the pauses between looks for a signalled victim in
+// pg_stat_activity, the last repeated. An idle backend leaves it about 2 ms
+// after the signal on an unloaded machine, before the server's close
+// reaches rolegate, so the first looks come every quarter millisecond (a
+// look is one small query on the control connection; an eviction makes a
+// dozen). pg_terminate_backend's timeout form looks only every 100 ms,
+// which made an eviction cost 100 ms.
+var goneChecks = [...]time.Duration{
+	250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond,
+	250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond,
+	500 * time.Microsecond, 500 * time.Microsecond, time.Millisecond, time.Millisecond,
+	2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond, 32 * time.Millisecond,
+}
 
-// awaitGone waits until the signalled victim t has left pg_stat_activity
-// (Terminated) or victimGoneTimeout has passed since the signal (NotGone).
-// Leaving pg_stat_activity comes just before the server frees the slot; a
-// login that meets the server's 53300 in between tries again with its
-// reserved slot (admitAndLogIn).
-func (a *admission) awaitGone(ctx context.Context, t upstream.Target) (upstream.Termination, error) {
+// awaitGone waits until the signalled victim t has left: closed (the
+// server's close of a victim rolegate relays, nil for others) is closed, or
+// the backend is no longer in pg_stat_activity, whichever rolegate sees
+// first. The close stays unread behind a result that the victim's client
+// stopped reading, while the backend, blocked writing to rolegate, exits
+// on the signal all the same. It reports NotGone when neither happened
+// within victimGoneTimeout of the signal. Leaving pg_stat_activity comes
+// just before the server frees the slot; a login that meets the server's
+// 53300 in between tries again with its reserved slot (admitAndLogIn).
+func (a *admission) awaitGone(ctx context.Context, t upstream.Target, closed <-chan struct{}) (upstream.Termination, error) {
 	deadline := time.Now().Add(victimGoneTimeout)
-	timer := time.NewTimer(0)
+	timer := time.NewTimer(goneChecks[0])
 	defer timer.Stop()
 	for i := 0; ; i++ {
-		timer.Reset(goneChecks[min(i, len(goneChecks)-1)])
 		select {
+		case <-closed:
+			return upstream.Terminated, nil
 		case <-timer.C:
 		case <-ctx.Done():
 			return 0, context.Cause(ctx)
 		}
+		timer.Reset(goneChecks[min(i+1, len(goneChecks)-1)])
 		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 		present, err := a.lim.Server.Present(cctx, t)
 		cancel()
 		switch {
+		case err != nil && closed != nil:
+			// The server's close still tells: wait for it alone.
+			return awaitClose(ctx, closed, deadline)
 		case err != nil:
 			return 0, err
 		case !present:
@@ -626,6 +632,20 @@ func (a *admission) awaitGone(ctx context.Context, t upstream.Target) (upstream.
 		case time.Now().After(deadline):
 			return upstream.NotGone, nil
 		}
+	}
+}
+
+// awaitClose waits for closed until deadline (NotGone).
+func awaitClose(ctx context.Context, closed <-chan struct{}, deadline time.Time) (upstream.Termination, error) {
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-closed:
+		return upstream.Terminated, nil
+	case <-t.C:
+		return upstream.NotGone, nil
+	case <-ctx.Done():
+		return 0, context.Cause(ctx)
 	}
 }
 

@@ -197,11 +197,12 @@ func TestEvictFailNotEvicted(t *testing.T) {
 	}
 }
 
-// A victim opened elsewhere is signalled without waiting, and admission
-// looks for it in pg_stat_activity until it has left: one that leaves after
+// A victim is signalled without waiting, and admission looks for it in
+// pg_stat_activity until it has left: one opened elsewhere that leaves after
 // a few looks makes room for the login; a look that fails is an eviction
-// failure, reported as the control connection's.
-func TestEvictElsewhereAwaitsExit(t *testing.T) {
+// failure, reported as the control connection's, unless the victim is one
+// rolegate relays: its server's close then still says it has left.
+func TestEvictAwaitsExit(t *testing.T) {
 	t.Parallel()
 	start := time.Now().Add(-time.Hour)
 	rules := map[string]limiter.Rule{"trust_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins}}
@@ -250,6 +251,42 @@ func TestEvictElsewhereAwaitsExit(t *testing.T) {
 		wantNoSlot(t, err, "trust_user", "rolegate could not evict pid 312: "+errDenied.Message)
 		if lines := logLines(p, `msg="eviction failed"`, "victim_pid=312"); len(lines) != 1 {
 			t.Errorf("eviction failure lines:\n%s", strings.Join(lines, "\n"))
+		}
+	})
+	t.Run("look fails, relayed", func(t *testing.T) {
+		t.Parallel()
+		view := newFakeView()
+		su := connect(t, shared.SuperDSN())
+		// The signal goes out only with the first look, which fails: the
+		// server's close comes after it.
+		view.onTerminate(func(upstream.Target, time.Duration) (upstream.Termination, error) {
+			return upstream.Terminated, nil
+		})
+		view.onPresent(func(tg upstream.Target, calls int) error {
+			if calls == 1 {
+				if _, err := su.Exec(context.Background(), "select pg_terminate_backend($1)", int32(tg.PID)); err != nil {
+					return err
+				}
+				view.remove(tg.PID)
+			}
+			return fmt.Errorf("look for backend %d: %w", tg.PID, errDenied)
+		})
+		p := fakeLimitedProxy(t, view, rules, proxyOpts{}, "trust_user")
+		dsn := p.DSN("trust_user", "trust_user_pw", "postgres")
+		first := connect(t, dsn)
+		pid := backendPID(t, first)
+		view.add(fakeSession(pid, "trust_user", "postgres", start))
+		second, err := tryConnect(dsn, 30*time.Second, nil)
+		if err != nil {
+			t.Fatalf("login: %v", err)
+		}
+		defer second.Close(context.Background())
+		wantEvicted(t, first, "role", "trust_user", limiter.PolicyNewestWins)
+		if n := view.presentCalls(); n != 1 {
+			t.Errorf("%d looks, want 1 (then the server's close)", n)
+		}
+		if lines := logLines(p, `msg=evicted`, fmt.Sprintf("victim_pid=%d", pid)); len(lines) != 1 {
+			t.Errorf("eviction lines:\n%s", strings.Join(logLines(p, "evict"), "\n"))
 		}
 	})
 }
@@ -558,5 +595,45 @@ func TestAdmissionFailureNamesStep(t *testing.T) {
 				t.Errorf("the log line lost the cause: %s", lines[0])
 			}
 		})
+	}
+}
+
+// A victim whose client stopped reading in the middle of a large result: the
+// server's close waits, unread, behind the result in rolegate's relay, while
+// the backend, blocked writing, exits on the signal all the same. Admission
+// sees it leave pg_stat_activity and lets the new login in; the stalled
+// client, once it reads, gets the rest and the end of its session.
+func TestEvictVictimThatDoesNotRead(t *testing.T) {
+	t.Parallel()
+	pw := newRole(t, "evict_stall", -1)
+	p := limitedProxy(t, map[string]limiter.Rule{"evict_stall": {MaxSessions: 1, Policy: limiter.PolicyNewestWins}})
+	dsn := p.DSN("evict_stall", pw, "postgres")
+	stalled := connect(t, dsn)
+	pid := backendPID(t, stalled)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// pgconn sends the query and reads nothing until asked to.
+	result := stalled.PgConn().Exec(ctx, "select repeat('x', 100000) from generate_series(1, 500)")
+	waitUntil(t, 30*time.Second, "the relay to fill the stalled client's buffers", func() bool {
+		for _, s := range p.Sessions() {
+			if s.BackendPID == pid && s.BytesOut > 1<<20 {
+				return true
+			}
+		}
+		return false
+	})
+	fresh, err := tryConnect(dsn, 60*time.Second, nil)
+	if err != nil {
+		t.Fatalf("login over the stalled session: %v", err)
+	}
+	defer fresh.Close(context.Background())
+	wantAlive(t, fresh, "the new session")
+	if lines := logLines(p, `msg=evicted`, fmt.Sprintf("victim_pid=%d", pid)); len(lines) != 1 {
+		t.Errorf("eviction lines for pid %d:\n%s", pid, strings.Join(logLines(p, "evict"), "\n"))
+	}
+	// The stalled client reads at last: its result ends early, with an error.
+	_, err = result.ReadAll()
+	if err == nil {
+		t.Error("the evicted session's result ended without an error")
 	}
 }
