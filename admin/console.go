@@ -30,7 +30,7 @@ import (
 //
 // Commands (case-insensitive, several per query separated by ';'):
 //
-//	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | CONFIG | STATS | VERSION
+//	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
 //	KILL <pid>
 //	SET LIMIT <role> <n>
 //	SET POLICY <role> <policy>
@@ -56,7 +56,7 @@ func NewConsole(opts Options) *Console {
 const maxConsoleQuery = 1 << 20
 
 // consoleHint lists the commands, for syntax errors.
-const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | CONFIG | STATS | VERSION; " +
+const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION; " +
 	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy>; RELOAD"
 
 // ServeConsole owns the conversation until the client leaves (Terminate or a
@@ -266,6 +266,8 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 			s.showDatabases(ctx)
 		case "EVICTIONS":
 			s.showEvictions()
+		case "INSTANCES":
+			return s.showInstances(ctx)
 		case "CONFIG":
 			return s.showConfig()
 		case "STATS":
@@ -351,6 +353,28 @@ func pidOrNull(pid uint32) []byte {
 	return num(pid)
 }
 
+// showInstances lists the rolegate instances on the same server; a peer
+// that did not answer has NULLs and its error.
+func (s *consoleSession) showInstances(ctx context.Context) *consoleError {
+	list, err := s.c.opts.instances(ctx)
+	if err != nil {
+		return &consoleError{code: "58000", msg: "cannot list the instances: " + err.Error()}
+	}
+	cols := []column{{"tag", oidText}, {"address", oidText}, {"self", oidText}, {"version", oidText},
+		{"started", oidText}, {"registered", oidText}, {"sessions", oidInt8}, {"error", oidText}}
+	rows := make([][][]byte, 0, len(list))
+	for _, in := range list {
+		var sessions, started []byte
+		if in.Error == "" {
+			sessions, started = num(in.Sessions), ts(in.Started)
+		}
+		rows = append(rows, [][]byte{txt(in.Tag), txt(in.Address), boolean(in.Self), txtOrNull(in.Version),
+			started, ts(in.Registered), sessions, txtOrNull(in.Error)})
+	}
+	s.table("SHOW", cols, rows)
+	return nil
+}
+
 func (s *consoleSession) showSessions(ctx context.Context) {
 	all, unlisted := listed(s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()))
 	if unlisted > 0 {
@@ -361,7 +385,7 @@ func (s *consoleSession) showSessions(ctx context.Context) {
 	// it existed read the same values.
 	cols := []column{{"pid", oidInt4}, {"role", oidText}, {"database", oidText}, {"application_name", oidText},
 		{"client_addr", oidText}, {"state", oidText}, {"started", oidText}, {"idle_since", oidText},
-		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}, {"wait", oidText}}
+		{"via_rolegate", oidText}, {"bytes_in", oidInt8}, {"bytes_out", oidInt8}, {"wait", oidText}, {"instance", oidText}}
 	rows := make([][][]byte, 0, len(all))
 	for _, i := range all {
 		var in, out []byte // NULL: rolegate does not relay it
@@ -370,7 +394,7 @@ func (s *consoleSession) showSessions(ctx context.Context) {
 		}
 		rows = append(rows, [][]byte{pidOrNull(i.PID), txtOrNull(i.Role), txtOrNull(i.Database),
 			txt(i.ApplicationName), txt(i.ClientAddr), txtOrNull(i.State), ts(i.Started), ts(i.LastActivity),
-			boolean(i.ViaRolegate), in, out, txtOrNull(i.Wait)})
+			boolean(i.ViaRolegate), in, out, txtOrNull(i.Wait), txtOrNull(i.Instance)})
 	}
 	s.table("SHOW", cols, rows)
 }

@@ -575,6 +575,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 			BytesIn         int64
 			BytesOut        int64
 			Wait            *string
+			Instance        *string
 		}
 		got, err := pgx.CollectRows(rows, pgx.RowToStructByPos[row])
 		if err != nil {

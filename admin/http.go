@@ -80,6 +80,11 @@ type Options struct {
 	// outside rolegate show too. Nil without a control connection: only
 	// rolegate's own sessions show.
 	ServerSessions func(ctx context.Context, roles []string) ([]upstream.Backend, error)
+	// Instances lists the rolegate instances on the same server with what
+	// each says of itself (proxy.Server.Instances), for SHOW INSTANCES,
+	// /api/instances and the instance column of the sessions. Nil without a
+	// control connection: this instance alone, unnamed.
+	Instances func(ctx context.Context) ([]proxy.InstanceInfo, error)
 	// Effective returns the rules admission applies to role and database,
 	// with the source of each limit (proxy.Limits.Effective). Nil when no
 	// limits are enforced.
@@ -164,6 +169,7 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/sessions", h.sessions)
 	mux.HandleFunc("GET /api/evictions", h.evictions)
 	mux.HandleFunc("GET /api/roles", h.roles)
+	mux.HandleFunc("GET /api/instances", h.instances)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
 	h.registerPage(mux) // the live page at / (page.go)
@@ -221,7 +227,8 @@ type session struct {
 	LastActivity    time.Time `json:"last_activity"`
 	BytesIn         int64     `json:"bytes_in"`
 	BytesOut        int64     `json:"bytes_out"`
-	ViaRolegate     bool      `json:"via_rolegate"` // false: opened directly against the server (or another instance)
+	ViaRolegate     bool      `json:"via_rolegate"`       // false: opened directly against the server (or another instance)
+	Instance        string    `json:"instance,omitempty"` // the tag of the rolegate instance that relays it; "" when none does (or no cluster)
 
 	inFlight   bool // a login in flight through rolegate: it holds no slot yet
 	unverified bool // ... whose client has not proved who it is
@@ -231,6 +238,29 @@ func (h *HTTP) sessions(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := viewContext(r.Context())
 	defer cancel()
 	writeJSON(w, http.StatusOK, h.opts.allSessions(ctx, h.opts.Proxy.Sessions()))
+}
+
+// instance is one rolegate instance in /api/instances.
+type instance struct {
+	Tag        string    `json:"tag"`
+	Address    string    `json:"address"`
+	Self       bool      `json:"self"`
+	Version    string    `json:"version,omitempty"`
+	Started    time.Time `json:"started"`
+	Registered time.Time `json:"registered"`
+	Sessions   int       `json:"sessions"`
+	Error      string    `json:"error,omitempty"` // why it did not answer
+}
+
+func (h *HTTP) instances(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := viewContext(r.Context())
+	defer cancel()
+	list, err := h.opts.instances(ctx)
+	if err != nil {
+		text(w, http.StatusServiceUnavailable, "cannot list the instances: "+err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, list)
 }
 
 // event is one eviction, rejection or kill in /api/evictions.

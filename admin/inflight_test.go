@@ -44,7 +44,7 @@ func consolePSQL(t *testing.T, r *rig, sql string) (stdout, stderr string) {
 // sessionLine is the SHOW SESSIONS line (psql -A -t) whose state is state, or "".
 func sessionLine(out, state string) string {
 	for line := range strings.Lines(out) {
-		if f := strings.Split(strings.TrimRight(line, "\n"), "|"); len(f) == 12 && f[5] == state {
+		if f := strings.Split(strings.TrimRight(line, "\n"), "|"); len(f) == 13 && f[5] == state {
 			return strings.TrimRight(line, "\n")
 		}
 	}
@@ -103,7 +103,7 @@ func TestInFlightLoginsInViews(t *testing.T) {
 	}
 	out, _ := consolePSQL(t, r, "show sessions")
 	line := sessionLine(out, "waiting")
-	if !strings.HasPrefix(line, "|lim_user|postgres|the_waiter|") || !strings.HasSuffix(line, "|true|0|0|"+wantWait) {
+	if !strings.HasPrefix(line, "|lim_user|postgres|the_waiter|") || !strings.HasSuffix(line, "|true|0|0|"+wantWait+"|") {
 		t.Errorf("SHOW SESSIONS: waiting login %q (want NULL pid and its wait) in\n%s", line, out)
 	}
 	if line := sessionLine(out, "authenticating"); line != "" {

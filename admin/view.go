@@ -57,18 +57,60 @@ func (o *Options) knownRoles(infos []proxy.SessionInfo) []string {
 	return out
 }
 
+// instances lists the rolegate instances (Options.Instances), or none.
+func (o *Options) instances(ctx context.Context) ([]instance, error) {
+	if o.Instances == nil {
+		return []instance{}, nil
+	}
+	list, err := o.Instances(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]instance, 0, len(list))
+	for _, in := range list {
+		out = append(out, instance{Tag: in.Tag, Address: in.Advertise, Self: in.Self, Version: in.Version,
+			Started: in.Started, Registered: in.Since, Sessions: in.Sessions, Error: in.Err})
+	}
+	return out, nil
+}
+
+// relayedBy maps the server pids the rolegate instances relay to the
+// instance's tag, and gives this instance's own tag ("" without a cluster).
+func (o *Options) relayedBy(ctx context.Context) (byPID map[uint32]string, self string) {
+	if o.Instances == nil {
+		return nil, ""
+	}
+	list, err := o.Instances(ctx)
+	if err != nil {
+		o.Logger.Warn("admin: cannot list the rolegate instances", "err", err)
+		return nil, ""
+	}
+	byPID = map[uint32]string{}
+	for _, in := range list {
+		if in.Self {
+			self = in.Tag
+		}
+		for _, pid := range in.PIDs {
+			byPID[pid] = in.Tag
+		}
+	}
+	return byPID, self
+}
+
 // allSessions is rolegate's sessions and, with ServerSessions, every other
 // client backend of the known roles (ViaRolegate false), merged by pid:
-// rolegate's own rows win. Sorted by start.
+// rolegate's own rows win. Sorted by start. With Instances, each names the
+// instance that relays it.
 func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []session {
 	out := make([]session, 0, len(infos))
 	own := map[uint32]bool{}
+	byPID, self := o.relayedBy(ctx)
 	for _, s := range infos {
 		out = append(out, session{
 			ID: s.ID, PID: s.BackendPID, Role: s.User, Database: s.Database, ApplicationName: s.ApplicationName,
 			ClientAddr: s.ClientAddr, ClientTLS: s.ClientTLS, ServerTLS: s.ServerTLS, Replication: s.Replication,
 			State: s.State.String(), Wait: s.Wait, Started: s.Start, LastActivity: s.LastActivity,
-			BytesIn: s.BytesIn, BytesOut: s.BytesOut, ViaRolegate: true,
+			BytesIn: s.BytesIn, BytesOut: s.BytesOut, ViaRolegate: true, Instance: self,
 			inFlight: s.State.LoggingIn(), unverified: !s.Verified,
 		})
 		if s.BackendPID != 0 {
@@ -87,6 +129,7 @@ func (o *Options) allSessions(ctx context.Context, infos []proxy.SessionInfo) []
 			out = append(out, session{
 				PID: b.PID, Role: b.Role, Database: b.Database, ApplicationName: b.ApplicationName,
 				ClientAddr: b.ClientAddr, State: b.State, Started: b.BackendStart, LastActivity: b.StateChange,
+				Instance: byPID[b.PID],
 			})
 		}
 	}

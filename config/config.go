@@ -48,6 +48,7 @@ type Config struct {
 	Auth    Auth    `toml:"auth"`
 	Log     Log     `toml:"log"`
 	Admin   Admin   `toml:"admin"`
+	Cluster Cluster `toml:"cluster"`
 
 	// Limits holds the defaults of the connection limits; Roles and Databases
 	// the limits of single roles and databases, by name, cut to 63 bytes as
@@ -57,6 +58,19 @@ type Config struct {
 	Roles     map[string]LimitRule `toml:"roles"`
 	Databases map[string]LimitRule `toml:"databases"`
 }
+
+// Cluster is how this instance works with other rolegate instances in front
+// of the same server.
+type Cluster struct {
+	// Advertise is the host:port the other instances reach this one at, to
+	// pass it the CancelRequests its clients send them. Empty: the listen
+	// address as bound (enough when every instance runs on one host).
+	Advertise string `toml:"advertise"`
+}
+
+// MaxAdvertise is the longest cluster.advertise: an instance registers in
+// the application_name of a connection (63 bytes), after "rolegate <tag> ".
+const MaxAdvertise = 51
 
 // TLS is the client-facing TLS configuration. Both files empty means no TLS:
 // SSLRequest is answered with 'N' and direct TLS connections are refused.
@@ -415,6 +429,14 @@ func (c *Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Server.Address); err != nil {
 		return bad("server.address", "want host:port: %v", err)
+	}
+	if a := c.Cluster.Advertise; a != "" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return bad("cluster.advertise", "want host:port: %v", err)
+		}
+		if len(a) > MaxAdvertise {
+			return bad("cluster.advertise", "%q is longer than %d bytes (it is registered in an application_name); use an IP address or a shorter name", a, MaxAdvertise)
+		}
 	}
 	for _, d := range []struct {
 		key      string

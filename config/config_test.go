@@ -127,6 +127,9 @@ token = "s3cret"
 users = ["admin", "ops"]
 database = "pgadmin"
 
+[cluster]
+advertise = "10.0.0.7:7432"
+
 [limits]
 policy = "evict-idle"
 fallback = "wait"
@@ -167,8 +170,9 @@ min_session_age = "1s"
 			PasswordFile: "/etc/rolegate/control.pw", MaxConns: 2},
 		Auth: Auth{Mode: AuthProxy, Method: "password", CleartextWithoutTLS: true, Userlist: "/etc/rolegate/userlist.txt",
 			AuthQuery: "SELECT rolegate.get_secret($1)", CacheSize: 50, CacheTTL: "5m"},
-		Log:   Log{Level: "debug", Format: "json"},
-		Admin: Admin{HTTP: "0.0.0.0:9700", AllowedHosts: hosts, Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
+		Log:     Log{Level: "debug", Format: "json"},
+		Admin:   Admin{HTTP: "0.0.0.0:9700", AllowedHosts: hosts, Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
+		Cluster: Cluster{Advertise: "10.0.0.7:7432"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
@@ -252,6 +256,8 @@ func TestErrors(t *testing.T) {
 		{"negative max_procs", "\nmax_procs = -1\n", "max_procs", 2, "must be 0"},
 		{"max_procs as a string", "max_procs = \"all\"\n", "max_procs", 1, "cannot decode TOML string"},
 		{"bad relay", "\nrelay = \"epoll\"\n", "relay", 2, `want "loop" or "goroutines", not "epoll"`},
+		{"bad cluster.advertise", "[cluster]\nadvertise = \"10.0.0.7\"\n", "cluster.advertise", 2, "want host:port"},
+		{"long cluster.advertise", "[cluster]\nadvertise = \"" + strings.Repeat("h", 50) + ":6432\"\n", "cluster.advertise", 2, "longer than 51 bytes"},
 		{"bad connect_timeout", "[server]\n\nconnect_timeout = \"soon\"\n", "server.connect_timeout", 3, `invalid duration "soon"`},
 		{"zero connect_timeout", "[server]\nconnect_timeout = \"0ms\"\n", "server.connect_timeout", 2, "must be greater than zero"},
 		{"auth mode proxy without a source", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2,

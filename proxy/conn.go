@@ -146,8 +146,12 @@ func (c *clientConn) serve() {
 		c.fail(err)
 		return
 	}
-	if c.startup.kind == kindCancel {
+	switch c.startup.kind {
+	case kindCancel, kindPeerCancel:
 		c.forwardCancel()
+		return
+	case kindPeerStatus:
+		c.answerStatus()
 		return
 	}
 	c.identify()

@@ -107,16 +107,20 @@ func (s *Server) handshake(c net.Conn) (*tls.Conn, error) {
 }
 
 // forwardCancel passes a CancelRequest that carries a key rolegate issued to the
-// server with the server's own key. Unknown keys are ignored, as the server does.
+// server with the server's own key. A key another instance issued goes to
+// that instance (once: one forwarded here is not forwarded again). Unknown
+// keys are ignored, as the server does.
 func (c *clientConn) forwardCancel() {
 	s, p, log := c.s, c.startup, c.log
-	target := s.registry.lookup(p.cancelPID, p.cancelKey)
-	if target == nil {
-		s.quiet.log(log, slog.LevelInfo, "", "cancel request with an unknown key ignored")
-		return
-	}
 	ctx, cancel := context.WithTimeout(c.ctx, s.cfg.StartupTimeout)
 	defer cancel()
+	target := s.registry.lookup(p.cancelPID, p.cancelKey)
+	if target == nil {
+		if p.kind == kindPeerCancel || !s.forwardToPeer(ctx, p.cancelPID, p.cancelKey, log) {
+			s.quiet.log(log, slog.LevelInfo, "", "cancel request with an unknown key ignored")
+		}
+		return
+	}
 	pid, key, useTLS := target.serverSide()
 	log = log.With("role", target.user, "database", target.database, "pid", pid)
 	if err := s.cfg.Upstream.Cancel(ctx, pid, key, useTLS); err != nil {

@@ -32,11 +32,31 @@ type registry struct {
 	// one live backend's, but the session of a backend that has just exited
 	// may still be registered when the server gives its pid to a new one.
 	byPID map[uint32]*session
+	// tag, when tagged, is the first byte of every secret (newRegistry).
+	tag    byte
+	tagged bool
 }
 
-func newRegistry() *registry {
-	return &registry{sessions: make(map[uint64]*session), byKey: make(map[cancelKey]*session),
+// newRegistry is an empty registry; with cluster, the secrets of the keys it
+// issues carry cluster.Tag in their first byte (Cluster).
+func newRegistry(cluster *Cluster) *registry {
+	r := &registry{sessions: make(map[uint64]*session), byKey: make(map[cancelKey]*session),
 		byPID: make(map[uint32]*session)}
+	if cluster != nil {
+		r.tag, r.tagged = cluster.Tag, true
+	}
+	return r
+}
+
+// secret is the secret of a new cancel key: newSecret's, with the
+// instance's tag in its first byte when there is a cluster (24 random bits
+// are left: a guess still needs millions of cancel requests).
+func (r *registry) secret() uint32 {
+	s := newSecret()
+	if r.tagged {
+		s = uint32(r.tag)<<24 | s&0xffffff
+	}
+	return s
 }
 
 // newSecret is the secret of a cancel key rolegate issues: unpredictable, so
@@ -96,7 +116,7 @@ func (r *registry) add(s *session) {
 		return
 	}
 	for {
-		k := cancelKey{pid: s.backendPID, secret: newSecret()}
+		k := cancelKey{pid: s.backendPID, secret: r.secret()}
 		if _, taken := r.byKey[k]; taken || (hadStale && k.secret == stale) {
 			continue
 		}

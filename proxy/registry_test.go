@@ -11,7 +11,7 @@ import (
 // reaches it; removing the older session later leaves the newer alone.
 func TestRegistryPIDReuse(t *testing.T) {
 	t.Parallel()
-	r := newRegistry()
+	r := newRegistry(nil)
 	secret := func(s *session) []byte { return binary.BigEndian.AppendUint32(nil, s.cancelKey.secret) }
 
 	old := &session{id: 1, backendPID: 4242, backendKey: []byte{1, 2, 3, 4}}
@@ -62,7 +62,7 @@ func TestRegistryPIDReuse(t *testing.T) {
 // the same secret, finds nothing.
 func TestRegistryLookupExact(t *testing.T) {
 	t.Parallel()
-	r := newRegistry()
+	r := newRegistry(nil)
 	s := &session{id: 1, backendPID: 77, backendKey: []byte{0, 0, 0, 1}}
 	r.add(s)
 	k := s.cancelKey.secretBytes()
@@ -88,7 +88,7 @@ func TestRegistryLookupExact(t *testing.T) {
 // no cancel key, and no lookup by pid finds it (pid 0 is no backend's).
 func TestRegistryLoginInFlight(t *testing.T) {
 	t.Parallel()
-	r := newRegistry()
+	r := newRegistry(nil)
 	s := &session{id: 1}
 	r.register(s)
 	if got := r.snapshot(); len(got) != 1 || got[0].State != StateStartup || got[0].BackendPID != 0 {

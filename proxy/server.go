@@ -56,6 +56,10 @@ type Config struct {
 	// Observer is told of logins, failures, waits, server dials and finished
 	// sessions, for metrics. nil: nothing is observed.
 	Observer Observer
+	// Cluster, when not nil, registers this instance on the server and
+	// takes CancelRequests to the instance that issued their key; it needs
+	// Limits with a control connection (upstream.Control). New copies it.
+	Cluster *Cluster
 
 	// throttle sets the rate limit of repeated-failure log lines; tests only
 	// (zero: the defaults).
@@ -74,6 +78,8 @@ type Server struct {
 	registry *registry
 	pending  pendingLogins // passthrough logins not yet admitted
 	events   eventLog
+	started  time.Time     // when New ran, for the other instances
+	peers    instanceCache // the live instances, for forwarding cancels
 	// endPoint is the tls-server-end-point of the certificate TLS clients
 	// get, for SCRAM channel binding; nil when it cannot be known.
 	endPoint []byte
@@ -116,6 +122,10 @@ func New(cfg Config) *Server {
 		// SSLRequest may send it too.
 		cfg.TLS.NextProtos = []string{"postgresql"}
 	}
+	if cfg.Cluster != nil {
+		c := *cfg.Cluster // Serve may fill in Advertise
+		cfg.Cluster = &c
+	}
 	obs := cfg.Observer
 	if obs == nil {
 		obs = nopObserver{}
@@ -126,7 +136,8 @@ func New(cfg Config) *Server {
 		log:       cfg.Logger,
 		obs:       obs,
 		quiet:     newLogThrottle(cfg.throttle),
-		registry:  newRegistry(),
+		registry:  newRegistry(cfg.Cluster),
+		started:   time.Now(),
 		endPoint:  tlsEndPoint(cfg.TLS),
 		ctx:       ctx,
 		cancel:    cancel,
@@ -192,7 +203,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
 	s.startLoop()
-	s.listenSlots()
+	s.listenSlots(ln.Addr())
 	defer func() {
 		s.mu.Lock()
 		delete(s.listeners, ln)

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"log/slog"
+	"net"
 
 	"github.com/rolegate/rolegate/upstream"
 )
@@ -36,12 +37,21 @@ func (s *Server) signalSlot(kind upstream.SlotKind, role, database string) {
 // listenSlots starts, once, the goroutine that hears the other instances'
 // slot signals and wakes this instance's waiters for them; it ends with the
 // Server (Close waits for it).
-func (s *Server) listenSlots() {
+//
+// With a cluster, the instance registers with that connection; without an
+// advertise address, at addr, the first listener's.
+func (s *Server) listenSlots(addr net.Addr) {
 	sig := s.signaller()
 	if sig == nil {
 		return
 	}
 	s.listenOnce.Do(func() {
+		if cv := s.cluster(); cv != nil {
+			if s.cfg.Cluster.Advertise == "" {
+				s.cfg.Cluster.Advertise = addr.String()
+			}
+			cv.SetInstance(s.cfg.Cluster.Tag, s.cfg.Cluster.Advertise)
+		}
 		s.background.Go(func() {
 			sig.ListenSlots(s.ctx, s.slotSignalled, func(err error) {
 				s.quiet.log(s.log, slog.LevelWarn, "slot signals", "slot signals from other instances failed; waiters re-check on their interval", "err", err)

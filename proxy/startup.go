@@ -30,6 +30,8 @@ const (
 	kindSSL
 	kindGSSENC
 	kindCancel
+	kindPeerCancel // a CancelRequest another instance forwarded (cluster.go)
+	kindPeerStatus // another instance asks for this one's status
 )
 
 // startupPacket is a decoded packet that may open a connection.
@@ -102,13 +104,19 @@ func parseStartupPacket(body []byte) (*startupPacket, error) {
 			return &startupPacket{kind: kindSSL}, nil
 		}
 		return &startupPacket{kind: kindGSSENC}, nil
-	case codeCancel:
+	case codePeerStatus:
+		return &startupPacket{kind: kindPeerStatus}, nil
+	case codeCancel, codePeerCancel:
 		// 3.0 keys are 4 bytes; 3.2 allows up to 256.
 		if len(body) < 12 || len(body) > 8+256 {
 			return nil, protocolViolation("invalid length of cancel request")
 		}
+		kind := kindCancel
+		if code == codePeerCancel {
+			kind = kindPeerCancel
+		}
 		return &startupPacket{
-			kind:      kindCancel,
+			kind:      kind,
 			cancelPID: binary.BigEndian.Uint32(body[4:]),
 			cancelKey: bytes.Clone(body[8:]),
 		}, nil

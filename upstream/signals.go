@@ -70,6 +70,13 @@ type signals struct {
 	running bool            // ListenSlots runs: signals are sent
 
 	listening atomic.Bool // the listening connection has run LISTEN and is up
+
+	// The registration (instances.go): set by SetInstance, carried by the
+	// listening connection, whose backend is listenPID while it is up.
+	tag        byte
+	advertise  string
+	registered bool
+	listenPID  uint32
 }
 
 // SlotListening reports whether this instance hears the other instances'
@@ -164,6 +171,11 @@ func (c *Control) ListenSlots(ctx context.Context, handle func(SlotEvent), onErr
 // connection was lost later, and is opened again after the shortest pause).
 func (c *Control) listenOnce(ctx context.Context, handle func(SlotEvent)) (listened bool, err error) {
 	cfg := c.pool.Config().ConnConfig.Copy()
+	c.signals.mu.Lock()
+	if c.signals.registered {
+		cfg.RuntimeParams["application_name"] = instanceName(c.signals.tag, c.signals.advertise)
+	}
+	c.signals.mu.Unlock()
 	cctx, cancel := context.WithTimeout(ctx, controlConnectTimeout)
 	conn, err := pgx.ConnectConfig(cctx, cfg)
 	cancel()
@@ -178,8 +190,16 @@ func (c *Control) listenOnce(ctx context.Context, handle func(SlotEvent)) (liste
 	if _, err := conn.Exec(ctx, "LISTEN "+slotChannel); err != nil {
 		return false, fmt.Errorf("slot signals: listen: %w", err)
 	}
+	c.signals.mu.Lock()
+	c.signals.listenPID = conn.PgConn().PID()
+	c.signals.mu.Unlock()
 	c.signals.listening.Store(true)
-	defer c.signals.listening.Store(false)
+	defer func() {
+		c.signals.listening.Store(false)
+		c.signals.mu.Lock()
+		c.signals.listenPID = 0
+		c.signals.mu.Unlock()
+	}()
 	for {
 		n, err := conn.WaitForNotification(ctx)
 		if err != nil {

@@ -11,6 +11,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"flag"
@@ -162,6 +163,42 @@ func components(cfg *config.Config) (*parts, error) {
 	return p, nil
 }
 
+// clusterOf is this instance's part among the rolegate instances on the
+// same server, when it has limits (and so a control connection): a tag that
+// no live instance holds, picked at random. Without the list (the server is
+// down at start) a random tag is still right 255 times in 256; a clash
+// only misroutes cancels between the two instances that share it.
+func clusterOf(p *parts, cfg *config.Config, log *slog.Logger) *proxy.Cluster {
+	if p.limits == nil || p.control == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	used := map[byte]bool{}
+	list, err := p.control.Instances(ctx)
+	if err != nil {
+		log.Warn("could not list the other rolegate instances; picking an instance tag at random", "err", err)
+	}
+	for _, in := range list {
+		used[in.Tag] = true
+	}
+	var free []byte
+	for t := range 256 {
+		if !used[byte(t)] {
+			free = append(free, byte(t))
+		}
+	}
+	if len(free) == 0 {
+		log.Warn("256 rolegate instances are registered on the server; sharing an instance tag")
+		free = []byte{0}
+	}
+	var b [1]byte
+	_, _ = rand.Read(b[:])
+	c := &proxy.Cluster{Tag: free[int(b[0])%len(free)], Advertise: cfg.Cluster.Advertise, Version: buildVersion()}
+	log.Info("instance", "tag", fmt.Sprintf("%02x", c.Tag), "instances", len(list), "advertise", c.Advertise)
+	return c
+}
+
 func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error {
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -179,6 +216,7 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		Relay:           cfg.Relay,
 		Logger:          log,
 		Observer:        metrics,
+		Cluster:         clusterOf(p, cfg, log),
 	})
 	if cfg.MaxProcs > 0 {
 		runtime.GOMAXPROCS(cfg.MaxProcs)
@@ -261,6 +299,9 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Me
 	}
 	if p.control != nil {
 		o.ServerSessions = p.control.Sessions
+	}
+	if p.limits != nil && p.control != nil {
+		o.Instances = srv.Instances
 	}
 	o.ConfiguredRoles = func() []string {
 		if cfg := rl.cur.Load(); cfg != nil {
