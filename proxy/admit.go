@@ -584,8 +584,8 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 
 // goneChecks are the pauses between looks for a signalled victim in
 // pg_stat_activity, the last repeated. An idle backend leaves it about 2 ms
-// after the signal on an unloaded machine, before the server's close
-// reaches rolegate, so the first looks come every quarter millisecond (a
+// after the signal on an unloaded machine, so the first looks come every
+// quarter millisecond (a
 // look is one small query on the control connection; an eviction makes a
 // dozen). pg_terminate_backend's timeout form looks only every 100 ms,
 // which made an eviction cost 100 ms.
@@ -596,20 +596,31 @@ var goneChecks = [...]time.Duration{
 	2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond, 32 * time.Millisecond,
 }
 
+// relayedLookAfter is how long admission waits for the server's close of a
+// victim rolegate relays before it looks for the backend in pg_stat_activity
+// too. The close is the sign to wait for: the server closes once the backend
+// has left and freed its slot, while pg_stat_activity drops it a moment
+// before. But the close stays unread behind a result that the victim's client
+// stopped reading, and the backend, blocked writing to rolegate, exits on
+// the signal all the same.
+const relayedLookAfter = 50 * time.Millisecond
+
 // awaitGone waits until the signalled victim t has left: closed (the
 // server's close of a victim rolegate relays, nil for others) is closed, or
-// the backend is no longer in pg_stat_activity, whichever rolegate sees
-// first. The close stays unread behind a result that the victim's client
-// stopped reading, while the backend, blocked writing to rolegate, exits
-// on the signal all the same. It reports NotGone when neither happened
+// the backend is no longer in pg_stat_activity (for a relayed victim, looked
+// at only after relayedLookAfter). It reports NotGone when neither happened
 // within victimGoneTimeout of the signal. Leaving pg_stat_activity comes
 // just before the server frees the slot; a login that meets the server's
 // 53300 in between tries again with its reserved slot (admitAndLogIn).
 func (a *admission) awaitGone(ctx context.Context, t upstream.Target, closed <-chan struct{}) (upstream.Termination, error) {
 	deadline := time.Now().Add(victimGoneTimeout)
-	timer := time.NewTimer(goneChecks[0])
+	i, first := 0, goneChecks[0]
+	if closed != nil {
+		i, first = len(goneChecks)-1, relayedLookAfter
+	}
+	timer := time.NewTimer(first)
 	defer timer.Stop()
-	for i := 0; ; i++ {
+	for ; ; i++ {
 		select {
 		case <-closed:
 			return upstream.Terminated, nil
