@@ -8,8 +8,11 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/upstream"
@@ -169,5 +172,126 @@ func TestClusterForwardOnce(t *testing.T) {
 	logged(t, ps[0], 1, "cancel request with an unknown key ignored")
 	if lines := logLines(ps[0], "forwarded to another instance"); len(lines) != 0 {
 		t.Errorf("a forwarded cancel was forwarded again:\n%s", strings.Join(lines, "\n"))
+	}
+}
+
+// Three instances and direct logins at once, for each policy, at a small
+// scale: the server's count of the role's sessions, sampled throughout,
+// never exceeds the limit; no login fails but with the role's 53300 (and
+// under newest-wins and wait, none through rolegate); under evict-idle the
+// sessions in a transaction live on.
+func TestClusterLimits(t *testing.T) {
+	t.Parallel()
+	const (
+		perInstance = 8
+		directs     = 6
+		limit       = 3
+	)
+	for k, policy := range []limiter.Policy{limiter.PolicyReject, limiter.PolicyWait, limiter.PolicyNewestWins, limiter.PolicyEvictIdle} {
+		t.Run(policy.String(), func(t *testing.T) {
+			t.Parallel()
+			role := "cluster_" + strings.ReplaceAll(policy.String(), "-", "_")
+			pw := newRole(t, role, limit)
+			rule := limiter.Rule{MaxSessions: limit, Policy: policy, Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute}
+			var ps []*testProxy
+			var ctls []*upstream.Control
+			for i := range 3 {
+				ctl := superControl(t, shared)
+				ctls = append(ctls, ctl)
+				ps = append(ps, viewProxy(t, ctl, ctl, role, rule, func(c *Config) {
+					c.Cluster = &Cluster{Tag: byte(0xd0 + 4*k + i)}
+					c.StartupTimeout = 5 * time.Minute
+				}))
+			}
+			waitListening(t, ctls...)
+			// Under evict-idle two sessions sit in a transaction: never victims.
+			var inTx []pgx.Tx
+			if policy == limiter.PolicyEvictIdle {
+				for i := range 2 {
+					tx, err := connect(t, ps[i].DSN(role, pw, "app")).Begin(context.Background())
+					if err != nil {
+						t.Fatal(err)
+					}
+					inTx = append(inTx, tx)
+				}
+			}
+			withDirect := policy == limiter.PolicyReject || policy == limiter.PolicyNewestWins
+			type result struct {
+				err    error
+				direct bool
+			}
+			var dsns []string
+			for i := range 3 * perInstance {
+				dsns = append(dsns, ps[i%3].DSN(role, pw, "app"))
+			}
+			n := len(dsns)
+			if withDirect {
+				for range directs {
+					dsns = append(dsns, shared.DSN(role, pw, "app"))
+				}
+			}
+			stop := sampleSessions(t, role)
+			results := make([]result, len(dsns))
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for i, dsn := range dsns {
+				wg.Go(func() {
+					<-start
+					c, err := tryConnect(dsn, 5*time.Minute, nil)
+					if err == nil {
+						ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+						// Held briefly; under evicting policies a session may
+						// be evicted meanwhile (57P01), which is its fate.
+						_, err = c.Exec(ctx, "select pg_sleep(0.02)")
+						cancel()
+						if policy == limiter.PolicyNewestWins || policy == limiter.PolicyEvictIdle {
+							if sqlstate(err) == "57P01" {
+								err = nil
+							}
+						}
+						c.Close(context.Background())
+					}
+					results[i] = result{err: err, direct: i >= n}
+				})
+			}
+			close(start)
+			wg.Wait()
+			most, samples := stop()
+			t.Logf("at most %d sessions in %d samples", most, samples)
+			if most > limit {
+				t.Errorf("%d sessions of %s at once, limit %d", most, role, limit)
+			}
+			in := 0
+			for _, r := range results {
+				switch {
+				case r.err == nil:
+					in++
+				case sqlstate(r.err) == "53300" && strings.Contains(r.err.Error(), fmt.Sprintf("too many connections for role %q", role)):
+					if !r.direct && (policy == limiter.PolicyNewestWins || policy == limiter.PolicyWait) {
+						t.Errorf("a login through rolegate got 53300 under %s: %v", policy, r.err)
+					}
+				default:
+					t.Errorf("login (direct %v): %v", r.direct, r.err)
+				}
+			}
+			if in < limit-len(inTx) {
+				t.Errorf("only %d logins got in", in)
+			}
+			for i, tx := range inTx {
+				if _, err := tx.Exec(context.Background(), "select 1"); err != nil {
+					t.Errorf("session %d in a transaction was disturbed: %v", i, err)
+				}
+			}
+			for _, p := range ps {
+				// A session chosen idle that ran a query before the signal is
+				// left alone, as it should be (the guard), and that is logged.
+				l := slices.DeleteFunc(admissionWarnings(p), func(line string) bool {
+					return policy == limiter.PolicyEvictIdle && strings.Contains(line, "no longer idle since it was chosen")
+				})
+				if len(l) != 0 {
+					t.Errorf("warnings on %s:\n%s", p.Addr(), strings.Join(l, "\n"))
+				}
+			}
+		})
 	}
 }
