@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -163,9 +164,9 @@ func TestRestart(t *testing.T) {
 		extra := fmt.Sprintf("handoff_socket = %q\nshutdown_timeout = \"60s\"\n[admin]\nhttp = %q\n", sock, adminAddr)
 		old := startBinary(t, bin, c, extra)
 
-		loop := startLogins(t.Context(), old, 4, 3000)
+		loop := startLogins(t.Context(), old, 8, 3000)
 		defer loop.end()
-		waitFor(t, 60*time.Second, "logins through the first rolegate", func() bool { return loop.logins.Load() >= 50 })
+		waitFor(t, 60*time.Second, "logins through the first rolegate", func() bool { return loop.logins.Load() >= 100 })
 		next := launch(t, bin, c, old.addr, extra)
 		waitFor(t, 30*time.Second, "the new rolegate to take over", func() bool {
 			if next.done() {
@@ -178,7 +179,7 @@ func TestRestart(t *testing.T) {
 			t.Errorf("the old rolegate's log lacks the hand-off:\n%s", log)
 		}
 		waitFor(t, 60*time.Second, "logins through the new rolegate", func() bool {
-			return loop.afterExit.Load() >= 50 || loop.logins.Load() >= 3000
+			return loop.afterExit.Load() >= 100 || loop.logins.Load() >= 3000
 		})
 		loop.end()
 		n, errs := loop.logins.Load(), loop.failures()
@@ -186,7 +187,7 @@ func TestRestart(t *testing.T) {
 		if len(errs) > 0 {
 			t.Errorf("%d of %d logins failed; the first: %v", len(errs), n, errs[0])
 		}
-		if loop.afterExit.Load() < 50 {
+		if loop.afterExit.Load() < 100 {
 			t.Errorf("only %d logins after the first rolegate exited", loop.afterExit.Load())
 		}
 
@@ -389,6 +390,16 @@ func TestTakeOverRefuses(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(tcpFD)
+	unixLn, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(socketDir(t), "u.sock"), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unixLn.Close()
+	var unixFD int
+	if err := withFD(unixLn, func(fd int) { unixFD, err = unix.Dup(fd) }); err != nil || unixFD == 0 {
+		t.Fatal(err)
+	}
+	defer unix.Close(unixFD)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -410,6 +421,7 @@ func TestTakeOverRefuses(t *testing.T) {
 		{"no admin fd", offer(handoffOffer{Version: handoffVersion, PID: 42, Listen: cfg.Listen, Admin: true}), []int{tcpFD},
 			"the offer carried 1 file descriptors, want 2"},
 		{"not a socket", offer(good), []int{int(r.Fd())}, "the listener offered: "},
+		{"not TCP", offer(good), []int{unixFD}, "the listener offered is a *net.UnixListener, not TCP"},
 		{"not JSON", []byte("hello"), []int{tcpFD}, "decode the offer: "},
 	}
 	for _, tt := range tests {
@@ -467,5 +479,80 @@ func TestTakeOverRefuses(t *testing.T) {
 	}
 	if got := <-answer; got != handoffOK {
 		t.Errorf("the old process heard %q", got)
+	}
+}
+
+// Connections waiting in the accept queue when the old process stops
+// accepting are the successor's: the queue is the shared socket's, and it
+// never closes. (With two SO_REUSEPORT sockets, closing the old one resets
+// them unless net.ipv4.tcp_migrate_req = 1.)
+func TestHandoffKeepsQueuedConnections(t *testing.T) {
+	t.Parallel()
+	old, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.Listen = old.Addr().String()
+	path := filepath.Join(socketDir(t), "h.sock")
+	hln, err := listenHandoff(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := newHandoffServer(hln, cfg, old, nil, slog.New(slog.DiscardHandler))
+	defer hs.stop()
+
+	// Nobody accepts: the kernel completes the handshakes and queues them.
+	const n = 50
+	clients := make([]net.Conn, n)
+	for i := range clients {
+		if clients[i], err = net.DialTimeout("tcp", cfg.Listen, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		defer clients[i].Close()
+		if _, err := clients[i].Write([]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tk, err := takeOver(path, cfg)
+	if err != nil || tk == nil {
+		t.Fatalf("takeOver: %v, %v", tk, err)
+	}
+	defer tk.proxy.Close()
+	if released, err := tk.commit(); !released || err != nil {
+		t.Fatalf("commit: released %v, %v", released, err)
+	}
+	if pid := <-hs.taken; pid != os.Getpid() {
+		t.Errorf("taken by pid %d, want %d", pid, os.Getpid())
+	}
+	old.Close() // the old process stops accepting, as its drain does
+
+	seen := make(map[byte]bool)
+	for range n {
+		c, err := tk.proxy.Accept()
+		if err != nil {
+			t.Fatalf("accept on the handed-over listener: %v", err)
+		}
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		b := make([]byte, 1)
+		if _, err := c.Read(b); err != nil {
+			t.Fatalf("read from a queued connection: %v", err)
+		}
+		seen[b[0]] = true
+		if _, err := c.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	for i, c := range clients {
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		b := make([]byte, 1)
+		if _, err := c.Read(b); err != nil || b[0] != byte(i) || !seen[byte(i)] {
+			t.Errorf("client %d: echo %v, %v (seen %v)", i, b, err, seen[byte(i)])
+		}
+	}
+	// The path is the successor's to bind now.
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Errorf("the old process left the hand-off socket file: %v", err)
 	}
 }
