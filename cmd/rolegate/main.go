@@ -5,8 +5,10 @@
 //	rolegate -version                    print the version and exit
 //
 // Signals: SIGTERM stops accepting and lets sessions finish for up to
-// shutdown_timeout; SIGINT closes everything at once. main only wires packages
-// together; the work happens in config, upstream and proxy.
+// shutdown_timeout; SIGINT closes everything at once. With handoff_socket, a
+// starting rolegate takes the listeners over from the running one, which
+// then drains (handoff.go). main only wires packages together; the work
+// happens in config, upstream and proxy.
 package main
 
 import (
