@@ -224,6 +224,9 @@ func listenHandoff(path string) (*net.UnixListener, error) {
 		if !errors.Is(derr, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("hand-off socket %s: %w", path, err)
 		}
+		if fi, serr := os.Lstat(path); serr != nil || fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("hand-off socket %s: the path is taken by something that is not a socket", path)
+		}
 		if rerr := os.Remove(path); rerr != nil {
 			return nil, fmt.Errorf("hand-off socket %s: remove the stale socket: %w", path, rerr)
 		}

@@ -464,6 +464,31 @@ func TestTakeOverRefuses(t *testing.T) {
 		t.Errorf("stale socket file: %v, %v", tk, err)
 	}
 
+	// listenHandoff replaces a stale socket file, never anything else.
+	if ln, err := listenHandoff(filepath.Join(dir, "stale.sock")); err != nil {
+		t.Errorf("listenHandoff over a stale socket file: %v", err)
+	} else {
+		ln.Close()
+	}
+	live, err := listenHandoff(filepath.Join(dir, "live.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	if ln, err := listenHandoff(filepath.Join(dir, "live.sock")); err == nil || !strings.Contains(err.Error(), "another rolegate serves on it") {
+		t.Errorf("listenHandoff over a served socket: %v, %v", ln, err)
+	}
+	notSocket := filepath.Join(dir, "file")
+	if err := os.WriteFile(notSocket, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if ln, err := listenHandoff(notSocket); err == nil || !strings.Contains(err.Error(), "taken by something that is not a socket") {
+		t.Errorf("listenHandoff over a regular file: %v, %v", ln, err)
+	}
+	if b, err := os.ReadFile(notSocket); err != nil || string(b) != "keep" {
+		t.Errorf("the regular file after listenHandoff: %q, %v", b, err)
+	}
+
 	// An old process that goes away after the successor's "ok" (before
 	// "released") leaves commit without the path.
 	path := filepath.Join(dir, "h.sock")
