@@ -41,6 +41,18 @@ type Config struct {
 	// event loop for plain TCP sessions, goroutines for TLS ones) or
 	// "goroutines" (two per session, as before the loop).
 	Relay string `toml:"relay"`
+	// ReusePort sets SO_REUSEPORT on the listen socket, so that another
+	// rolegate (or another instance of the same unit) can listen on the same
+	// address while this one runs: the kernel spreads new connections
+	// between them. Connections waiting in the queue of a listener that
+	// closes are reset unless the host sets net.ipv4.tcp_migrate_req = 1;
+	// HandoffSocket restarts without that.
+	ReusePort bool `toml:"reuse_port"`
+	// HandoffSocket is the path of a unix socket through which a starting
+	// rolegate takes the listening sockets over from the running one (which
+	// then drains as on SIGTERM), so that a restart refuses no login and
+	// resets no queued connection. "" turns the hand-off off.
+	HandoffSocket string `toml:"handoff_socket"`
 
 	TLS     TLS     `toml:"tls"`
 	Server  Server  `toml:"server"`
@@ -422,6 +434,14 @@ func (c *Config) validate() error {
 	if c.MaxProcs < 0 {
 		return bad("max_procs", "must be 0 (the Go runtime's default) or a number of CPUs, not %d", c.MaxProcs)
 	}
+	if c.HandoffSocket != "" {
+		switch {
+		case !strings.HasPrefix(c.HandoffSocket, "/"):
+			return bad("handoff_socket", "want an absolute path, not %q", c.HandoffSocket)
+		case len(c.HandoffSocket) > maxUnixPath:
+			return bad("handoff_socket", "path is %d bytes long; a unix socket path may have at most %d", len(c.HandoffSocket), maxUnixPath)
+		}
+	}
 	switch c.Relay {
 	case "", "loop", "goroutines":
 	default:
@@ -507,6 +527,10 @@ func (c *Config) validate() error {
 	}
 	return c.validateLimits()
 }
+
+// maxUnixPath is the longest path a unix socket can be bound to on Linux:
+// sun_path holds 108 bytes, the last of them the terminating NUL.
+const maxUnixPath = 107
 
 // hostName is a DNS name as it appears in a Host header: labels of letters,
 // digits, '-' and '_' (seen in real internal names), one trailing dot at most.

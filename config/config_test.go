@@ -91,6 +91,8 @@ startup_timeout = "5s"
 shutdown_timeout = "1m30s"
 max_procs = 2
 relay = "goroutines"
+reuse_port = true
+handoff_socket = "/run/rolegate/handoff.sock"
 
 [tls]
 cert = "/etc/rolegate/server.crt"
@@ -163,6 +165,8 @@ min_session_age = "1s"
 		ShutdownTimeout: "1m30s",
 		MaxProcs:        2,
 		Relay:           "goroutines",
+		ReusePort:       true,
+		HandoffSocket:   "/run/rolegate/handoff.sock",
 		TLS:             TLS{Cert: "/etc/rolegate/server.crt", Key: "/etc/rolegate/server.key"},
 		Server: Server{Address: "db.internal:5433", SSLMode: SSLVerifyFull,
 			SSLRootCert: "/etc/rolegate/root.crt", ConnectTimeout: "250ms"},
@@ -227,6 +231,8 @@ func TestAcceptedValues(t *testing.T) {
 		// The auth query is only checked when there is a control connection to run it.
 		"[auth]\nauth_query = \"\"\n",
 		"[auth]\nuserlist = \"u.txt\"\nauth_query = \"select 1\"\n",
+		"handoff_socket = \"/" + strings.Repeat("x", 106) + "\"\n", // the longest path a unix socket takes
+		"handoff_socket = \"\"\nreuse_port = false\n",
 	} {
 		if _, err := Parse("f.toml", []byte(doc)); err != nil {
 			t.Errorf("Parse(%q): %v", doc, err)
@@ -258,6 +264,12 @@ func TestErrors(t *testing.T) {
 		{"bad relay", "\nrelay = \"epoll\"\n", "relay", 2, `want "loop" or "goroutines", not "epoll"`},
 		{"bad cluster.advertise", "[cluster]\nadvertise = \"10.0.0.7\"\n", "cluster.advertise", 2, "want host:port"},
 		{"long cluster.advertise", "[cluster]\nadvertise = \"" + strings.Repeat("h", 50) + ":6432\"\n", "cluster.advertise", 2, "longer than 51 bytes"},
+		{"reuse_port as a string", "\nreuse_port = \"yes\"\n", "reuse_port", 2, "cannot decode TOML string"},
+		{"relative handoff_socket", "listen = \"h:1\"\nhandoff_socket = \"run/handoff.sock\"\n", "handoff_socket", 2,
+			`want an absolute path, not "run/handoff.sock"`},
+		{"handoff_socket too long", "handoff_socket = \"/" + strings.Repeat("x", 107) + "\"\n", "handoff_socket", 1,
+			"path is 108 bytes long; a unix socket path may have at most 107"},
+		{"handoff_socket of the wrong type", "handoff_socket = true\n", "handoff_socket", 1, "cannot decode TOML boolean"},
 		{"bad connect_timeout", "[server]\n\nconnect_timeout = \"soon\"\n", "server.connect_timeout", 3, `invalid duration "soon"`},
 		{"zero connect_timeout", "[server]\nconnect_timeout = \"0ms\"\n", "server.connect_timeout", 2, "must be greater than zero"},
 		{"auth mode proxy without a source", "[auth]\nmode = \"proxy\"\n", "auth.mode", 2,

@@ -5,8 +5,10 @@
 //	rolegate -version                    print the version and exit
 //
 // Signals: SIGTERM stops accepting and lets sessions finish for up to
-// shutdown_timeout; SIGINT closes everything at once. main only wires packages
-// together; the work happens in config, upstream and proxy.
+// shutdown_timeout; SIGINT closes everything at once. With handoff_socket, a
+// starting rolegate takes the listeners over from the running one, which
+// then drains (handoff.go). main only wires packages together; the work
+// happens in config, upstream and proxy.
 package main
 
 import (
@@ -200,9 +202,43 @@ func clusterOf(p *parts, cfg *config.Config, log *slog.Logger) *proxy.Cluster {
 }
 
 func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error {
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	// With a hand-off socket, a running rolegate hands its listeners over
+	// (handoff.go); without one answering, listen afresh.
+	var tk *takeover
+	if cfg.HandoffSocket != "" {
+		var err error
+		if tk, err = takeOver(cfg.HandoffSocket, cfg); err != nil {
+			return err
+		}
+	}
+	var ln, adminLn net.Listener
+	var hln *net.UnixListener
+	if tk != nil {
+		ln, adminLn = tk.proxy, tk.admin
+	} else {
+		var err error
+		if ln, err = listenTCP(cfg.Listen, cfg.ReusePort); err != nil {
+			return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+		}
+		if cfg.HandoffSocket != "" {
+			if hln, err = listenHandoff(cfg.HandoffSocket); err != nil {
+				ln.Close()
+				return err
+			}
+		}
+	}
+	// fail undoes what is set up before serving: a successor that cannot
+	// serve tells the old process, which goes on.
+	fail := func(err error) error {
+		if tk != nil {
+			tk.abort(err)
+		} else {
+			ln.Close()
+		}
+		if hln != nil {
+			hln.Close()
+		}
+		return err
 	}
 	metrics := admin.NewMetrics() // the proxy counts into it; /metrics serves it
 	srv := proxy.New(proxy.Config{
@@ -223,7 +259,10 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	}
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode,
-		"max_procs", runtime.GOMAXPROCS(0), "relay", srv.RelayMode())
+		"max_procs", runtime.GOMAXPROCS(0), "relay", srv.RelayMode(), "reuse_port", cfg.ReusePort)
+	if tk != nil {
+		log.Info("took the listeners over from the running rolegate", "pid", tk.from, "admin_http", tk.admin != nil)
+	}
 
 	if cfg.Auth.Mode == config.AuthPassthrough && p.limits != nil {
 		log.Info("passthrough mode: limits apply once the server has authenticated a login; " +
@@ -236,15 +275,31 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	rl := &reloader{path: cfgPath, p: p, log: log}
 	rl.cur.Store(cfg)
 	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, metrics, log)))
-	stopAdmin, err := startAdmin(cfg, p, srv, rl, metrics, log)
+	adminLn, stopAdmin, err := startAdmin(cfg, p, srv, rl, metrics, log, adminLn)
 	if err != nil {
-		ln.Close()
-		return err
+		return fail(err)
 	}
 	defer stopAdmin()
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	if tk != nil {
+		// The old process stops accepting once told; then the path is ours.
+		released, err := tk.commit()
+		if err != nil || !released {
+			log.Warn("the old rolegate did not confirm the hand-off", "pid", tk.from, "err", err)
+		}
+		if hln, err = listenHandoff(cfg.HandoffSocket); err != nil {
+			log.Error("no hand-off socket; the next restart cannot take over from this process", "err", err)
+		}
+	}
+	var taken <-chan int // the successor's pid, once it serves on our listeners
+	if hln != nil {
+		hs := newHandoffServer(hln, cfg, ln, adminLn, log)
+		defer hs.stop()
+		taken = hs.taken
+	}
+	timeout := cfg.ShutdownTimeout.Value()
 	for {
 		select {
 		case err := <-served:
@@ -253,6 +308,10 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 				return nil
 			}
 			return err
+		case pid := <-taken:
+			log.Info("handed the listeners over to a new rolegate; draining sessions", "pid", pid, "timeout", timeout)
+			stopAdmin() // the successor answers on the admin address now
+			return drain(srv, sigs, served, timeout, 1, log)
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
@@ -262,29 +321,43 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 				srv.Close()
 				return waitServe(served)
 			case syscall.SIGTERM:
-				timeout := cfg.ShutdownTimeout.Value()
 				log.Info("SIGTERM received; draining sessions", "timeout", timeout)
-				go func() {
-					// A second SIGTERM or a SIGINT while draining closes at once.
-					for sig := range sigs {
-						if sig != syscall.SIGHUP {
-							srv.Close()
-							return
-						}
-					}
-				}()
-				ctx, cancel := context.WithTimeout(context.Background(), timeout)
-				err := srv.Shutdown(ctx)
-				cancel()
-				if err != nil {
-					log.Warn("shutdown timeout reached; closed the remaining sessions")
+				if hln != nil {
+					hln.Close() // a draining process has nothing to hand over
 				}
-				signal.Stop(sigs)
-				close(sigs)
-				return waitServe(served)
+				return drain(srv, sigs, served, timeout, 0, log)
 			}
 		}
 	}
+}
+
+// drain stops accepting and lets the sessions finish for up to timeout, then
+// closes the rest. While it drains, a SIGINT closes at once, and so does a
+// SIGTERM after the first patience of them (a drain that a hand-off started
+// lets the SIGTERM a service manager sends go by).
+func drain(srv *proxy.Server, sigs chan os.Signal, served <-chan error, timeout time.Duration, patience int, log *slog.Logger) error {
+	go func() {
+		for sig := range sigs {
+			switch {
+			case sig == syscall.SIGHUP:
+			case sig == syscall.SIGTERM && patience > 0:
+				patience--
+				log.Info("SIGTERM received; draining already (a second SIGTERM or a SIGINT closes at once)")
+			default:
+				srv.Close()
+				return
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	err := srv.Shutdown(ctx)
+	cancel()
+	if err != nil {
+		log.Warn("shutdown timeout reached; closed the remaining sessions")
+	}
+	signal.Stop(sigs)
+	close(sigs)
+	return waitServe(served)
 }
 
 // consoleOptions are what the psql admin console reads and steers.
@@ -318,17 +391,24 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Me
 	return o
 }
 
-// startAdmin starts the admin HTTP server when [admin] http is set, and
-// returns the function that stops it and waits for its goroutine. An address
-// it cannot listen on stops rolegate, as the proxy's own listen address does:
-// an operator who configured it expects to find it.
-func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Metrics, log *slog.Logger) (stop func(), err error) {
+// startAdmin starts the admin HTTP server when [admin] http is set, on ln
+// (handed over by the previous process) or else on a listener of its own,
+// and returns the listener and the function that stops the server and waits
+// for its goroutine (once; later calls return at once). An address it cannot
+// listen on stops rolegate, as the proxy's own listen address does: an
+// operator who configured it expects to find it.
+func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Metrics, log *slog.Logger,
+	ln net.Listener) (_ net.Listener, stop func(), err error) {
 	if cfg.Admin.HTTP == "" {
-		return func() {}, nil
+		if ln != nil {
+			ln.Close()
+		}
+		return nil, func() {}, nil
 	}
-	ln, err := net.Listen("tcp", cfg.Admin.HTTP)
-	if err != nil {
-		return nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.Admin.HTTP); err != nil {
+			return nil, nil, fmt.Errorf("admin http: listen on %s: %w", cfg.Admin.HTTP, err)
+		}
 	}
 	opts := consoleOptions(p, srv, rl, metrics, log)
 	opts.Ready = admin.DialReady(p.dialer)
@@ -347,14 +427,14 @@ func startAdmin(cfg *config.Config, p *parts, srv *proxy.Server, rl *reloader, m
 			log.Error("admin HTTP server stopped", "err", err)
 		}
 	}()
-	return func() {
+	return ln, sync.OnceFunc(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		if err := h.Shutdown(ctx); err != nil {
 			_ = h.Close()
 		}
 		<-done
-	}, nil
+	}), nil
 }
 
 // reloader re-reads the configuration for new logins: limits and policies,

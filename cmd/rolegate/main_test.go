@@ -196,7 +196,26 @@ func freeAddr(t *testing.T) string {
 // until it accepts connections.
 func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) *proc {
 	t.Helper()
-	p := &proc{addr: freeAddr(t), server: c.Addr(), stderr: &testutil.SyncBuffer{}, exited: make(chan struct{})}
+	p := launch(t, bin, c, freeAddr(t), extraTOML)
+	waitFor(t, 15*time.Second, "rolegate to accept connections", func() bool {
+		if p.done() {
+			t.Fatalf("rolegate exited early: %v\n%s", p.cmd.ProcessState, p.stderr.String())
+		}
+		conn, err := net.DialTimeout("tcp", p.addr, time.Second)
+		if err != nil {
+			return false
+		}
+		conn.Close()
+		return true
+	})
+	return p
+}
+
+// launch runs bin listening on addr with a configuration in front of
+// cluster c, and returns without waiting for anything.
+func launch(t *testing.T, bin string, c *pgtest.Cluster, addr, extraTOML string) *proc {
+	t.Helper()
+	p := &proc{addr: addr, server: c.Addr(), stderr: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	p.path = writeFile(t, "proxy.toml", p.config(extraTOML))
 	p.cmd = exec.Command(bin, "-config", p.path)
 	p.cmd.Stderr = p.stderr
@@ -213,19 +232,8 @@ func startBinary(t *testing.T, bin string, c *pgtest.Cluster, extraTOML string) 
 		}
 		<-p.exited
 		if t.Failed() {
-			t.Logf("rolegate stderr:\n%s", p.stderr.String())
+			t.Logf("rolegate (pid %d) stderr:\n%s", p.cmd.Process.Pid, p.stderr.String())
 		}
-	})
-	waitFor(t, 15*time.Second, "rolegate to accept connections", func() bool {
-		if p.done() {
-			t.Fatalf("rolegate exited early: %v\n%s", p.cmd.ProcessState, p.stderr.String())
-		}
-		conn, err := net.DialTimeout("tcp", p.addr, time.Second)
-		if err != nil {
-			return false
-		}
-		conn.Close()
-		return true
 	})
 	return p
 }
