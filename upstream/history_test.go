@@ -106,7 +106,7 @@ func TestHistory(t *testing.T) {
 			t.Errorf("row without a time: at is not the server's now (%v, %v)", future, err)
 		}
 		h.Close()
-		h.Close() // safe twice
+		h.Close()                                // safe twice
 		h.Write(HistoryEvent{Kind: "rejection"}) // after Close: never blocks, never written
 		if n := count(t); n != 4 {
 			t.Errorf("%d rows after Close, want 4", n)
