@@ -265,7 +265,7 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 		case "DATABASES":
 			s.showDatabases(ctx)
 		case "EVICTIONS":
-			s.showEvictions()
+			s.showEvictions(ctx)
 		case "CONFIG":
 			return s.showConfig()
 		case "STATS":
@@ -464,17 +464,30 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 	s.table("SHOW", cols, rows)
 }
 
-func (s *consoleSession) showEvictions() {
-	cols := []column{{"time", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
+// showEvictions lists the eviction history, newest first: every
+// instance's from the table on the server when rolegate has one, else this
+// instance's from memory (proxy.Server.History).
+func (s *consoleSession) showEvictions(ctx context.Context) {
+	cols := []column{{"time", oidText}, {"instance", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
 		{"client", oidText}, {"victim_pid", oidInt4}, {"victim_role", oidText}, {"victim_client", oidText},
-		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText}}
+		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText},
+		{"victim_application_name", oidText}, {"victim_age", oidText}, {"victim_idle", oidText}}
 	var rows [][][]byte
-	for _, e := range s.c.opts.Proxy.Events() { // newest first
-		rows = append(rows, [][]byte{ts(e.Time), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
+	for _, e := range s.c.opts.Proxy.History(ctx, EventsShown) { // newest first
+		rows = append(rows, [][]byte{ts(e.Time), txtOrNull(e.Instance), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
 			txtOrNull(e.Client), pidOrNull(e.VictimPID), txtOrNull(e.VictimRole), txtOrNull(e.VictimClient),
-			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason)})
+			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason),
+			txtOrNull(e.VictimApplicationName), durationOrNull(e.VictimAge), durationOrNull(e.VictimIdle)})
 	}
 	s.table("SHOW", cols, rows)
+}
+
+// durationOrNull is d to the millisecond, or NULL for 0 (unknown).
+func durationOrNull(d time.Duration) []byte {
+	if d <= 0 {
+		return nil
+	}
+	return txt(d.Round(time.Millisecond).String())
 }
 
 func (s *consoleSession) showConfig() *consoleError {

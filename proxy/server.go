@@ -56,6 +56,14 @@ type Config struct {
 	// Observer is told of logins, failures, waits, server dials and finished
 	// sessions, for metrics. nil: nothing is observed.
 	Observer Observer
+	// Instance names this rolegate in the events it records, which the
+	// History shares with other instances. "": New picks a random
+	// 8-hex-digit tag (Server.Instance).
+	Instance string
+	// History, when not nil, receives every event the Server records and
+	// answers Server.History with every instance's; nil keeps the events
+	// in memory only.
+	History History
 
 	// throttle sets the rate limit of repeated-failure log lines; tests only
 	// (zero: the defaults).
@@ -115,6 +123,9 @@ func New(cfg Config) *Server {
 		// PostgreSQL 17 direct TLS requires ALPN "postgresql"; clients using
 		// SSLRequest may send it too.
 		cfg.TLS.NextProtos = []string{"postgresql"}
+	}
+	if cfg.Instance == "" {
+		cfg.Instance = newInstanceTag()
 	}
 	obs := cfg.Observer
 	if obs == nil {
