@@ -43,7 +43,7 @@ func TestDefaults(t *testing.T) {
 		Server:          Server{Address: "127.0.0.1:5432", SSLMode: SSLPrefer, ConnectTimeout: "10s"},
 		Control:         Control{MaxConns: 4},
 		// Mode "" until Parse resolves it from the verifier sources.
-		Auth:  Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
+		Auth:    Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
 		Log:     Log{Level: "info", Format: "text"},
 		Admin:   Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		History: History{Keep: "7d"},
