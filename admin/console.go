@@ -265,7 +265,7 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 		case "DATABASES":
 			s.showDatabases(ctx)
 		case "EVICTIONS":
-			s.showEvictions()
+			s.showEvictions(ctx)
 		case "INSTANCES":
 			return s.showInstances(ctx)
 		case "CONFIG":
@@ -361,7 +361,7 @@ func (s *consoleSession) showInstances(ctx context.Context) *consoleError {
 		return &consoleError{code: "58000", msg: "cannot list the instances: " + err.Error()}
 	}
 	cols := []column{{"tag", oidText}, {"address", oidText}, {"self", oidText}, {"version", oidText},
-		{"started", oidText}, {"registered", oidText}, {"sessions", oidInt8}, {"error", oidText}}
+		{"started", oidText}, {"registered", oidText}, {"sessions", oidInt8}, {"error", oidText}, {"name", oidText}}
 	rows := make([][][]byte, 0, len(list))
 	for _, in := range list {
 		var sessions, started []byte
@@ -369,7 +369,7 @@ func (s *consoleSession) showInstances(ctx context.Context) *consoleError {
 			sessions, started = num(in.Sessions), ts(in.Started)
 		}
 		rows = append(rows, [][]byte{txt(in.Tag), txt(in.Address), boolean(in.Self), txtOrNull(in.Version),
-			started, ts(in.Registered), sessions, txtOrNull(in.Error)})
+			started, ts(in.Registered), sessions, txtOrNull(in.Error), txtOrNull(in.Name)})
 	}
 	s.table("SHOW", cols, rows)
 	return nil
@@ -488,17 +488,30 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 	s.table("SHOW", cols, rows)
 }
 
-func (s *consoleSession) showEvictions() {
-	cols := []column{{"time", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
+// showEvictions lists the eviction history, newest first: every
+// instance's from the table on the server when rolegate has one, else this
+// instance's from memory (proxy.Server.History).
+func (s *consoleSession) showEvictions(ctx context.Context) {
+	cols := []column{{"time", oidText}, {"instance", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
 		{"client", oidText}, {"victim_pid", oidInt4}, {"victim_role", oidText}, {"victim_client", oidText},
-		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText}}
+		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText},
+		{"victim_application_name", oidText}, {"victim_age", oidText}, {"victim_idle", oidText}}
 	var rows [][][]byte
-	for _, e := range s.c.opts.Proxy.Events() { // newest first
-		rows = append(rows, [][]byte{ts(e.Time), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
+	for _, e := range s.c.opts.Proxy.History(ctx, EventsShown) { // newest first
+		rows = append(rows, [][]byte{ts(e.Time), txtOrNull(e.Instance), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
 			txtOrNull(e.Client), pidOrNull(e.VictimPID), txtOrNull(e.VictimRole), txtOrNull(e.VictimClient),
-			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason)})
+			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason),
+			txtOrNull(e.VictimApplicationName), durationOrNull(e.VictimAge), durationOrNull(e.VictimIdle)})
 	}
 	s.table("SHOW", cols, rows)
+}
+
+// durationOrNull is d to the millisecond, or NULL for 0 (unknown).
+func durationOrNull(d time.Duration) []byte {
+	if d <= 0 {
+		return nil
+	}
+	return txt(d.Round(time.Millisecond).String())
 }
 
 func (s *consoleSession) showConfig() *consoleError {

@@ -492,8 +492,9 @@ func TestConsoleWithoutLimits(t *testing.T) {
 // fakeProxy has no sessions and no control connection.
 type fakeProxy struct{}
 
-func (fakeProxy) Sessions() []proxy.SessionInfo { return nil }
-func (fakeProxy) Events() []proxy.Event         { return nil }
+func (fakeProxy) Sessions() []proxy.SessionInfo              { return nil }
+func (fakeProxy) Events() []proxy.Event                      { return nil }
+func (fakeProxy) History(context.Context, int) []proxy.Event { return nil }
 func (fakeProxy) Kill(context.Context, uint32, string) (bool, error) {
 	return false, proxy.ErrNoControl
 }

@@ -23,7 +23,8 @@ type oneSession struct{ kills atomic.Int32 }
 func (*oneSession) Sessions() []proxy.SessionInfo {
 	return []proxy.SessionInfo{{ID: 1, User: "host_user", Database: "postgres", BackendPID: 42, Start: time.Now()}}
 }
-func (*oneSession) Events() []proxy.Event { return nil }
+func (*oneSession) Events() []proxy.Event                      { return nil }
+func (*oneSession) History(context.Context, int) []proxy.Event { return nil }
 func (p *oneSession) Kill(context.Context, uint32, string) (bool, error) {
 	p.kills.Add(1)
 	return true, nil

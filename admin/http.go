@@ -28,6 +28,9 @@ import (
 type Proxy interface {
 	Sessions() []proxy.SessionInfo
 	Events() []proxy.Event
+	// History is up to limit events, newest first: every instance's from
+	// the history table when there is one, else this instance's.
+	History(ctx context.Context, limit int) []proxy.Event
 	Kill(ctx context.Context, pid uint32, by string) (bool, error)
 }
 
@@ -243,6 +246,7 @@ func (h *HTTP) sessions(w http.ResponseWriter, r *http.Request) {
 // instance is one rolegate instance in /api/instances.
 type instance struct {
 	Tag        string    `json:"tag"`
+	Name       string    `json:"name,omitempty"` // its name in the eviction history
 	Address    string    `json:"address"`
 	Self       bool      `json:"self"`
 	Version    string    `json:"version,omitempty"`
@@ -266,7 +270,8 @@ func (h *HTTP) instances(w http.ResponseWriter, r *http.Request) {
 // event is one eviction, rejection or kill in /api/evictions.
 type event struct {
 	Time         time.Time `json:"time"`
-	Kind         string    `json:"kind"` // eviction | rejection | kill
+	Instance     string    `json:"instance,omitempty"` // the rolegate instance that decided
+	Kind         string    `json:"kind"`               // eviction | rejection | kill
 	Role         string    `json:"role,omitempty"`
 	Database     string    `json:"database,omitempty"`
 	Client       string    `json:"client,omitempty"`
@@ -277,24 +282,47 @@ type event struct {
 	VictimClient string    `json:"victim_client,omitempty"`
 	ViaRolegate  bool      `json:"via_rolegate"`
 	Reason       string    `json:"reason,omitempty"`
+	// The victim's application_name (known when rolegate relays it), age
+	// (since backend_start) and idle time, in seconds; left out when unknown.
+	VictimApplicationName string   `json:"victim_application_name,omitempty"`
+	VictimAge             *float64 `json:"victim_age_seconds,omitempty"`
+	VictimIdle            *float64 `json:"victim_idle_seconds,omitempty"`
 }
 
-func (h *HTTP) evictions(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, h.events())
+// EventsShown is how many events SHOW EVICTIONS, /api/evictions and the
+// live page show: as many as one instance keeps in memory.
+const EventsShown = 256
+
+func (h *HTTP) evictions(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := viewContext(r.Context())
+	defer cancel()
+	writeJSON(w, http.StatusOK, h.events(ctx))
 }
 
-// events is the proxy's recent events, newest first, as the API shows them.
-func (h *HTTP) events() []event {
-	events := h.opts.Proxy.Events()
+// events is the eviction history, newest first, as the API shows it: every
+// instance's from the history table when rolegate has one, else this
+// instance's (proxy.Server.History).
+func (h *HTTP) events(ctx context.Context) []event {
+	events := h.opts.Proxy.History(ctx, EventsShown)
 	out := make([]event, 0, len(events))
 	for _, e := range events {
 		out = append(out, event{
-			Time: e.Time, Kind: e.Kind, Role: e.Role, Database: e.Database, Client: e.Client,
+			Time: e.Time, Instance: e.Instance, Kind: e.Kind, Role: e.Role, Database: e.Database, Client: e.Client,
 			Policy: e.Policy, Scope: e.Scope, VictimPID: e.VictimPID, VictimRole: e.VictimRole,
 			VictimClient: e.VictimClient, ViaRolegate: e.ViaRolegate, Reason: e.Reason,
+			VictimApplicationName: e.VictimApplicationName, VictimAge: seconds(e.VictimAge), VictimIdle: seconds(e.VictimIdle),
 		})
 	}
 	return out
+}
+
+// seconds is d in seconds, or nil for 0 (unknown).
+func seconds(d time.Duration) *float64 {
+	if d <= 0 {
+		return nil
+	}
+	v := d.Seconds()
+	return &v
 }
 
 // role is one role in /api/roles: its sessions through rolegate, its waiting

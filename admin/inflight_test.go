@@ -203,6 +203,7 @@ type listProxy struct{ sessions []proxy.SessionInfo }
 
 func (p *listProxy) Sessions() []proxy.SessionInfo                    { return p.sessions }
 func (*listProxy) Events() []proxy.Event                              { return nil }
+func (*listProxy) History(context.Context, int) []proxy.Event         { return nil }
 func (*listProxy) Kill(context.Context, uint32, string) (bool, error) { return false, nil }
 
 // What the views make of logins in flight: the wait field in JSON (absent

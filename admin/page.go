@@ -76,6 +76,6 @@ func (h *HTTP) page(w http.ResponseWriter, r *http.Request) {
 		p.Roles = append(p.Roles, pr)
 	}
 
-	p.Events = h.events()
+	p.Events = h.events(ctx)
 	writeJSON(w, http.StatusOK, p)
 }

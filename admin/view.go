@@ -68,7 +68,7 @@ func (o *Options) instances(ctx context.Context) ([]instance, error) {
 	}
 	out := make([]instance, 0, len(list))
 	for _, in := range list {
-		out = append(out, instance{Tag: in.Tag, Address: in.Advertise, Self: in.Self, Version: in.Version,
+		out = append(out, instance{Tag: in.Tag, Name: in.Name, Address: in.Advertise, Self: in.Self, Version: in.Version,
 			Started: in.Started, Registered: in.Since, Sessions: in.Sessions, Error: in.Err})
 	}
 	return out, nil

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
@@ -53,6 +54,10 @@ type Config struct {
 	// then drains as on SIGTERM), so that a restart refuses no login and
 	// resets no queued connection. "" turns the hand-off off.
 	HandoffSocket string `toml:"handoff_socket"`
+	// Instance names this rolegate in the eviction history that instances
+	// share on the server; "" gives it a random 8-hex-digit tag at each
+	// start (logged).
+	Instance string `toml:"instance"`
 
 	TLS     TLS     `toml:"tls"`
 	Server  Server  `toml:"server"`
@@ -61,6 +66,7 @@ type Config struct {
 	Log     Log     `toml:"log"`
 	Admin   Admin   `toml:"admin"`
 	Cluster Cluster `toml:"cluster"`
+	History History `toml:"history"`
 
 	// Limits holds the defaults of the connection limits; Roles and Databases
 	// the limits of single roles and databases, by name, cut to 63 bytes as
@@ -157,6 +163,49 @@ func (c *Config) AdminToken() string {
 		return t
 	}
 	return c.Admin.Token
+}
+
+// History is the eviction history on the server (table rolegate.events,
+// which sql/setup.sql creates).
+type History struct {
+	// Keep is how long rows stay in rolegate.events before rolegate deletes
+	// them: a Go duration or days ("7d", "1d12h"). "off" (or 0) keeps the
+	// history in memory only: the table is neither written nor read.
+	Keep Retention `toml:"keep"`
+}
+
+// Retention is a Go duration string that may start with a number of days
+// ("7d", "1d12h", "36h"), or "off".
+type Retention string
+
+// Value is the retention; 0 means off ("off", or any zero duration).
+func (r Retention) Value() time.Duration {
+	v, _ := r.parse()
+	return v
+}
+
+func (r Retention) parse() (time.Duration, error) {
+	s := string(r)
+	if s == "off" || s == "0" {
+		return 0, nil
+	}
+	var days time.Duration
+	if i := strings.IndexByte(s, 'd'); i > 0 {
+		n, err := strconv.ParseUint(s[:i], 10, 16)
+		if err != nil {
+			return 0, fmt.Errorf("invalid retention %q (write it like \"7d\", \"36h\" or \"off\")", s)
+		}
+		days, s = time.Duration(n)*24*time.Hour, s[i+1:]
+		if s == "" {
+			return days, nil
+		}
+	}
+	v, err := time.ParseDuration(s)
+	switch {
+	case err != nil || v < 0:
+		return 0, fmt.Errorf("invalid retention %q (write it like \"7d\", \"36h\" or \"off\")", string(r))
+	}
+	return days + v, nil
 }
 
 // Log configures rolegate's own log output.
@@ -319,8 +368,9 @@ func Default() *Config {
 			CacheSize: 1000,
 			CacheTTL:  "60s",
 		},
-		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
+		Log:     Log{Level: "info", Format: "text"},
+		History: History{Keep: "7d"},
+		Admin:   Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		Limits: Limits{
 			Policy:         string(limiter.PolicyReject),
 			Fallback:       string(limiter.PolicyReject),
@@ -474,6 +524,12 @@ func (c *Config) validate() error {
 		if err := d.v.check(d.positive); err != nil {
 			return &Error{Key: d.key, Msg: err.Error()}
 		}
+	}
+	if _, err := c.History.Keep.parse(); err != nil {
+		return bad("history.keep", "%v", err)
+	}
+	if len(c.Instance) > 63 || strings.ContainsFunc(c.Instance, func(r rune) bool { return r < ' ' || r == 0x7f || r == utf8.RuneError }) {
+		return bad("instance", "want at most 63 bytes of printable UTF-8, not %q", c.Instance)
 	}
 	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
 		return bad("tls", "cert and key must be set together")

@@ -43,9 +43,10 @@ func TestDefaults(t *testing.T) {
 		Server:          Server{Address: "127.0.0.1:5432", SSLMode: SSLPrefer, ConnectTimeout: "10s"},
 		Control:         Control{MaxConns: 4},
 		// Mode "" until Parse resolves it from the verifier sources.
-		Auth:  Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
-		Log:   Log{Level: "info", Format: "text"},
-		Admin: Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
+		Auth:    Auth{Mode: "", Method: "scram-sha-256", AuthQuery: DefaultAuthQuery, CacheSize: 1000, CacheTTL: "60s"},
+		Log:     Log{Level: "info", Format: "text"},
+		Admin:   Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
+		History: History{Keep: "7d"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
 			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
 	}
@@ -93,6 +94,7 @@ max_procs = 2
 relay = "goroutines"
 reuse_port = true
 handoff_socket = "/run/rolegate/handoff.sock"
+instance = "eu-west-1a"
 
 [tls]
 cert = "/etc/rolegate/server.crt"
@@ -131,6 +133,8 @@ database = "pgadmin"
 
 [cluster]
 advertise = "10.0.0.7:7432"
+[history]
+keep = "36h"
 
 [limits]
 policy = "evict-idle"
@@ -167,6 +171,8 @@ min_session_age = "1s"
 		Relay:           "goroutines",
 		ReusePort:       true,
 		HandoffSocket:   "/run/rolegate/handoff.sock",
+		Instance:        "eu-west-1a",
+		History:         History{Keep: "36h"},
 		TLS:             TLS{Cert: "/etc/rolegate/server.crt", Key: "/etc/rolegate/server.key"},
 		Server: Server{Address: "db.internal:5433", SSLMode: SSLVerifyFull,
 			SSLRootCert: "/etc/rolegate/root.crt", ConnectTimeout: "250ms"},
@@ -458,6 +464,40 @@ func TestDurationValue(t *testing.T) {
 	for d, want := range map[Duration]time.Duration{"1s": time.Second, "1m30s": 90 * time.Second, "0s": 0, "nonsense": 0, "": 0} {
 		if got := d.Value(); got != want {
 			t.Errorf("Duration(%q).Value() = %v, want %v", d, got, want)
+		}
+	}
+}
+
+func TestRetentionValue(t *testing.T) {
+	t.Parallel()
+	for r, want := range map[Retention]time.Duration{"7d": 7 * 24 * time.Hour, "1d12h": 36 * time.Hour, "36h": 36 * time.Hour,
+		"90m": 90 * time.Minute, "0d": 0, "off": 0, "0": 0, "0s": 0, "nonsense": 0} {
+		if got := r.Value(); got != want {
+			t.Errorf("Retention(%q).Value() = %v, want %v", r, got, want)
+		}
+	}
+	for _, doc := range []string{"[history]\nkeep = \"off\"\n", "[history]\nkeep = \"0\"\n", "[history]\nkeep = \"30d\"\n",
+		"instance = \"a b-c.ü\"\n"} {
+		if _, err := Parse("f.toml", []byte(doc)); err != nil {
+			t.Errorf("Parse(%q): %v", doc, err)
+		}
+	}
+	for _, tt := range []struct {
+		doc, key string
+		line     int
+		msg      string
+	}{
+		{"\n[history]\nkeep = \"7 days\"\n", "history.keep", 3, `invalid retention "7 days"`},
+		{"\n[history]\nkeep = \"d\"\n", "history.keep", 3, `invalid retention "d"`},
+		{"\n[history]\nkeep = \"-1h\"\n", "history.keep", 3, `invalid retention "-1h"`},
+		{"\n[history]\nkeep = \"7dd\"\n", "history.keep", 3, `invalid retention "7dd"`},
+		{"\ninstance = \"a\\nb\"\n", "instance", 2, "printable"},
+		{"\ninstance = \"" + strings.Repeat("x", 64) + "\"\n", "instance", 2, "at most 63 bytes"},
+	} {
+		_, err := Parse("f.toml", []byte(tt.doc))
+		var ce *Error
+		if !errors.As(err, &ce) || ce.Key != tt.key || ce.Line != tt.line || !strings.Contains(ce.Msg, tt.msg) {
+			t.Errorf("Parse(%q): %v; want %s on line %d, naming %q", tt.doc, err, tt.key, tt.line, tt.msg)
 		}
 	}
 }

@@ -575,10 +575,20 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		return a.notEvicted(v, r, err, attrs)
 	}
 	a.log.Info("evicted", attrs...)
-	ev := Event{Time: time.Now(), Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
+	now := time.Now()
+	ev := Event{Time: now, Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(),
-		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason}
-	a.s.events.add(ev)
+		VictimPID: v.PID, VictimRole: v.Role, VictimClient: clientOf(held), ViaRolegate: held != nil, Reason: d.Reason,
+		VictimIdle: idleFor(v.State, v.StateChange, now)}
+	if !v.BackendStart.IsZero() {
+		ev.VictimAge = now.Sub(v.BackendStart)
+	}
+	if held != nil {
+		ev.VictimApplicationName = held.appName
+	} else if v.Client.IsValid() {
+		ev.VictimClient = v.Client.String() // as the server saw it
+	}
+	a.s.record(ev)
 	return true
 }
 
@@ -819,7 +829,7 @@ func (a *admission) reject(d limiter.Decision) error {
 	e.detail = a.failureDetail() // why the fallback decided, if evictions failed
 	// Recorded before the client is told: what a client has seen is
 	// already in the events, the metrics and the log.
-	a.s.events.add(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
+	a.s.record(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(), Reason: d.Reason})
 	a.s.obs.LoginFailed(a.sess.user, ReasonTooMany) // the client proved who it is before admission
 	// A leaked pool retrying at its limit is rejected thousands of times a
@@ -975,8 +985,12 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 		return false, nil
 	}
 	s.log.Info("killed", attrs...)
-	s.events.add(Event{Time: time.Now(), Kind: "kill", Role: "", VictimPID: pid, ViaRolegate: held != nil,
-		VictimClient: clientOf(held), VictimRole: roleOf(held), Reason: "operator: " + by})
+	ev := Event{Time: time.Now(), Kind: "kill", Role: "", VictimPID: pid, ViaRolegate: held != nil,
+		VictimClient: clientOf(held), VictimRole: roleOf(held), Reason: "operator: " + by}
+	if held != nil {
+		ev.VictimApplicationName = held.appName
+	}
+	s.record(ev)
 	return true, nil
 }
 

@@ -168,6 +168,7 @@ const maxPeerStatus = 4 << 20
 // PeerStatus is what an instance says about itself to the others.
 type PeerStatus struct {
 	Tag       string    `json:"tag"`
+	Name      string    `json:"name"` // Config.Instance: its name in the eviction history
 	Advertise string    `json:"advertise"`
 	Version   string    `json:"version"`
 	Started   time.Time `json:"started"`
@@ -177,7 +178,7 @@ type PeerStatus struct {
 
 // status is this instance's PeerStatus.
 func (s *Server) status() PeerStatus {
-	st := PeerStatus{Started: s.started, Version: s.cfg.Cluster.Version, Advertise: s.cfg.Cluster.Advertise,
+	st := PeerStatus{Name: s.cfg.Instance, Started: s.started, Version: s.cfg.Cluster.Version, Advertise: s.cfg.Cluster.Advertise,
 		Tag: fmt.Sprintf("%02x", s.cfg.Cluster.Tag)}
 	for _, in := range s.registry.snapshot() {
 		if in.User == "" {
@@ -207,6 +208,7 @@ type InstanceInfo struct {
 	Since     time.Time // its registration on the server
 	Self      bool
 	// From the instance itself; Err says why they are missing.
+	Name     string // its name in the eviction history
 	Version  string
 	Started  time.Time
 	Sessions int
@@ -228,7 +230,7 @@ func (s *Server) Instances(ctx context.Context) ([]InstanceInfo, error) {
 		out[i] = InstanceInfo{Tag: fmt.Sprintf("%02x", in.Tag), Advertise: in.Advertise, Since: in.Since, Self: in.Self}
 		if in.Self {
 			st := s.status()
-			out[i].Version, out[i].Started, out[i].Sessions, out[i].PIDs = st.Version, st.Started, st.Sessions, st.PIDs
+			out[i].Name, out[i].Version, out[i].Started, out[i].Sessions, out[i].PIDs = st.Name, st.Version, st.Started, st.Sessions, st.PIDs
 			continue
 		}
 		wg.Go(func() {
@@ -242,7 +244,7 @@ func (s *Server) Instances(ctx context.Context) ([]InstanceInfo, error) {
 				out[i].Err = err.Error()
 				return
 			}
-			out[i].Version, out[i].Started, out[i].Sessions, out[i].PIDs = st.Version, st.Started, st.Sessions, st.PIDs
+			out[i].Name, out[i].Version, out[i].Started, out[i].Sessions, out[i].PIDs = st.Name, st.Version, st.Started, st.Sessions, st.PIDs
 		})
 	}
 	wg.Wait()

@@ -60,6 +60,14 @@ type Config struct {
 	// takes CancelRequests to the instance that issued their key; it needs
 	// Limits with a control connection (upstream.Control). New copies it.
 	Cluster *Cluster
+	// Instance names this rolegate in the events it records, which the
+	// History shares with other instances. "": New picks a random
+	// 8-hex-digit tag (Server.Instance).
+	Instance string
+	// History, when not nil, receives every event the Server records and
+	// answers Server.History with every instance's; nil keeps the events
+	// in memory only.
+	History History
 
 	// throttle sets the rate limit of repeated-failure log lines; tests only
 	// (zero: the defaults).
@@ -125,6 +133,9 @@ func New(cfg Config) *Server {
 	if cfg.Cluster != nil {
 		c := *cfg.Cluster // Serve may fill in Advertise
 		cfg.Cluster = &c
+	}
+	if cfg.Instance == "" {
+		cfg.Instance = newInstanceTag()
 	}
 	obs := cfg.Observer
 	if obs == nil {

@@ -14,7 +14,12 @@
 --     pg_read_all_stats (see every role's rows in pg_stat_activity);
 --   * schema rolegate with one function, rolegate.get_secret(role_name),
 --     SECURITY DEFINER and owned by the superuser running this file, that
---     returns one role's stored password verifier. Only rolegate may call it.
+--     returns one role's stored password verifier. Only rolegate may call it;
+--   * table rolegate.events, the eviction history every rolegate instance
+--     writes its evictions, rejections and kills to and reads back (SHOW
+--     EVICTIONS, /api/evictions, the live page). rolegate may insert, read
+--     and delete its rows (it deletes those older than [history] keep), and
+--     nothing else.
 --
 -- No password is set here. Give the role one, and hand it to rolegate in the
 -- environment (ROLEGATE_CONTROL_PASSWORD) or a file ([control] password_file):
@@ -94,3 +99,43 @@ ALTER FUNCTION rolegate.get_secret(text) OWNER TO CURRENT_USER;
 -- Functions are executable by PUBLIC by default; only rolegate may call this one.
 REVOKE ALL ON FUNCTION rolegate.get_secret(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rolegate.get_secret(text) TO rolegate;
+
+-- The eviction history. The table belongs to the superuser running this
+-- file, like the schema: rolegate may add rows, read them and delete old
+-- ones, but not change the table. Columns are only ever added here, so that
+-- a rolegate built for an older set-up keeps writing; running this file on
+-- a server set up by an older version adds what is missing.
+CREATE TABLE IF NOT EXISTS rolegate.events (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE rolegate.events
+    ADD COLUMN IF NOT EXISTS instance text,
+    ADD COLUMN IF NOT EXISTS kind text,          -- eviction | rejection | kill
+    ADD COLUMN IF NOT EXISTS policy text,
+    ADD COLUMN IF NOT EXISTS scope text,         -- role | database: which limit
+    ADD COLUMN IF NOT EXISTS role text,          -- the login's role
+    ADD COLUMN IF NOT EXISTS database text,
+    ADD COLUMN IF NOT EXISTS client text,        -- the login's client address
+    ADD COLUMN IF NOT EXISTS victim_pid int,
+    ADD COLUMN IF NOT EXISTS victim_role text,
+    ADD COLUMN IF NOT EXISTS victim_application_name text,
+    ADD COLUMN IF NOT EXISTS victim_client text,
+    ADD COLUMN IF NOT EXISTS victim_age interval,  -- since its backend_start
+    ADD COLUMN IF NOT EXISTS victim_idle interval, -- idle for, when it was idle
+    ADD COLUMN IF NOT EXISTS via_rolegate boolean,
+    ADD COLUMN IF NOT EXISTS reason text;
+CREATE INDEX IF NOT EXISTS events_at ON rolegate.events (at);
+ALTER TABLE rolegate.events OWNER TO CURRENT_USER;
+
+REVOKE ALL ON TABLE rolegate.events FROM PUBLIC, rolegate;
+GRANT SELECT, INSERT, DELETE ON TABLE rolegate.events TO rolegate;
+-- The id column's sequence: nextval for each row rolegate inserts.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC, rolegate',
+        pg_catalog.pg_get_serial_sequence('rolegate.events', 'id'));
+    EXECUTE format('GRANT USAGE ON SEQUENCE %s TO rolegate',
+        pg_catalog.pg_get_serial_sequence('rolegate.events', 'id'));
+END
+$$;

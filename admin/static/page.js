@@ -90,15 +90,17 @@ function renderSessions(sessions, unlisted, now) {
 
 function renderEvents(events) {
   const body = $("events").tBodies[0];
-  if (!events.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "None yet."))); return; }
+  if (!events.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "None yet."))); return; }
   body.replaceChildren(...events.map((e) => {
     let victim = "";
     if (e.victim_pid) {
       victim = "pid " + e.victim_pid + (e.victim_role ? " (" + e.victim_role + ")" : "");
       victim += e.via_rolegate ? (e.victim_client ? " " + e.victim_client : "") : " outside rolegate";
+      if (e.victim_application_name) victim += " [" + e.victim_application_name + "]";
     }
     return el("tr", { "data-kind": e.kind },
-      el("td", { class: "time" }, fmtTime(e.time)), el("td", { class: "kind " + e.kind }, e.kind),
+      el("td", { class: "time" }, fmtTime(e.time)), el("td", {}, e.instance || ""),
+      el("td", { class: "kind " + e.kind }, e.kind),
       el("td", {}, e.role || ""), el("td", {}, victim),
       el("td", {}, (e.policy || "") + (e.scope ? " (" + e.scope + ")" : "")), el("td", {}, e.reason || ""));
   }));

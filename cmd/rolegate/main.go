@@ -97,12 +97,44 @@ type parts struct {
 	control *upstream.Control // nil without [control] dsn
 	auth    *proxy.ClientAuth // nil in passthrough mode
 	limits  *proxy.Limits     // nil without limits (or without proxy mode)
+	history *upstream.History // nil until openHistory finds the table usable
 }
 
 func (p *parts) close() {
+	if p.history != nil {
+		p.history.Close() // before the pool it writes on
+	}
 	if p.control != nil {
 		p.control.Close()
 	}
+}
+
+// historyCheckTimeout bounds the start-up check of the history table.
+const historyCheckTimeout = 10 * time.Second
+
+// openHistory starts the eviction history on the server ([history]) when
+// there is a control connection and keep is not off. When the table cannot
+// be used it says why, once, and the events stay in memory.
+func (p *parts) openHistory(cfg *config.Config, log *slog.Logger) {
+	keep := cfg.History.Keep.Value()
+	switch {
+	case keep == 0:
+		log.Info("eviction history: kept in memory ([history] keep = \"off\")")
+		return
+	case p.control == nil:
+		log.Info("eviction history: kept in memory (the table needs [control] dsn)")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), historyCheckTimeout)
+	defer cancel()
+	h, err := p.control.OpenHistory(ctx, upstream.HistoryOptions{Keep: keep, Logger: log})
+	if err != nil {
+		log.Warn("eviction history: table rolegate.events unusable; keeping the history in memory (run sql/setup.sql, then restart)",
+			"err", err)
+		return
+	}
+	p.history = h
+	log.Info("eviction history: table rolegate.events", "keep", keep)
 }
 
 // components builds what the configuration names and can fail on: files are read
@@ -241,6 +273,11 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		return err
 	}
 	metrics := admin.NewMetrics() // the proxy counts into it; /metrics serves it
+	p.openHistory(cfg, log)
+	var history proxy.History
+	if p.history != nil {
+		history = p.history
+	}
 	srv := proxy.New(proxy.Config{
 		Upstream:        p.dialer,
 		TLS:             p.tls,
@@ -253,13 +290,15 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		Logger:          log,
 		Observer:        metrics,
 		Cluster:         clusterOf(p, cfg, log),
+		Instance:        cfg.Instance,
+		History:         history,
 	})
 	if cfg.MaxProcs > 0 {
 		runtime.GOMAXPROCS(cfg.MaxProcs)
 	}
 	log.Info("rolegate started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"server", cfg.Server.Address, "sslmode", cfg.Server.SSLMode, "client_tls", p.tls != nil, "auth", cfg.Auth.Mode,
-		"max_procs", runtime.GOMAXPROCS(0), "relay", srv.RelayMode(), "reuse_port", cfg.ReusePort)
+		"max_procs", runtime.GOMAXPROCS(0), "relay", srv.RelayMode(), "reuse_port", cfg.ReusePort, "instance", srv.Instance())
 	if tk != nil {
 		log.Info("took the listeners over from the running rolegate", "pid", tk.from, "admin_http", tk.admin != nil)
 	}

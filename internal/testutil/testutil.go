@@ -66,3 +66,17 @@ func ClosedAddr(t testing.TB) string {
 	ln.Close()
 	return addr
 }
+
+// WaitFor polls cond every few milliseconds until it holds, and fails the
+// test once limit has passed without it (choose a generous limit: the
+// machine may be busy).
+func WaitFor(t testing.TB, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", limit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
