@@ -774,9 +774,17 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 // warmUp runs each target once, unrecorded: a short pgbench (caches, the
 // proxies' first sessions and the verifier cache) and, for the targets in
 // the COPY row, one COPY whose bytes are counted, which proves that every
-// target delivers the whole output before anything is timed.
+// target delivers the whole output before anything is timed. A TLS target
+// must have TLS on both legs (checkTLS).
 func warmUp(ctx context.Context, o options, env []string, targets []*target, spec copySpec) error {
 	for _, t := range targets {
+		if t.tls {
+			version, err := checkTLS(ctx, env, t)
+			if err != nil {
+				return fmt.Errorf("warm-up: %w", err)
+			}
+			logf("via %s: TLS on both legs, the server's leg %s", t.name, version)
+		}
 		if o.warmup > 0 {
 			logf("warm-up via %s: pgbench %v", t.name, o.warmup)
 			if _, _, err := runPgbench(ctx, o, env, t, simple, o.warmup, nil); err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -61,4 +62,25 @@ func pgbouncerTLSSettings(certFile, keyFile string) string {
 	}
 	return fmt.Sprintf("client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\nserver_tls_sslmode = require\n",
 		certFile, keyFile)
+}
+
+// serverLegTLS is what the server says of the session it serves: whether
+// its connection, from the client or from the proxy, uses TLS, and the
+// protocol version.
+const serverLegTLS = "select ssl, coalesce(version, '') from pg_stat_ssl where pid = pg_backend_pid()"
+
+// checkTLS proves, before anything is timed, that t has TLS on both legs:
+// psql with t's environment (sslmode require) fails without TLS on the
+// client leg, and the server's pg_stat_ssl says whether its leg has TLS. It
+// returns the server leg's protocol version.
+func checkTLS(ctx context.Context, env []string, t *target) (string, error) {
+	out, _, err := runTool(ctx, envFor(env, t), "psql", append([]string{"-t", "-A", "-F", " "}, psqlArgs(t, serverLegTLS)...)...)
+	if err != nil {
+		return "", fmt.Errorf("TLS check via %s: %w%s", t.name, err, logTail(t))
+	}
+	ssl, version, _ := strings.Cut(strings.TrimSpace(out), " ")
+	if ssl != "t" {
+		return "", fmt.Errorf("TLS check via %s: the server's leg has no TLS (pg_stat_ssl: %q)", t.name, strings.TrimSpace(out))
+	}
+	return version, nil
 }

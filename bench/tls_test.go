@@ -1,9 +1,12 @@
 package main
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/rolegate/rolegate/internal/pgtest"
 )
 
 // TestPgBouncerTLSSettings checks PgBouncer's TLS lines: the plain
@@ -173,5 +176,31 @@ func TestValidateOnly(t *testing.T) {
 		if err := o.validate(); (err == nil) != c.ok {
 			t.Errorf("-only %q -no-tls=%v: %v, want ok=%v", c.only, c.noTLS, err, c.ok)
 		}
+	}
+}
+
+// TestCheckTLS drives the warm-up's TLS check against a real server with
+// ssl on: a session with sslmode require passes and names its protocol, and
+// one without TLS (clientEnv's sslmode disable, as a proxy that spoke plain
+// TCP to the server would leave it) fails the check.
+func TestCheckTLS(t *testing.T) {
+	c := pgtest.Start(t, pgtest.Options{SSL: true, Logf: t.Logf})
+	ctx := t.Context()
+	password := pgtest.RandomHex(12)
+	if err := c.Exec(ctx, fmt.Sprintf("create role %s login password '%s'", benchRole, password)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Exec(ctx, fmt.Sprintf("create database %s owner %s", benchRole, benchRole)); err != nil {
+		t.Fatal(err)
+	}
+	env := clientEnv(password)
+	withTLS := &target{name: directTLS, host: c.Host, port: c.Port, tls: true, env: tlsClientEnv(env, c.CACertFile)}
+	version, err := checkTLS(ctx, env, withTLS)
+	if err != nil || !strings.HasPrefix(version, "TLSv1.") {
+		t.Errorf("with TLS: %q, %v; want a TLS version", version, err)
+	}
+	plain := &target{name: "plain", host: c.Host, port: c.Port, tls: true}
+	if _, err := checkTLS(ctx, env, plain); err == nil || !strings.Contains(err.Error(), "has no TLS") {
+		t.Errorf("without TLS: %v; want the check to fail", err)
 	}
 }
