@@ -811,7 +811,14 @@ func (r *report) printTLS(w io.Writer, md bool) {
 	if !r.opts.tlsRows() {
 		return
 	}
-	fmt.Fprintf(w, "\nSelect-only rows with TLS on both legs (issue 11), after the other rows of each round: %s (TPS, higher is better):\n\n", tlsSetup)
+	where := "alone (-only tls)"
+	if r.opts.plainRows() {
+		where = "after the plain rows of each round"
+	}
+	if r.plan != nil {
+		where += ", pinned last in each round (" + r.plan.describe() + ")"
+	}
+	fmt.Fprintf(w, "\nSelect-only rows with TLS on both legs (issue 11), %s; set up as the TLS line above says; pgbouncer-tls has PgBouncer's warm pool, as pgbouncer (TPS, higher is better):\n\n", where)
 	kinds := append(slices.Clone(tlsTests), tlsPinnedTests...)
 	if r.plan == nil {
 		kinds = tlsTests
