@@ -34,8 +34,8 @@ type loginResult struct {
 }
 
 // loginsInclude says whether t takes part in the login-latency test: every
-// target but the extra GOMAXPROCS=1 rolegate.
-func loginsInclude(t *target) bool { return !t.extra }
+// target but the extra ones (rolegate-gmp1 and the like) and the TLS ones.
+func loginsInclude(t *target) bool { return !t.extra && !t.tls }
 
 // measureLogins times o.logins sequential logins per target with pgx's
 // pgconn (SCRAM, sslmode=disable), each from the dial to ReadyForQuery and

@@ -6,6 +6,7 @@
 //	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300] [-pinned] [-idle-sessions 200]
 //	go run ./bench -only limits [-limit-logins 300]
 //	go run ./bench -only storm [-storm-logins 5000] [-storm-limit 5] [-storm-hold 50ms]
+//	go run ./bench -only tls [-rounds 3] [-pinned]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
 // the role bench and loads `pgbench -i -s 10` as that role, sets up
@@ -17,7 +18,10 @@
 // extended, a bulk COPY ... TO STDOUT read by psql into /dev/null, and
 // pgbench -C (a new SCRAM login per transaction), and then the select-only
 // rows again with the server and pgbench on one CPU and each proxy on
-// another (affinity.go). Before the rounds it measures each proxy's memory
+// another (affinity.go). The select-only rows run a second time with TLS on
+// both legs (issue 11: the server with ssl on, direct-tls, rolegate-tls and
+// pgbouncer-tls; tls.go), unpinned and pinned; -no-tls leaves them out and
+// `-only tls` runs them alone. Before the rounds it measures each proxy's memory
 // per idle session (idle.go). Last comes the newest-wins
 // test (issue 4, limits.go): logins of a role at its limit that evict its
 // oldest session, through a rolegate of their own, against plain logins and
@@ -110,16 +114,28 @@ type options struct {
 	// long an admitted login holds its session.
 	stormLogins, stormLimit int
 	stormHold               time.Duration
+	// noTLS leaves out the select-only rows with TLS on both legs.
+	noTLS bool
 }
 
-// -only's values: the newest-wins test alone, the login storm alone.
+// -only's values: the newest-wins test alone, the login storm alone, the
+// select-only rows with TLS on both legs alone.
 const (
 	onlyLimits = "limits"
 	onlyStorm  = "storm"
+	onlyTLS    = "tls"
 )
 
-// alone says whether the run is one test alone (-only).
-func (o options) alone() bool { return o.only != "" }
+// alone says whether the run is a test of its own instead of the rounds
+// (-only limits or storm). -only tls runs the rounds, with the TLS rows
+// alone.
+func (o options) alone() bool { return o.only == onlyLimits || o.only == onlyStorm }
+
+// plainRows says whether the rounds include the rows without TLS.
+func (o options) plainRows() bool { return o.only == "" }
+
+// tlsRows says whether the rounds include the rows with TLS on both legs.
+func (o options) tlsRows() bool { return !o.noTLS && (o.only == "" || o.only == onlyTLS) }
 
 // limitsOnly says whether the run is the newest-wins test alone.
 func (o options) limitsOnly() bool { return o.only == onlyLimits }
@@ -147,7 +163,8 @@ func main() {
 	flag.IntVar(&o.connectClients, "connect-clients", 8, "pgbench -c for the connect-rate row (pgbench -C)")
 	flag.IntVar(&o.logins, "logins", 500, "sequential logins timed per target for the login latency (0 skips it)")
 	flag.StringVar(&o.setupSQL, "setup-sql", "", "rolegate's control-role script; empty: sql/setup.sql of the repository, and without one the superuser")
-	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4) or "storm" (the login storm, issue 11); empty runs everything`)
+	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4), "storm" (the login storm, issue 11) or "tls" (the select-only rows with TLS on both legs, issue 11); empty runs everything`)
+	flag.BoolVar(&o.noTLS, "no-tls", false, "leave out the select-only rows with TLS on both legs (direct-tls, rolegate-tls, pgbouncer-tls)")
 	flag.IntVar(&o.limitLogins, "limit-logins", 300, "newest-wins test: logins timed per row (0 skips the test in a full run)")
 	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
 	flag.BoolVar(&o.pinned, "pinned", runtime.NumCPU() >= 2, "also run the select-only rows with the server and pgbench on one CPU and each proxy on another (needs 2 CPUs)")
@@ -187,8 +204,10 @@ func (o options) validate() error {
 		return errors.New("-scale must be at least 1")
 	case o.repeats < 0:
 		return errors.New("-repeats must be 0 or more")
-	case o.only != "" && o.only != onlyLimits && o.only != onlyStorm:
-		return fmt.Errorf("-only %q: the tests that run alone are %q and %q", o.only, onlyLimits, onlyStorm)
+	case o.only != "" && o.only != onlyLimits && o.only != onlyStorm && o.only != onlyTLS:
+		return fmt.Errorf("-only %q: the tests that run alone are %q, %q and %q", o.only, onlyLimits, onlyStorm, onlyTLS)
+	case o.only == onlyTLS && o.noTLS:
+		return errors.New("-only tls and -no-tls leave nothing to run")
 	case o.limitLogins < 0:
 		return errors.New("-limit-logins must be 0 or more")
 	case o.limitsOnly() && o.limitLogins == 0:
@@ -280,7 +299,9 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 
 	logf("starting PostgreSQL")
-	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf})
+	// ssl = on changes nothing for the plain rows, whose clients do not
+	// ask for TLS.
+	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf, SSL: o.tlsRows()})
 	if err != nil {
 		return fmt.Errorf("starting PostgreSQL: %w", err)
 	}
@@ -313,7 +334,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	var daemons []*daemon
 	var instances []rolegateInstance
 	var idleTargets []idleTarget
-	if !o.alone() {
+	if o.plainRows() {
 		targets = append(targets, &target{name: "direct", host: cluster.Host, port: cluster.Port})
 		instances = append(instances, rolegateInstance{name: "rolegate"})
 		if o.gomaxprocs1 {
@@ -339,14 +360,18 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 			return err
 		}
 		logf("PgBouncer auth: %s", pbAuth.describe)
-		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, o.idleSessions, false)
+	}
+	if bouncerBin != "" && o.plainRows() {
+		pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth,
+			pgbouncerInstance{name: "pgbouncer", idleSessions: o.idleSessions})
 		if err != nil {
 			return err
 		}
 		defer pb.stop(syscall.SIGTERM) // SIGTERM: PgBouncer's immediate shutdown
 		targets = append(targets, pb.target)
 		daemons = append(daemons, pb)
-		fresh, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, 0, true)
+		fresh, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth,
+			pgbouncerInstance{name: pgbouncerFresh, fresh: true})
 		if err != nil {
 			return err
 		}
@@ -355,6 +380,35 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		daemons = append(daemons, fresh)
 		idleTargets = append(idleTargets, idleTarget{target: pb.target, database: pgbouncerIdleDB,
 			release: func(ctx context.Context) error { return killPgBouncerPool(ctx, pb.target, pbAuth) }})
+	}
+	if o.tlsRows() {
+		// The same server, rolegate and PgBouncer with TLS on both legs,
+		// after the plain targets: their rows come after the plain rows.
+		tlsEnv := tlsClientEnv(env, cluster.CACertFile)
+		targets = append(targets, &target{name: directTLS, host: cluster.Host, port: cluster.Port, tls: true, env: tlsEnv})
+		cert, key, err := cluster.IssueServerCert(work, rolegateTLS)
+		if err != nil {
+			return fmt.Errorf("%s: %w", rolegateTLS, err)
+		}
+		rg, err := startRolegate(ctx, rolegateBin, work, cluster.Addr(), ctl,
+			rolegateInstance{name: rolegateTLS, tlsCert: cert, tlsKey: key, serverSSLMode: "require"})
+		if err != nil {
+			return err
+		}
+		defer rg.stop(syscall.SIGINT)
+		rg.env = tlsEnv
+		targets = append(targets, rg.target)
+		daemons = append(daemons, rg)
+		if bouncerBin != "" {
+			pb, err := startPgBouncer(ctx, bouncerBin, work, cluster, pbAuth, pgbouncerInstance{name: pgbouncerTLS, tls: true})
+			if err != nil {
+				return err
+			}
+			defer pb.stop(syscall.SIGTERM)
+			pb.env = tlsEnv
+			targets = append(targets, pb.target)
+			daemons = append(daemons, pb)
+		}
 	}
 
 	m := machineInfo(ctx, rolegateBin, bouncerBin, serverVersion)
@@ -387,11 +441,13 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 		if err := warmUp(ctx, o, env, targets, r.copy); err != nil {
 			return err
 		}
-		if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
-			return err
-		}
-		if err := measureIdle(ctx, o, cluster, password, idleTargets, r); err != nil {
-			return err
+		if o.plainRows() {
+			if err := measureLogins(ctx, o, password, targets, meter, r); err != nil {
+				return err
+			}
+			if err := measureIdle(ctx, o, cluster, password, idleTargets, r); err != nil {
+				return err
+			}
 		}
 		if err := measure(ctx, o, env, targets, meter, r); err != nil {
 			return err
@@ -683,7 +739,7 @@ func pgbenchArgs(o options, t *target, k testKind, d time.Duration) []string {
 // runPgbench runs pgbench select-only for row k against t on cpus (nil:
 // wherever) and returns its TPS and pgbench's CPU time.
 func runPgbench(ctx context.Context, o options, env []string, t *target, k testKind, d time.Duration, cpus *unix.CPUSet) (tps float64, cpu time.Duration, err error) {
-	out, cpu, err := runToolOn(ctx, env, cpus, "pgbench", pgbenchArgs(o, t, k, d)...)
+	out, cpu, err := runToolOn(ctx, envFor(env, t), cpus, "pgbench", pgbenchArgs(o, t, k, d)...)
 	if err != nil {
 		return 0, 0, fmt.Errorf("pgbench %s via %s: %w", k.label(), t.name, err)
 	}
@@ -718,9 +774,17 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 // warmUp runs each target once, unrecorded: a short pgbench (caches, the
 // proxies' first sessions and the verifier cache) and, for the targets in
 // the COPY row, one COPY whose bytes are counted, which proves that every
-// target delivers the whole output before anything is timed.
+// target delivers the whole output before anything is timed. A TLS target
+// must have TLS on both legs (checkTLS).
 func warmUp(ctx context.Context, o options, env []string, targets []*target, spec copySpec) error {
 	for _, t := range targets {
+		if t.tls {
+			version, err := checkTLS(ctx, env, t)
+			if err != nil {
+				return fmt.Errorf("warm-up: %w", err)
+			}
+			logf("via %s: TLS on both legs, the server's leg %s", t.name, version)
+		}
 		if o.warmup > 0 {
 			logf("warm-up via %s: pgbench %v", t.name, o.warmup)
 			if _, _, err := runPgbench(ctx, o, env, t, simple, o.warmup, nil); err != nil {
@@ -779,7 +843,7 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 					return fmt.Errorf("round %d: %w", round, err)
 				}
 				s.repeats = attempt
-				logf("round %d/%d  %-31s %-13s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
+				logf("round %d/%d  %-36s %-19s %s", round, o.rounds, k.label(), t.name, s.describe(k, r.copy))
 				if !s.skewed() || attempt >= o.repeats {
 					break
 				}
@@ -800,7 +864,7 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 				err = errors.Join(err, fmt.Errorf("round %d: unpinning: %w", round, uerr))
 			}
 		}()
-		for _, k := range pinnedTests {
+		for _, k := range r.pinnedRows() {
 			if err := runRow(round, k, &r.plan.server); err != nil {
 				return err
 			}
@@ -808,7 +872,7 @@ func measure(ctx context.Context, o options, env []string, targets []*target, me
 		return nil
 	}
 	for round := 1; round <= o.rounds; round++ {
-		for _, k := range tests {
+		for _, k := range r.roundRows() {
 			if err := runRow(round, k, nil); err != nil {
 				return err
 			}
@@ -833,7 +897,7 @@ func runOnce(ctx context.Context, o options, env []string, t *target, k testKind
 	var s sample
 	var client time.Duration
 	switch k {
-	case simple, extended, connect, pinnedSimple, pinnedExtended:
+	case simple, extended, connect, pinnedSimple, pinnedExtended, tlsSimple, tlsExtended, tlsPinnedSimple, tlsPinnedExtended:
 		tps, cpu, err := runPgbench(ctx, o, env, t, k, o.duration, cpus)
 		if err != nil {
 			return s, err

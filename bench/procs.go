@@ -33,6 +33,12 @@ type target struct {
 	// connect-rate rows (rolegate-gmp1, rolegate-goroutines,
 	// pgbouncer-fresh).
 	extra bool
+	// tls marks a target with TLS on both legs, which runs only the TLS
+	// rows (direct-tls, rolegate-tls, pgbouncer-tls).
+	tls bool
+	// env, when set, is the client tools' environment for this target in
+	// place of the run's (tlsClientEnv for the TLS targets).
+	env []string
 }
 
 // gmp1Target is the name of the rolegate started with GOMAXPROCS=1.
@@ -150,6 +156,11 @@ type rolegateInstance struct {
 	// adminHTTP is [admin] http, host:port; empty turns the admin HTTP
 	// server off.
 	adminHTTP string
+	// tlsCert and tlsKey are [tls] cert and key, PEM files; empty: no
+	// client-side TLS. With them the target is a TLS one.
+	tlsCert, tlsKey string
+	// serverSSLMode is [server] sslmode; empty: "disable".
+	serverSSLMode string
 }
 
 // goroutinesTarget is the name of the rolegate started with relay =
@@ -164,13 +175,13 @@ const rolegateCacheTTL = "60s"
 // clients' SCRAM proofs itself with the verifier from the auth query on its
 // control connection, and logs in to the server with the recovered
 // ClientKey. TLS is off on both sides and the log level is warn unless inst
-// says otherwise.
+// says otherwise (rolegateTLSTable).
 func startRolegate(ctx context.Context, bin, work, server string, ctl controlSetup, inst rolegateInstance) (*daemon, error) {
 	port, err := pgtest.FreePort()
 	if err != nil {
 		return nil, err
 	}
-	t := &target{name: inst.name, host: "127.0.0.1", port: port}
+	t := &target{name: inst.name, host: "127.0.0.1", port: port, tls: inst.tlsCert != ""}
 	level, format := inst.logLevel, inst.logFormat
 	if level == "" {
 		level = "warn"
@@ -182,13 +193,17 @@ func startRolegate(ctx context.Context, bin, work, server string, ctl controlSet
 	if relay == "" {
 		relay = "loop"
 	}
+	sslmode := inst.serverSSLMode
+	if sslmode == "" {
+		sslmode = "disable"
+	}
 	config := fmt.Sprintf(`# written by the rolegate benchmark
 listen = %q
 relay = %q
 
-[server]
+%s[server]
 address = %q
-sslmode = "disable"
+sslmode = %q
 
 [control]
 dsn = %q   # password: ROLEGATE_CONTROL_PASSWORD
@@ -206,7 +221,7 @@ format = %q
 
 [admin]
 http = %q   # "" (off) unless the test polls /healthz: several instances run at once
-`, net.JoinHostPort(t.host, strconv.Itoa(port)), relay, server, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format, inst.adminHTTP)
+`, net.JoinHostPort(t.host, strconv.Itoa(port)), relay, rolegateTLSTable(inst.tlsCert, inst.tlsKey), server, sslmode, ctl.dsn, ctl.authQuery, rolegateCacheTTL, level, format, inst.adminHTTP)
 	config += inst.extraConfig
 	configFile := filepath.Join(work, inst.name+".toml")
 	if err := os.WriteFile(configFile, []byte(config), 0o644); err != nil {
@@ -321,6 +336,20 @@ const pgbouncerAuthQuery = "SELECT usename, passwd FROM pg_shadow WHERE usename=
 // sessions and 10 more (the console's session, and room) when that is more.
 func pgbouncerMaxClients(idleSessions int) int { return max(200, idleSessions+10) }
 
+// pgbouncerInstance is one PgBouncer to start: the pooled one, the fresh
+// one or the TLS one.
+type pgbouncerInstance struct {
+	name string
+	// idleSessions is the pool size of the idle-session test's alias (at
+	// least 1).
+	idleSessions int
+	// fresh closes each server connection once its client has gone.
+	fresh bool
+	// tls turns TLS on on both legs, with a certificate from the cluster's
+	// CA for the clients.
+	tls bool
+}
+
 // startPgBouncer runs PgBouncer in session mode in front of the cluster.
 // With auth_type scram-sha-256 and auth_query it fetches bench's SCRAM
 // verifier from pg_shadow as pa.user, checks the client with it, and then
@@ -331,15 +360,17 @@ func pgbouncerMaxClients(idleSessions int) int { return max(200, idleSessions+10
 // With fresh (target pgbouncerFresh) it closes each server connection once
 // its client has gone (server_lifetime = 0), as a 1:1 proxy does: every run
 // gets new backends, which have to fault in the shared buffers they touch,
-// where the warm pool reuses backends that already did.
-func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth, idleSessions int, fresh bool) (*daemon, error) {
+// where the warm pool reuses backends that already did. With tls (target
+// pgbouncerTLS) it requires TLS of its clients and speaks TLS to the server
+// (pgbouncerTLSSettings).
+func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa pgbouncerAuth, inst pgbouncerInstance) (*daemon, error) {
 	cred, err := pgtest.ServerCredential() // PgBouncer refuses root too
 	if err != nil {
 		return nil, err
 	}
-	name, lifetime := "pgbouncer", ""
-	if fresh {
-		name, lifetime = pgbouncerFresh, "server_lifetime = 0\n"
+	name, idleSessions, lifetime := inst.name, inst.idleSessions, ""
+	if inst.fresh {
+		lifetime = "server_lifetime = 0\n"
 	}
 	dir := filepath.Join(work, name)
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -349,7 +380,13 @@ func startPgBouncer(ctx context.Context, bin, work string, c *pgtest.Cluster, pa
 	if err != nil {
 		return nil, err
 	}
-	t := &target{name: name, host: "127.0.0.1", port: port, extra: fresh}
+	t := &target{name: name, host: "127.0.0.1", port: port, extra: inst.fresh, tls: inst.tls}
+	var certFile, keyFile string
+	if inst.tls {
+		if certFile, keyFile, err = c.IssueServerCert(dir, "client-tls"); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	}
 	authFile := filepath.Join(dir, "userlist.txt")
 	logFile := filepath.Join(dir, "pgbouncer.log")
 	ini := fmt.Sprintf(`; written by the rolegate benchmark
@@ -370,14 +407,12 @@ pool_mode = session
 max_client_conn = %[14]d
 default_pool_size = 40
 ignore_startup_parameters = extra_float_digits,options
-client_tls_sslmode = disable
-server_tls_sslmode = disable
-logfile = %[8]s
+%[16]slogfile = %[8]s
 pidfile = %[9]s
 log_connections = 0
 log_disconnections = 0
 %[15]s`, benchRole, c.Host, c.Port, t.host, port, dir, authFile, logFile, filepath.Join(dir, "pgbouncer.pid"), pa.user, pgbouncerAuthQuery,
-		pgbouncerIdleDB, max(idleSessions, 1), pgbouncerMaxClients(idleSessions), lifetime)
+		pgbouncerIdleDB, max(idleSessions, 1), pgbouncerMaxClients(idleSessions), lifetime, pgbouncerTLSSettings(certFile, keyFile))
 	iniFile := filepath.Join(dir, "pgbouncer.ini")
 	files := map[string]string{
 		iniFile:  ini,
@@ -390,7 +425,11 @@ log_disconnections = 0
 	}
 	// PgBouncer writes its log and pidfile here as its own user.
 	if cred != nil {
-		for _, path := range []string{dir, iniFile, authFile} {
+		paths := []string{dir, iniFile, authFile}
+		if keyFile != "" {
+			paths = append(paths, keyFile) // 0600, for PgBouncer's user to read
+		}
+		for _, path := range paths {
 			if err := os.Chown(path, int(cred.Uid), int(cred.Gid)); err != nil {
 				return nil, fmt.Errorf("chown %s to PgBouncer's user: %w", path, err)
 			}
@@ -398,7 +437,7 @@ log_disconnections = 0
 	}
 	// In the foreground PgBouncer logs to stderr as well as to logfile;
 	// stderr also catches what it says before it opens the logfile.
-	stderrFile := filepath.Join(work, "pgbouncer.stderr")
+	stderrFile := filepath.Join(work, name+".stderr")
 	stderr, err := os.Create(stderrFile)
 	if err != nil {
 		return nil, fmt.Errorf("pgbouncer stderr: %w", err)
@@ -410,7 +449,7 @@ log_disconnections = 0
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	logf("starting PgBouncer on %s", net.JoinHostPort(t.host, strconv.Itoa(port)))
+	logf("starting %s on %s", name, net.JoinHostPort(t.host, strconv.Itoa(port)))
 	return startDaemon(ctx, t, cmd, stderrFile)
 }
 

@@ -21,6 +21,13 @@ const (
 	// server and pgbench on one CPU and the proxy on another (cpuPlan).
 	pinnedSimple
 	pinnedExtended
+	// tlsSimple and tlsExtended are the select-only rows with TLS on both
+	// legs, against the TLS targets only (issue 11); tlsPinnedSimple and
+	// tlsPinnedExtended are the same pinned.
+	tlsSimple
+	tlsExtended
+	tlsPinnedSimple
+	tlsPinnedExtended
 )
 
 // tests are the rows, in the order they run within a round.
@@ -29,9 +36,36 @@ var tests = []testKind{simple, extended, copyOut, connect}
 // pinnedTests are the pinned rows, which run after tests in each round.
 var pinnedTests = []testKind{pinnedSimple, pinnedExtended}
 
-// includes says whether row k runs against t: the extra target
+// tlsTests are the TLS rows, which run after tests in each round, and
+// tlsPinnedTests the pinned ones, after pinnedTests.
+var (
+	tlsTests       = []testKind{tlsSimple, tlsExtended}
+	tlsPinnedTests = []testKind{tlsPinnedSimple, tlsPinnedExtended}
+)
+
+// includes says whether row k runs against t: the TLS rows against the TLS
+// targets and the other rows against the others, where an extra target
 // (rolegate-gmp1) runs only the select-only and connect-rate rows.
-func (k testKind) includes(t *target) bool { return !t.extra || k != copyOut }
+func (k testKind) includes(t *target) bool {
+	if k.tls() != t.tls {
+		return false
+	}
+	return !t.extra || k != copyOut
+}
+
+// tls says whether k is a row with TLS on both legs.
+func (k testKind) tls() bool {
+	return k == tlsSimple || k == tlsExtended || k == tlsPinnedSimple || k == tlsPinnedExtended
+}
+
+// base is the target the row's ratios are to: direct, or direct-tls for the
+// TLS rows.
+func (k testKind) base() string {
+	if k.tls() {
+		return directTLS
+	}
+	return "direct"
+}
 
 // goal is the issue's target for rolegate's throughput relative to direct:
 // 0.95 for the select-only rows and COPY (issue 2), 0.9 for the connect
@@ -45,7 +79,7 @@ func (k testKind) goal() float64 {
 
 // mode is pgbench's -M for the pgbench rows.
 func (k testKind) mode() string {
-	if k == extended || k == pinnedExtended {
+	if k == extended || k == pinnedExtended || k == tlsExtended || k == tlsPinnedExtended {
 		return "extended"
 	}
 	return "simple"
@@ -61,6 +95,10 @@ func (k testKind) label() string {
 		return "connect rate -C"
 	case pinnedSimple, pinnedExtended:
 		return fmt.Sprintf("select-only -M %s, pinned", k.mode())
+	case tlsSimple, tlsExtended:
+		return fmt.Sprintf("select-only -M %s, TLS", k.mode())
+	case tlsPinnedSimple, tlsPinnedExtended:
+		return fmt.Sprintf("select-only -M %s, TLS, pinned", k.mode())
 	default:
 		return "COPY out"
 	}
@@ -75,6 +113,10 @@ func (k testKind) rowLabel(spec copySpec) string {
 		return "connect rate, logins/s (pgbench -C)"
 	case pinnedSimple, pinnedExtended:
 		return fmt.Sprintf("select-only TPS, -M %s, pinned", k.mode())
+	case tlsSimple, tlsExtended:
+		return fmt.Sprintf("select-only TPS, -M %s, TLS on both legs", k.mode())
+	case tlsPinnedSimple, tlsPinnedExtended:
+		return fmt.Sprintf("select-only TPS, -M %s, TLS on both legs, pinned", k.mode())
 	default:
 		return fmt.Sprintf("COPY %d MB out, seconds", spec.bytes/1_000_000)
 	}
@@ -145,12 +187,38 @@ type report struct {
 	idleMem []idleMemory
 }
 
+// roundRows are the unpinned rows, in the order they run within a round:
+// the plain rows (not with -only tls), then the TLS rows (not with -no-tls).
+func (r *report) roundRows() []testKind {
+	var rows []testKind
+	if r.opts.plainRows() {
+		rows = append(rows, tests...)
+	}
+	if r.opts.tlsRows() {
+		rows = append(rows, tlsTests...)
+	}
+	return rows
+}
+
+// pinnedRows are the pinned rows, in the order they run after roundRows
+// within a round; none when the pinned rows do not run.
+func (r *report) pinnedRows() []testKind {
+	if r.plan == nil {
+		return nil
+	}
+	var rows []testKind
+	if r.opts.plainRows() {
+		rows = append(rows, pinnedTests...)
+	}
+	if r.opts.tlsRows() {
+		rows = append(rows, tlsPinnedTests...)
+	}
+	return rows
+}
+
 // rows are the rows that ran, in the order they ran within a round.
 func (r *report) rows() []testKind {
-	if r.plan == nil {
-		return tests
-	}
-	return append(slices.Clone(tests), pinnedTests...)
+	return append(r.roundRows(), r.pinnedRows()...)
 }
 
 func median(xs []float64) float64 {
@@ -178,10 +246,11 @@ func (r *report) median(k testKind, target string) float64 {
 	return median(r.values(k, target, func(s sample) float64 { return s.value }))
 }
 
-// ratio is target/direct of the medians: TPS for the select-only and
-// connect-rate rows, seconds (so above 1 is slower) for COPY.
+// ratio is target/direct (direct-tls for the TLS rows) of the medians: TPS
+// for the select-only and connect-rate rows, seconds (so above 1 is slower)
+// for COPY.
 func (r *report) ratio(k testKind, target string) float64 {
-	return r.median(k, target) / r.median(k, "direct")
+	return r.median(k, target) / r.median(k, k.base())
 }
 
 // medianCell is the row's median for t, "–" when the row does not run
@@ -201,7 +270,16 @@ func (r *report) ratioCell(k testKind, t *target) string {
 	return fmt.Sprintf("%.2f×", r.ratio(k, t.name))
 }
 
-func (r *report) proxies() []*target { return r.targets[1:] }
+// proxies are the targets through a proxy without TLS.
+func (r *report) proxies() []*target {
+	var ps []*target
+	for _, t := range r.targets {
+		if t.pid != 0 && !t.tls {
+			ps = append(ps, t)
+		}
+	}
+	return ps
+}
 
 func (r *report) has(name string) bool {
 	return slices.ContainsFunc(r.targets, func(t *target) bool { return t.name == name })
@@ -223,11 +301,18 @@ func (r *report) settings() string {
 	if o.alone() {
 		return ""
 	}
+	if o.only == onlyTLS {
+		return fmt.Sprintf("%d rounds, interleaved; the TLS rows only (-only tls): pgbench -n -S -c %d -j %d -T %d (scale %d) with PGSSLMODE=require",
+			o.rounds, o.clients, o.jobs, int(o.duration/time.Second), o.scale)
+	}
 	s := fmt.Sprintf("%d rounds, interleaved; pgbench -n -S -c %d -j %d -T %d (scale %d); COPY (select repeat('x', %d) from generate_series(1, %d)) TO STDOUT, %d bytes, psql > /dev/null; connect rate pgbench -n -S -C -c %d -j %d -T %d",
 		o.rounds, o.clients, o.jobs, int(o.duration/time.Second), o.scale, copyRowLen, r.copy.rows, r.copy.bytes,
 		o.connectClients, o.jobs, int(o.duration/time.Second))
 	if o.logins > 0 {
 		s += fmt.Sprintf("; login latency: %d sequential pgconn.Connect logins per target, alternating, before the rounds", o.logins)
+	}
+	if o.tlsRows() {
+		s += "; the select-only rows again with TLS on both legs (PGSSLMODE=require)"
 	}
 	return s
 }
@@ -241,6 +326,8 @@ func (r *report) setupLines() []string {
 		name = limitsTarget
 	case onlyStorm:
 		name = "rolegate-storm-*"
+	case onlyTLS:
+		name = rolegateTLS
 	}
 	lines := []string{name + ": proxy mode (SCRAM with the client, the recovered ClientKey to the server), control connection " + m.control}
 	if r.has(gmp1Target) {
@@ -248,6 +335,9 @@ func (r *report) setupLines() []string {
 	}
 	if m.pgbouncerAuth != "" {
 		lines = append(lines, "PgBouncer: session mode, "+m.pgbouncerAuth)
+	}
+	if r.has(directTLS) {
+		lines = append(lines, "TLS on both legs: "+tlsSetup)
 	}
 	if r.limits != nil {
 		lines = append(lines, limitsSetupLine)
@@ -382,9 +472,12 @@ func (r *report) print(w io.Writer) {
 		return
 	}
 
-	fmt.Fprintf(w, "\nMedians (TPS and logins/s: higher is better; COPY: seconds, lower is better, ratio is time target/direct)\n\n")
-	printTable(w, r.medianRows(tests, false))
-	r.printPinned(w, false)
+	if r.opts.plainRows() {
+		fmt.Fprintf(w, "\nMedians (TPS and logins/s: higher is better; COPY: seconds, lower is better, ratio is time target/direct)\n\n")
+		printTable(w, r.medianRows(tests, false))
+		r.printPinned(w, false)
+	}
+	r.printTLS(w, false)
 
 	if r.logins != nil {
 		fmt.Fprintf(w, "\nLogin latency, dial to ReadyForQuery (%d logins per target)\n\n", r.opts.logins)
@@ -423,6 +516,12 @@ func (r *report) print(w io.Writer) {
 
 	if v := r.verdicts(); len(v) > 0 {
 		fmt.Fprintf(w, "\nTargets (rolegate ≥ 0.95× direct on select-only and COPY and ahead of PgBouncer; ≥ 0.9× on the connect rate):\n")
+		for _, line := range v {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
+	}
+	if v := r.tlsVerdicts(); len(v) > 0 {
+		fmt.Fprintf(w, "\nWith TLS on both legs (issue 11: rolegate at least level with PgBouncer there too):\n")
 		for _, line := range v {
 			fmt.Fprintf(w, "  %s\n", line)
 		}
@@ -471,10 +570,12 @@ func (r *report) markdown(w io.Writer) {
 		r.printAloneVerdicts(w, true)
 		return
 	}
-	fmt.Fprintln(w)
-
-	mdTable(w, r.medianRows(tests, true))
-	r.printPinned(w, true)
+	if r.opts.plainRows() {
+		fmt.Fprintln(w)
+		mdTable(w, r.medianRows(tests, true))
+		r.printPinned(w, true)
+	}
+	r.printTLS(w, true)
 
 	if r.logins != nil {
 		fmt.Fprintf(w, "\nLogin latency, from the dial to ReadyForQuery, %d sequential logins per target (pgx pgconn.Connect, SCRAM, sslmode=disable), the targets alternating login by login:\n\n", r.opts.logins)
@@ -542,7 +643,7 @@ func (r *report) markdown(w io.Writer) {
 			mdRow(w, append(row, r.proxyCost(k, t)))
 		}
 	}
-	v := r.verdicts()
+	v := append(r.verdicts(), r.tlsVerdicts()...)
 	if r.limits != nil {
 		v = append(v, r.limits.verdicts()...)
 	}
@@ -655,20 +756,36 @@ func mdTable(w io.Writer, rows [][]string) {
 }
 
 // medianRows is the table of medians of kinds, header first: per target
-// the median, then per proxy the ratio to direct. md names the table's
-// first column and says that COPY's ratio is one of times, as the text
-// report says above its table.
+// the median, then per proxy the ratio to direct. kinds are all TLS rows or
+// none (its columns are then the TLS targets, and the ratios are to
+// direct-tls). md names the table's first column and says that COPY's
+// ratio is one of times, as the text report says above its table.
 func (r *report) medianRows(kinds []testKind, md bool) [][]string {
+	withTLS := len(kinds) > 0 && kinds[0].tls()
+	base := "direct"
+	if withTLS {
+		base = directTLS
+	}
+	var cols, proxies []*target
+	for _, t := range r.targets {
+		if t.tls != withTLS {
+			continue
+		}
+		cols = append(cols, t)
+		if t.pid != 0 {
+			proxies = append(proxies, t)
+		}
+	}
 	header := []string{""}
 	sep := "/"
 	if md {
 		header, sep = []string{"Median of the rounds"}, " / "
 	}
-	for _, t := range r.targets {
+	for _, t := range cols {
 		header = append(header, t.name)
 	}
-	for _, t := range r.proxies() {
-		header = append(header, t.name+sep+"direct")
+	for _, t := range proxies {
+		header = append(header, t.name+sep+base)
 	}
 	rows := [][]string{header}
 	for _, k := range kinds {
@@ -677,15 +794,69 @@ func (r *report) medianRows(kinds []testKind, md bool) [][]string {
 			label += " (ratio: time)"
 		}
 		row := []string{label}
-		for _, t := range r.targets {
+		for _, t := range cols {
 			row = append(row, r.medianCell(k, t))
 		}
-		for _, t := range r.proxies() {
+		for _, t := range proxies {
 			row = append(row, r.ratioCell(k, t))
 		}
 		rows = append(rows, row)
 	}
 	return rows
+}
+
+// printTLS writes the TLS rows' medians, the pinned ones included when they
+// ran, as text or as Markdown; nothing with -no-tls.
+func (r *report) printTLS(w io.Writer, md bool) {
+	if !r.opts.tlsRows() {
+		return
+	}
+	where := "alone (-only tls)"
+	if r.opts.plainRows() {
+		where = "after the plain rows of each round"
+	}
+	if r.plan != nil {
+		where += ", pinned last in each round (" + r.plan.describe() + ")"
+	}
+	fmt.Fprintf(w, "\nSelect-only rows with TLS on both legs (issue 11), %s; set up as the TLS line above says; pgbouncer-tls has PgBouncer's warm pool, as pgbouncer (TPS, higher is better):\n\n", where)
+	kinds := append(slices.Clone(tlsTests), tlsPinnedTests...)
+	if r.plan == nil {
+		kinds = tlsTests
+	}
+	if md {
+		mdTable(w, r.medianRows(kinds, true))
+	} else {
+		printTable(w, r.medianRows(kinds, false))
+	}
+	if r.plan == nil && r.pinnedNote != "" && !r.opts.plainRows() {
+		// A full run has said so under the plain pinned rows.
+		fmt.Fprintf(w, "\nPinned rows: not run: %s.\n", r.pinnedNote)
+	}
+}
+
+// tlsVerdicts compares rolegate-tls with direct-tls and with pgbouncer-tls
+// on the TLS rows: issue 11 asks for rolegate at least level with
+// PgBouncer there too.
+func (r *report) tlsVerdicts() []string {
+	if !r.has(rolegateTLS) {
+		return nil
+	}
+	var out []string
+	for _, k := range r.rows() {
+		if !k.tls() {
+			continue
+		}
+		line := fmt.Sprintf("%s, %s: %.2f× %s throughput", k.label(), rolegateTLS, r.ratio(k, rolegateTLS), directTLS)
+		if r.has(pgbouncerTLS) {
+			verdict := "at least level with"
+			if r.median(k, rolegateTLS) < r.median(k, pgbouncerTLS) {
+				verdict = "BEHIND"
+			}
+			line += fmt.Sprintf("; %s %s (%.2f×)", verdict, pgbouncerTLS, r.ratio(k, pgbouncerTLS))
+		}
+		out = append(out, line)
+	}
+	return out
 }
 
 // printPinned writes the pinned rows' medians, as text or as Markdown, or

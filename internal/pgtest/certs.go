@@ -1,12 +1,15 @@
 package pgtest
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -57,9 +60,58 @@ func writeTLSFiles(dir string) (tlsFiles, error) {
 		return files, fmt.Errorf("CA certificate: %w", err)
 	}
 
+	// Certificates are public: world-readable so that clients running as
+	// another user can verify against the CA. Keys stay 0600.
+	if err := writePEM(files.caCert, "CERTIFICATE", caDER, 0o644); err != nil {
+		return files, err
+	}
+	if err := writeKey(files.caKey, caKey); err != nil {
+		return files, err
+	}
+	if err := writeServerCert(files.serverCert, files.serverKey, ca, caKey); err != nil {
+		return files, err
+	}
+	return files, nil
+}
+
+// IssueServerCert writes a server certificate for 127.0.0.1, ::1 and
+// localhost, signed by the cluster's CA, and its key to name.crt and
+// name.key in dir, for a process that clients reach over TLS in front of
+// the cluster (rolegate, PgBouncer), so that they too can use
+// sslmode=verify-full against CACertFile. The key file is 0600 and owned by
+// the caller; chown it for a process running as another user. It needs
+// Options.SSL.
+func (c *Cluster) IssueServerCert(dir, name string) (certFile, keyFile string, err error) {
+	if c.CACertFile == "" || c.CAKeyFile == "" {
+		return "", "", errors.New("issuing a server certificate: the cluster has no CA (Options.SSL is off)")
+	}
+	pair, err := tls.LoadX509KeyPair(c.CACertFile, c.CAKeyFile)
+	if err != nil {
+		return "", "", fmt.Errorf("loading the cluster's CA: %w", err)
+	}
+	ca, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return "", "", fmt.Errorf("loading the cluster's CA: %w", err)
+	}
+	caKey, ok := pair.PrivateKey.(crypto.Signer)
+	if !ok {
+		return "", "", fmt.Errorf("loading the cluster's CA: its key is a %T, not a crypto.Signer", pair.PrivateKey)
+	}
+	certFile, keyFile = filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
+	if err := writeServerCert(certFile, keyFile, ca, caKey); err != nil {
+		return "", "", err
+	}
+	return certFile, keyFile, nil
+}
+
+// writeServerCert writes a fresh key and a certificate for 127.0.0.1, ::1
+// and localhost signed by ca, valid from an hour ago for a week, as the CA.
+func writeServerCert(certPath, keyPath string, ca *x509.Certificate, caKey crypto.Signer) error {
+	notBefore := time.Now().Add(-time.Hour)
+	notAfter := notBefore.Add(7 * 24 * time.Hour)
 	serverKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return files, fmt.Errorf("server key: %w", err)
+		return fmt.Errorf("server key: %w", err)
 	}
 	serverTemplate := &x509.Certificate{
 		SerialNumber: randomSerial(),
@@ -73,24 +125,12 @@ func writeTLSFiles(dir string) (tlsFiles, error) {
 	}
 	serverDER, err := x509.CreateCertificate(rand.Reader, serverTemplate, ca, &serverKey.PublicKey, caKey)
 	if err != nil {
-		return files, fmt.Errorf("server certificate: %w", err)
+		return fmt.Errorf("server certificate: %w", err)
 	}
-
-	// Certificates are public: world-readable so that clients running as
-	// another user can verify against the CA. Keys stay 0600.
-	if err := writePEM(files.caCert, "CERTIFICATE", caDER, 0o644); err != nil {
-		return files, err
+	if err := writePEM(certPath, "CERTIFICATE", serverDER, 0o644); err != nil {
+		return err
 	}
-	if err := writeKey(files.caKey, caKey); err != nil {
-		return files, err
-	}
-	if err := writePEM(files.serverCert, "CERTIFICATE", serverDER, 0o644); err != nil {
-		return files, err
-	}
-	if err := writeKey(files.serverKey, serverKey); err != nil {
-		return files, err
-	}
-	return files, nil
+	return writeKey(keyPath, serverKey)
 }
 
 func writeKey(path string, key *ecdsa.PrivateKey) error {

@@ -2,10 +2,13 @@ package pgtest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -263,5 +266,54 @@ func TestPortTakenRetries(t *testing.T) {
 	}
 	if err := c.Exec(t.Context(), "select 1"); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestIssueServerCert checks that a certificate issued for a process in
+// front of the cluster verifies against the cluster's CA for the names
+// clients dial, with a key only its owner can read, and that a cluster
+// without TLS says it has no CA.
+func TestIssueServerCert(t *testing.T) {
+	t.Parallel()
+	files, err := writeTLSFiles(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Cluster{CACertFile: files.caCert, CAKeyFile: files.caKey}
+	dir := t.TempDir()
+	certFile, keyFile, err := c.IssueServerCert(dir, "proxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if certFile != filepath.Join(dir, "proxy.crt") || keyFile != filepath.Join(dir, "proxy.key") {
+		t.Errorf("files %s and %s, want proxy.crt and proxy.key in %s", certFile, keyFile, dir)
+	}
+	if fi, err := os.Stat(keyFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("key file: %v, %v; want mode 0600", fi, err)
+	}
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, err := os.ReadFile(files.caCert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		t.Fatal("no CA certificate in " + files.caCert)
+	}
+	for _, name := range []string{"127.0.0.1", "::1", "localhost"} {
+		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots}); err != nil {
+			t.Errorf("verify for %s: %v", name, err)
+		}
+	}
+
+	if _, _, err := (&Cluster{}).IssueServerCert(dir, "plain"); err == nil || !strings.Contains(err.Error(), "no CA") {
+		t.Errorf("a cluster without TLS: %v, want an error saying it has no CA", err)
 	}
 }
