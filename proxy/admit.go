@@ -997,10 +997,13 @@ func (s *Server) Kill(ctx context.Context, pid uint32, by string) (bool, error) 
 // terminate signals one server backend with pg_terminate_backend(pid, 0),
 // if it passes t's guards. When rolegate relays it (held), its client is
 // told why in place of the server's 57P01 text; if the signal fails or is
-// not sent, the session goes on untouched.
+// not sent, the session goes on untouched. Another instance that relays it
+// is told first (noticePeers), and tells its client the same.
 func (s *Server) terminate(ctx context.Context, t upstream.Target, held *session, why string) (upstream.Termination, error) {
 	if held != nil {
 		held.evictMsg.Store(&why)
+	} else {
+		s.noticePeers(ctx, t.PID, why) // another instance may relay it
 	}
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()

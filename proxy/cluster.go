@@ -10,8 +10,10 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/rolegate/rolegate/upstream"
 )
@@ -42,6 +44,9 @@ const (
 	codePeerCancel = 1234<<16 | 5766
 	// codePeerStatus asks for this instance's peerStatus (JSON, then close).
 	codePeerStatus = 1234<<16 | 5767
+	// codePeerNotice tells the instance relaying a backend that another
+	// instance is about to terminate it, and why (peerNotice).
+	codePeerNotice = 1234<<16 | 5768
 )
 
 // clusterView is what the cluster needs from the server (upstream.Control).
@@ -249,4 +254,108 @@ func (s *Server) Instances(ctx context.Context) ([]InstanceInfo, error) {
 	}
 	wg.Wait()
 	return out, nil
+}
+
+// noticeTimeout bounds how long an eviction waits for the other instances
+// to take its notice before it signals the victim: the notice is a courtesy
+// to the victim's client, never a reason to delay a login long.
+const noticeTimeout = 250 * time.Millisecond
+
+// noticePeers tells the other instances that this one is about to terminate
+// backend pid, and why, before it does: the instance that relays it tells
+// its client why in place of the server's 57P01 text, as this instance does
+// for the sessions it relays. It returns once every instance answered, or
+// after noticeTimeout.
+func (s *Server) noticePeers(ctx context.Context, pid uint32, why string) {
+	if s.cfg.Cluster == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, noticeTimeout)
+	defer cancel()
+	list, err := s.instances(ctx, false)
+	if err != nil {
+		return
+	}
+	body := binary.BigEndian.AppendUint32(nil, codePeerNotice)
+	body = binary.BigEndian.AppendUint32(body, pid)
+	body = append(body, why...)
+	var wg sync.WaitGroup
+	for _, in := range list {
+		if in.Self {
+			continue
+		}
+		wg.Go(func() {
+			var answer bytes.Buffer
+			if err := peerRequest(ctx, in.Advertise, body, &answer); err == nil && answer.String() == "Y" {
+				s.log.Debug("eviction notice taken by the instance that relays the victim", "victim_pid", pid,
+					"instance", fmt.Sprintf("%02x", in.Tag))
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// takeNotice handles another instance's eviction notice: when this instance
+// relays the backend, its client will be told the reason, as for an
+// eviction of this instance's own. Only the instances registered on the
+// server (or a process on this host) may send one, and the reason lapses
+// after victimGoneTimeout if the backend does not end, so that a notice
+// cannot change what a later, unrelated termination says.
+func (c *clientConn) takeNotice() {
+	s, p := c.s, c.startup
+	answer := []byte("N")
+	defer func() { _, _ = c.client.Write(answer) }()
+	if s.cfg.Cluster == nil || !strings.HasPrefix(p.notice, "terminating connection: ") || !utf8.ValidString(p.notice) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, noticeTimeout)
+	defer cancel()
+	if !s.fromPeer(ctx, c.client.RemoteAddr()) {
+		s.quiet.log(c.log, slog.LevelWarn, "notice", "eviction notice from an address that is no rolegate instance ignored")
+		return
+	}
+	sess := s.registry.byBackendPID(p.cancelPID)
+	if sess == nil {
+		return
+	}
+	msg := p.notice
+	if !sess.evictMsg.CompareAndSwap(nil, &msg) {
+		return // this instance's own eviction or kill is under way
+	}
+	time.AfterFunc(victimGoneTimeout, func() { sess.evictMsg.CompareAndSwap(&msg, nil) })
+	c.log.Info("eviction notice from another instance", "pid", p.cancelPID, "role", sess.user, "database", sess.database,
+		"reason", msg)
+	answer = []byte("Y")
+}
+
+// fromPeer reports whether addr is a rolegate instance's: on this host, or
+// the host of a registered instance's advertise address.
+func (s *Server) fromPeer(ctx context.Context, addr net.Addr) bool {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return false
+	}
+	if ta.IP.IsLoopback() {
+		return true
+	}
+	list, err := s.instances(ctx, false)
+	if err != nil {
+		return false
+	}
+	for _, in := range list {
+		host, _, err := net.SplitHostPort(in.Advertise)
+		if err != nil {
+			continue
+		}
+		ips, err := net.DefaultResolver.LookupIPAddr(ctx, host)
+		if err != nil {
+			continue
+		}
+		for _, ip := range ips {
+			if ip.IP.Equal(ta.IP) {
+				return true
+			}
+		}
+	}
+	return false
 }

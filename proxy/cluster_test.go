@@ -178,8 +178,9 @@ func TestClusterForwardOnce(t *testing.T) {
 // Three instances and direct logins at once, for each policy, at a small
 // scale: the server's count of the role's sessions, sampled throughout,
 // never exceeds the limit; no login fails but with the role's 53300 (and
-// under newest-wins and wait, none through rolegate); under evict-idle the
-// sessions in a transaction live on.
+// under newest-wins and wait, none through rolegate); an evicted session
+// through rolegate is told rolegate's reason, whichever instance evicted
+// it; under evict-idle the sessions in a transaction live on.
 func TestClusterLimits(t *testing.T) {
 	t.Parallel()
 	const (
@@ -244,10 +245,11 @@ func TestClusterLimits(t *testing.T) {
 						// be evicted meanwhile (57P01), which is its fate.
 						_, err = c.Exec(ctx, "select pg_sleep(0.02)")
 						cancel()
-						if policy == limiter.PolicyNewestWins || policy == limiter.PolicyEvictIdle {
-							if sqlstate(err) == "57P01" {
-								err = nil
-							}
+						// A session through rolegate is told why, whichever
+						// instance evicted it; a direct one gets the server's text.
+						if (policy == limiter.PolicyNewestWins || policy == limiter.PolicyEvictIdle) && sqlstate(err) == "57P01" &&
+							(i >= n || strings.Contains(err.Error(), "rolegate evicted this session for a newer login of role")) {
+							err = nil
 						}
 						c.Close(context.Background())
 					}
@@ -293,5 +295,69 @@ func TestClusterLimits(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A session one instance relays, evicted by a login through another: the
+// evicting instance tells the relaying one first, so the victim's client
+// reads rolegate's reason, as if its own instance had evicted it.
+func TestClusterEvictionToldWhy(t *testing.T) {
+	t.Parallel()
+	const role = "cluster_told"
+	pw := newRole(t, role, -1)
+	rule := limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject}
+	var ps []*testProxy
+	var ctls []*upstream.Control
+	for _, tag := range []byte{0xe1, 0xe2} {
+		ctl := superControl(t, shared)
+		ctls = append(ctls, ctl)
+		ps = append(ps, viewProxy(t, ctl, ctl, role, rule, func(c *Config) { c.Cluster = &Cluster{Tag: tag} }))
+	}
+	waitListening(t, ctls...)
+	waitUntil(t, time.Minute, "both instances registered", func() bool {
+		list, err := ps[1].Instances(context.Background())
+		return err == nil && slices.ContainsFunc(list, func(in InstanceInfo) bool { return in.Advertise == ps[0].Addr() })
+	})
+	victim := connect(t, ps[0].DSN(role, pw, "app"))
+	pid := backendPID(t, victim)
+	winner := connect(t, ps[1].DSN(role, pw, "app"))
+	wantAlive(t, winner, "the newer session")
+	wantEvicted(t, victim, "role", role, limiter.PolicyNewestWins)
+	logged(t, ps[0], 1, "eviction notice from another instance", fmt.Sprintf("pid=%d", pid))
+}
+
+// An eviction notice is taken only with rolegate's own kind of reason and
+// from a rolegate instance's host, and it lapses when no termination
+// follows: a later, unrelated termination says what the server says.
+func TestClusterNoticeGuards(t *testing.T) {
+	t.Parallel()
+	const role = "cluster_notice"
+	pw := newRole(t, role, -1)
+	ps := clusterProxies(t, role, 0xe5)
+	c := connect(t, ps[0].DSN(role, pw, "app"))
+	pid := backendPID(t, c)
+	sess := ps[0].registry.byBackendPID(pid)
+	notice := func(text string) string {
+		body := binary.BigEndian.AppendUint32(nil, codePeerNotice)
+		body = binary.BigEndian.AppendUint32(body, pid)
+		var answer strings.Builder
+		if err := peerRequest(context.Background(), ps[0].Addr(), append(body, text...), &answer); err != nil {
+			t.Fatal(err)
+		}
+		return answer.String()
+	}
+	if a := notice("you have been hacked"); a != "N" || sess.evictMsg.Load() != nil {
+		t.Fatalf("a notice with a foreign text: answer %q, message %v", a, sess.evictMsg.Load())
+	}
+	if a := notice("terminating connection: test notice"); a != "Y" || sess.evictMsg.Load() == nil {
+		t.Fatalf("a notice: answer %q, message %v", a, sess.evictMsg.Load())
+	}
+	waitUntil(t, time.Minute, "the notice to lapse", func() bool { return sess.evictMsg.Load() == nil })
+	wantAlive(t, c, "the session after the notice lapsed")
+	if ps[0].fromPeer(context.Background(), &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 1}) {
+		t.Error("192.0.2.1, which no instance advertises, is taken for a peer")
+	}
+	if !ps[0].fromPeer(context.Background(), &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 1}) {
+		t.Error("a process on this host is not taken for a peer")
 	}
 }

@@ -153,6 +153,9 @@ func (c *clientConn) serve() {
 	case kindPeerStatus:
 		c.answerStatus()
 		return
+	case kindPeerNotice:
+		c.takeNotice()
+		return
 	}
 	c.identify()
 	if err := c.login(); err != nil {

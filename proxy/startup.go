@@ -32,6 +32,7 @@ const (
 	kindCancel
 	kindPeerCancel // a CancelRequest another instance forwarded (cluster.go)
 	kindPeerStatus // another instance asks for this one's status
+	kindPeerNotice // another instance is about to terminate a backend this one may relay
 )
 
 // startupPacket is a decoded packet that may open a connection.
@@ -41,9 +42,11 @@ type startupPacket struct {
 	major, minor uint16
 	params       map[string]string
 	unrecognized []string // "_pq_." protocol options, answered with NegotiateProtocolVersion
-	// For kindCancel.
+	// For kindCancel and kindPeerCancel; cancelPID also for kindPeerNotice.
 	cancelPID uint32
 	cancelKey []byte
+	// For kindPeerNotice: the reason the victim's client is to be told.
+	notice string
 }
 
 // startupError is a packet PostgreSQL would refuse, with the SQLSTATE it would send.
@@ -106,6 +109,11 @@ func parseStartupPacket(body []byte) (*startupPacket, error) {
 		return &startupPacket{kind: kindGSSENC}, nil
 	case codePeerStatus:
 		return &startupPacket{kind: kindPeerStatus}, nil
+	case codePeerNotice:
+		if len(body) < 8 {
+			return nil, protocolViolation("invalid length of startup packet")
+		}
+		return &startupPacket{kind: kindPeerNotice, cancelPID: binary.BigEndian.Uint32(body[4:]), notice: string(body[8:])}, nil
 	case codeCancel, codePeerCancel:
 		// 3.0 keys are 4 bytes; 3.2 allows up to 256.
 		if len(body) < 12 || len(body) > 8+256 {
