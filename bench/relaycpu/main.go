@@ -60,6 +60,7 @@ func main() {
 	modesFlag := flag.String("modes", "goroutines,evloop,nbio,gnet", "relays to compare")
 	protos := flag.String("protocols", "simple,extended", "-pgbench: pgbench -M values")
 	pgbench := flag.Bool("pgbench", false, "relay pgbench -S -c clients to a throwaway PostgreSQL instead of the echo clients (-M simple and extended)")
+	stall := flag.Int("stall", 0, "instead: an upstream writes this many MiB at a client that does not read; report each relay's memory growth")
 	straceDir := flag.String("strace", "", "run each relay child under strace -f -c, writing counts to this directory (CPU figures are then meaningless; -gcs is ignored)")
 	flag.Parse()
 	if *child != "" {
@@ -71,6 +72,13 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
+	if *stall > 0 {
+		if err := driveStall(ctx, strings.Split(*modesFlag, ","), *stall); err != nil {
+			fmt.Fprintln(os.Stderr, "relaycpu:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *pgbench {
 		if err := drivePgbench(ctx, strings.Split(*modesFlag, ","), strings.Split(*protos, ","), *clients, *duration, *rounds); err != nil {
 			fmt.Fprintln(os.Stderr, "relaycpu:", err)
@@ -337,32 +345,20 @@ func drivePgbench(ctx context.Context, modes, protos []string, clients int, dura
 		}
 		for _, proto := range protos {
 			for _, mode := range order {
-				exe, _ := os.Executable()
-				cmd := exec.CommandContext(ctx, exe, "-child", mode, "-upstream", c.Addr())
-				cmd.Stderr = os.Stderr
-				stdin, _ := cmd.StdinPipe()
-				stdout, _ := cmd.StdoutPipe()
-				if err := cmd.Start(); err != nil {
+				ch, err := startChild(ctx, mode, c.Addr())
+				if err != nil {
 					return err
 				}
-				out := bufio.NewScanner(stdout)
-				ask := func(q string) string {
-					_, _ = io.WriteString(stdin, q+"\n")
-					out.Scan()
-					return out.Text()
-				}
-				out.Scan()
-				_, port, _ := net.SplitHostPort(out.Text())
-				before := ask("u")
+				_, port, _ := net.SplitHostPort(ch.addr)
+				before := ch.ask("u")
 				busy0 := machineBusy()
 				bench := exec.CommandContext(ctx, "pgbench", "-n", "-S", "-M", proto, "-c", strconv.Itoa(clients), "-j", "2",
 					"-T", strconv.Itoa(int(duration.Seconds())), "-h", "127.0.0.1", "-p", port)
 				bench.Env = env
 				res, err := bench.CombinedOutput()
-				after := ask("u")
+				after := ch.ask("u")
 				busy := machineBusy() - busy0
-				stdin.Close()
-				_ = cmd.Wait()
+				ch.stop()
 				if err != nil {
 					return fmt.Errorf("pgbench through %s: %v: %s", mode, err, res)
 				}
@@ -466,6 +462,8 @@ func runChild(mode, upstream string) error {
 		case "g":
 			n, _ := strconv.Atoi(arg)
 			fmt.Println(int64(forcedGCPause(n)))
+		case "m":
+			fmt.Println(memory())
 		}
 	}
 	return nil
