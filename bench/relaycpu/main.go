@@ -14,8 +14,9 @@
 // pgbench and PostgreSQL would. Rounds interleave the relays (the order
 // alternates) so that a change in the machine's load hits both alike.
 //
-//	go run ./bench/relaycpu -clients 16 -rounds 4 -duration 5s
-//	go run ./bench/relaycpu -pgbench -clients 16 -rounds 4 -duration 5s
+//	cd bench/relaycpu # a module of its own: nbio and gnet stay out of rolegate's go.mod
+//	go run . -clients 16 -rounds 4 -duration 5s
+//	go run . -pgbench -clients 16 -rounds 4 -duration 5s
 //
 // It also forces a number of garbage collections in the relay under load
 // (-gcs) and reports the longest stop-the-world pause among them, since a
