@@ -49,7 +49,7 @@ import (
 )
 
 func main() {
-	child := flag.String("child", "", "run as the relay child: goroutines | evloop | nbio | gnet")
+	child := flag.String("child", "", "run as the relay child: goroutines | evloop | nbio | gnet | uring | uring-link | uring-locked | uring-defer | uring-multi | uring-sqpoll (uring.go)")
 	upstream := flag.String("upstream", "", "child: the echo server's address")
 	clients := flag.Int("clients", 16, "concurrent clients")
 	reqSize := flag.Int("req", 100, "request size, bytes")
@@ -414,8 +414,21 @@ func newRelay(mode string) (relay, error) {
 	case "gnet":
 		return newGnetRelay()
 	}
+	if strings.HasPrefix(mode, "uring") {
+		r, err := newUringRelay(mode)
+		if err != nil {
+			return nil, err
+		}
+		return uringAdapter{r}, nil
+	}
 	return nil, fmt.Errorf("unknown relay %q", mode)
 }
+
+// uringAdapter is uring.go's relay as a relay.
+type uringAdapter struct{ r *uringRelay }
+
+func (u uringAdapter) add(client, server *net.TCPConn) error { return u.r.Add(client, server) }
+func (u uringAdapter) close()                                { _ = u.r.Close() }
 
 // runChild is the relay process: it listens, relays every connection to
 // upstream, and answers the driver's questions on standard input until it
