@@ -498,27 +498,25 @@ func admissionCause(err error) string {
 // the candidates are exhausted (the rule's fallback decides); maxEvictRounds
 // bounds them whatever happens.
 func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
+	var reuse []limiter.Holder // the last census less its victims, when they all left
 	for round := 0; ; round++ {
 		if round == maxEvictRounds {
 			return limiter.Decision{}, &admissionError{what: fmt.Sprintf("admission of role %q gave up after %d rounds of census and eviction", a.sess.user, maxEvictRounds)}
 		}
-		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
-		a.login.CensusEpoch = a.lim.Limiter.Epoch() // before the census, see limiter.Login
-		holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
-		cancel()
-		if err != nil {
-			return limiter.Decision{}, &admissionError{what: `the census of role "` + a.sess.user + `"`, err: err}
+		holders, fresh := reuse, reuse == nil
+		reuse = nil
+		if fresh {
+			var err error
+			if holders, err = a.census(ctx); err != nil {
+				return limiter.Decision{}, err
+			}
 		}
-		pending := a.s.pending.matcher()
-		holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool {
-			return a.self != 0 && h.PID == a.self || pending(h)
-		})
-		a.s.markOwn(holders)
 		d := a.lim.Limiter.Decide(a.login, a.role, a.db, holders)
 		a.login.Ticket = d.Ticket
 		if d.Kind != limiter.Evict {
 			return d, nil
 		}
+		gone := 0
 		for i, v := range d.Victims {
 			policy := d.Policy
 			if i < len(d.VictimPolicies) {
@@ -526,11 +524,49 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 			}
 			if a.evict(ctx, v, policy, d) {
 				a.lim.Limiter.Evicted(v.PID)
+				gone++
 			} else {
 				a.lim.Limiter.EvictFailed(v.PID)
 			}
 		}
+		if fresh && gone == len(d.Victims) {
+			// Every victim has left, and the admission locks were held
+			// throughout: no other login of the role (or database) was
+			// admitted meanwhile, here or on another instance. The census,
+			// less its victims, still stands, so the next decision is taken
+			// on it, sparing a census (about a millisecond). Its epoch stays
+			// the old one: a reservation that landed since is counted as
+			// well as its row, never missed. A session opened directly in
+			// between meets the server's own limit, as it could between any
+			// census and login. Once only: a decision that evicts again
+			// reads a fresh census after that.
+			reuse = slices.DeleteFunc(slices.Clone(holders), func(h limiter.Holder) bool {
+				return slices.ContainsFunc(d.Victims, func(v limiter.Holder) bool { return v.PID == h.PID })
+			})
+			if reuse == nil {
+				reuse = []limiter.Holder{}
+			}
+		}
 	}
+}
+
+// census reads the census of the login's role and database, less its own
+// backend (passthrough) and the passthrough logins not yet admitted, with
+// rolegate's own sessions marked.
+func (a *admission) census(ctx context.Context) ([]limiter.Holder, error) {
+	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	a.login.CensusEpoch = a.lim.Limiter.Epoch() // before the census, see limiter.Login
+	holders, err := a.lim.Server.Census(cctx, a.sess.user, a.sess.database)
+	if err != nil {
+		return nil, &admissionError{what: `the census of role "` + a.sess.user + `"`, err: err}
+	}
+	pending := a.s.pending.matcher()
+	holders = slices.DeleteFunc(holders, func(h limiter.Holder) bool {
+		return a.self != 0 && h.PID == a.self || pending(h)
+	})
+	a.s.markOwn(holders)
+	return holders, nil
 }
 
 // evict terminates one victim, chosen under policy (which decides the

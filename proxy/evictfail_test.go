@@ -229,6 +229,11 @@ func TestEvictAwaitsExit(t *testing.T) {
 		if n := view.presentCalls(); n != 4 {
 			t.Errorf("%d looks for the victim, want 4 (it left at the fourth)", n)
 		}
+		// Once the victim has left, the census that chose it (less the
+		// victim) decides: the admission locks were held throughout.
+		if census, _, _ := view.counts(); census != 1 {
+			t.Errorf("%d censuses, want 1", census)
+		}
 		if got, timeouts := view.terminated(), view.terminateTimeouts(); len(got) != 1 || got[0].PID != 311 || timeouts[0] != 0 {
 			t.Errorf("terminate calls %+v, timeouts %v; want one for pid 311, not waited for", got, timeouts)
 		}
