@@ -162,13 +162,15 @@ type stormRun struct {
 }
 
 func newStormRun(k stormKind, logins int) *stormRun {
-	return newLoginTally(k, k.label(), logins)
+	run := newLoginTally(k.label(), logins)
+	run.kind = k
+	return run
 }
 
 // newLoginTally is a stormRun that counts logins under name: a storm's, or
 // a share of a cluster storm's (cluster.go).
-func newLoginTally(k stormKind, name string, logins int) *stormRun {
-	return &stormRun{kind: k, name: name, logins: logins, refusedBy: make(map[string]int), logLines: make(map[string]int), hwmKiB: -1}
+func newLoginTally(name string, logins int) *stormRun {
+	return &stormRun{name: name, logins: logins, refusedBy: make(map[string]int), logLines: make(map[string]int), hwmKiB: -1}
 }
 
 // sessionSamples is what the sampling of the role's sessions found:
