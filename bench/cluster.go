@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -45,6 +46,21 @@ type clusterOptions struct {
 func (o options) cluster() clusterOptions {
 	return clusterOptions{instances: o.clusterInstances, logins: o.clusterLogins, limit: o.clusterLimit,
 		directPct: o.clusterDirect, hold: o.stormHold}
+}
+
+// validate checks the -cluster-* flags; only -only cluster-storm uses them.
+func (co clusterOptions) validate() error {
+	switch {
+	case co.instances < 1:
+		return errors.New("-cluster-instances must be at least 1")
+	case co.logins < 1:
+		return errors.New("-cluster-logins must be at least 1")
+	case co.limit < 1:
+		return errors.New("-cluster-limit must be at least 1")
+	case co.directPct < 0 || co.directPct > 99:
+		return fmt.Errorf("-cluster-direct %d: a percentage of the logins, 0 to 99 (some must go through rolegate)", co.directPct)
+	}
+	return nil
 }
 
 // storm is the single-instance storm of the same size, for its wait_timeout

@@ -247,14 +247,9 @@ func (o options) validate() error {
 		return errors.New("-storm-limit must be at least 1")
 	case o.stormHold < 0:
 		return errors.New("-storm-hold must be 0 or more")
-	case o.clusterInstances < 1:
-		return errors.New("-cluster-instances must be at least 1")
-	case o.clusterLogins < 1:
-		return errors.New("-cluster-logins must be at least 1")
-	case o.clusterLimit < 1:
-		return errors.New("-cluster-limit must be at least 1")
-	case o.clusterDirect < 0 || o.clusterDirect > 99:
-		return errors.New("-cluster-direct is a percentage of the logins, 0 to 99")
+	}
+	if o.only == onlyCluster {
+		return o.cluster().validate()
 	}
 	return nil
 }
