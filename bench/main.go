@@ -127,7 +127,7 @@ type options struct {
 }
 
 // -only's values: the newest-wins test alone, the login storm alone, the
-// select-only rows with TLS on both legs alone.
+// select-only rows with TLS on both legs alone, the cluster storm.
 const (
 	onlyLimits = "limits"
 	onlyStorm  = "storm"
@@ -137,7 +137,7 @@ const (
 )
 
 // alone says whether the run is a test of its own instead of the rounds
-// (-only limits or storm). -only tls runs the rounds, with the TLS rows
+// (-only limits, storm or cluster-storm). -only tls runs the rounds, with the TLS rows
 // alone.
 func (o options) alone() bool {
 	return o.only == onlyLimits || o.only == onlyStorm || o.only == onlyCluster
@@ -192,7 +192,7 @@ func main() {
 	flag.IntVar(&o.idleSessions, "idle-sessions", 200, "idle sessions opened through each proxy for its memory per session (0 skips the test)")
 	flag.IntVar(&o.stormLogins, "storm-logins", 5000, "login storm: logins started at once per storm (0 skips the test in a full run)")
 	flag.IntVar(&o.stormLimit, "storm-limit", 5, "login storm: the role's session limit")
-	flag.DurationVar(&o.stormHold, "storm-hold", 50*time.Millisecond, "login storm: how long an admitted login holds its session (select pg_sleep)")
+	flag.DurationVar(&o.stormHold, "storm-hold", 50*time.Millisecond, "login storm: how long an admitted login holds its session (select pg_sleep; the cluster storm holds it idle)")
 	flag.IntVar(&o.clusterInstances, "cluster-instances", 3, "cluster storm: rolegate instances in front of the server")
 	flag.IntVar(&o.clusterLogins, "cluster-logins", 3000, "cluster storm: logins started at once per policy")
 	flag.IntVar(&o.clusterLimit, "cluster-limit", 5, "cluster storm: the role's session limit")
