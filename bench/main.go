@@ -6,6 +6,7 @@
 //	go run ./bench [-rolegate bin/rolegate] [-rounds 3] [-duration 10s] [-copy-mb 500] [-logins 500] [-limit-logins 300] [-pinned] [-idle-sessions 200]
 //	go run ./bench -only limits [-limit-logins 300]
 //	go run ./bench -only storm [-storm-logins 5000] [-storm-limit 5] [-storm-hold 50ms]
+//	go run ./bench -only cluster-storm [-cluster-instances 3] [-cluster-logins 3000] [-cluster-limit 5] [-cluster-direct 10]
 //	go run ./bench -only tls [-rounds 3] [-pinned]
 //
 // One run starts a throwaway PostgreSQL cluster (internal/pgtest), creates
@@ -29,7 +30,10 @@
 // alone. After it, the login storm (issue 11, storm.go): thousands of
 // logins of a role with a small limit started at once, straight at the
 // server and through a rolegate of their own per policy; `-only storm` runs
-// it alone. Everything it started is stopped and removed on exit, also on
+// it alone. `-only cluster-storm` runs, alone only, the same storm through
+// several rolegate instances in front of the one server with a share of the
+// logins straight at the server, per policy (issue 12, cluster.go).
+// Everything it started is stopped and removed on exit, also on
 // Ctrl-C.
 package main
 
@@ -116,20 +120,37 @@ type options struct {
 	stormHold               time.Duration
 	// noTLS leaves out the select-only rows with TLS on both legs.
 	noTLS bool
+	// clusterInstances, clusterLogins and clusterLimit are the cluster
+	// storm's instances, logins and role limit; clusterDirect is the share
+	// of its logins, in percent, that go straight to the server.
+	clusterInstances, clusterLogins, clusterLimit, clusterDirect int
 }
 
 // -only's values: the newest-wins test alone, the login storm alone, the
-// select-only rows with TLS on both legs alone.
+// select-only rows with TLS on both legs alone, the cluster storm.
 const (
 	onlyLimits = "limits"
 	onlyStorm  = "storm"
 	onlyTLS    = "tls"
+	// onlyCluster is the cluster storm (issue 12), which only runs alone.
+	onlyCluster = "cluster-storm"
 )
 
 // alone says whether the run is a test of its own instead of the rounds
-// (-only limits or storm). -only tls runs the rounds, with the TLS rows
+// (-only limits, storm or cluster-storm). -only tls runs the rounds, with the TLS rows
 // alone.
-func (o options) alone() bool { return o.only == onlyLimits || o.only == onlyStorm }
+func (o options) alone() bool {
+	return o.only == onlyLimits || o.only == onlyStorm || o.only == onlyCluster
+}
+
+// serverSettings are the test server's postgresql.conf settings beyond
+// pgtest's: the cluster storm's max_connections.
+func (o options) serverSettings() map[string]string {
+	if o.only != onlyCluster {
+		return nil
+	}
+	return map[string]string{"max_connections": strconv.Itoa(o.cluster().maxConnections())}
+}
 
 // plainRows says whether the rounds include the rows without TLS.
 func (o options) plainRows() bool { return o.only == "" }
@@ -163,7 +184,7 @@ func main() {
 	flag.IntVar(&o.connectClients, "connect-clients", 8, "pgbench -c for the connect-rate row (pgbench -C)")
 	flag.IntVar(&o.logins, "logins", 500, "sequential logins timed per target for the login latency (0 skips it)")
 	flag.StringVar(&o.setupSQL, "setup-sql", "", "rolegate's control-role script; empty: sql/setup.sql of the repository, and without one the superuser")
-	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4), "storm" (the login storm, issue 11) or "tls" (the select-only rows with TLS on both legs, issue 11); empty runs everything`)
+	flag.StringVar(&o.only, "only", "", `run one test alone: "limits" (newest-wins at the limit, issue 4), "storm" (the login storm, issue 11), "cluster-storm" (the login storm through several instances, issue 12; only alone) or "tls" (the select-only rows with TLS on both legs, issue 11); empty runs everything`)
 	flag.BoolVar(&o.noTLS, "no-tls", false, "leave out the select-only rows with TLS on both legs (direct-tls, rolegate-tls, pgbouncer-tls)")
 	flag.IntVar(&o.limitLogins, "limit-logins", 300, "newest-wins test: logins timed per row (0 skips the test in a full run)")
 	flag.BoolVar(&o.gomaxprocs1, "gomaxprocs1", true, "also run rolegate with GOMAXPROCS=1 (target rolegate-gmp1) in the select-only and connect-rate rows")
@@ -171,7 +192,11 @@ func main() {
 	flag.IntVar(&o.idleSessions, "idle-sessions", 200, "idle sessions opened through each proxy for its memory per session (0 skips the test)")
 	flag.IntVar(&o.stormLogins, "storm-logins", 5000, "login storm: logins started at once per storm (0 skips the test in a full run)")
 	flag.IntVar(&o.stormLimit, "storm-limit", 5, "login storm: the role's session limit")
-	flag.DurationVar(&o.stormHold, "storm-hold", 50*time.Millisecond, "login storm: how long an admitted login holds its session (select pg_sleep)")
+	flag.DurationVar(&o.stormHold, "storm-hold", 50*time.Millisecond, "login storm: how long an admitted login holds its session (select pg_sleep; the cluster storm holds it idle)")
+	flag.IntVar(&o.clusterInstances, "cluster-instances", 3, "cluster storm: rolegate instances in front of the server")
+	flag.IntVar(&o.clusterLogins, "cluster-logins", 3000, "cluster storm: logins started at once per policy")
+	flag.IntVar(&o.clusterLimit, "cluster-limit", 5, "cluster storm: the role's session limit")
+	flag.IntVar(&o.clusterDirect, "cluster-direct", 10, "cluster storm: percent of the logins that go straight to the server")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments: %v\n", flag.Args())
@@ -204,8 +229,8 @@ func (o options) validate() error {
 		return errors.New("-scale must be at least 1")
 	case o.repeats < 0:
 		return errors.New("-repeats must be 0 or more")
-	case o.only != "" && o.only != onlyLimits && o.only != onlyStorm && o.only != onlyTLS:
-		return fmt.Errorf("-only %q: the tests that run alone are %q, %q and %q", o.only, onlyLimits, onlyStorm, onlyTLS)
+	case o.only != "" && o.only != onlyLimits && o.only != onlyStorm && o.only != onlyCluster && o.only != onlyTLS:
+		return fmt.Errorf("-only %q: the tests that run alone are %q, %q, %q and %q", o.only, onlyLimits, onlyStorm, onlyCluster, onlyTLS)
 	case o.only == onlyTLS && o.noTLS:
 		return errors.New("-only tls and -no-tls leave nothing to run")
 	case o.limitLogins < 0:
@@ -222,6 +247,9 @@ func (o options) validate() error {
 		return errors.New("-storm-limit must be at least 1")
 	case o.stormHold < 0:
 		return errors.New("-storm-hold must be 0 or more")
+	}
+	if o.only == onlyCluster {
+		return o.cluster().validate()
 	}
 	return nil
 }
@@ -301,7 +329,7 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	logf("starting PostgreSQL")
 	// ssl = on changes nothing for the plain rows, whose clients do not
 	// ask for TLS.
-	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf, SSL: o.tlsRows()})
+	cluster, err := pgtest.New(ctx, pgtest.Options{Logf: logf, SSL: o.tlsRows(), Settings: o.serverSettings()})
 	if err != nil {
 		return fmt.Errorf("starting PostgreSQL: %w", err)
 	}
@@ -460,6 +488,11 @@ func bench(ctx context.Context, o options, began time.Time) (err error) {
 	}
 	if o.runs(onlyStorm) {
 		if err := measureStorm(ctx, o, cluster, rolegateBin, work, ctl, meter, pids, r); err != nil {
+			return err
+		}
+	}
+	if o.only == onlyCluster {
+		if err := measureCluster(ctx, o, cluster, rolegateBin, work, ctl, meter, r); err != nil {
 			return err
 		}
 	}

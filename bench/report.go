@@ -171,9 +171,10 @@ type report struct {
 	started   time.Time
 	wall      time.Duration
 	runs      map[testKind]map[string][]sample
-	logins    *loginResult  // nil when -logins 0
-	limits    *limitsResult // nil when -limit-logins 0
-	storm     *stormResult  // nil when -storm-logins 0
+	logins    *loginResult   // nil when -logins 0
+	limits    *limitsResult  // nil when -limit-logins 0
+	storm     *stormResult   // nil when -storm-logins 0
+	cluster   *clusterResult // nil unless -only cluster-storm
 	proxyLogs []string
 	gc        []gcPauses // per rolegate, from its gctrace lines
 	// idle is the CPU use before the first run, with everything started
@@ -326,6 +327,8 @@ func (r *report) setupLines() []string {
 		name = limitsTarget
 	case onlyStorm:
 		name = "rolegate-storm-*"
+	case onlyCluster:
+		name = "rolegate-cluster-*"
 	case onlyTLS:
 		name = rolegateTLS
 	}
@@ -344,6 +347,9 @@ func (r *report) setupLines() []string {
 	}
 	if r.storm != nil {
 		lines = append(lines, stormSetupLine)
+	}
+	if r.cluster != nil {
+		lines = append(lines, clusterSetupLine)
 	}
 	return lines
 }
@@ -453,6 +459,9 @@ func (r *report) print(w io.Writer) {
 	if r.storm != nil {
 		fmt.Fprintf(w, "storm:   %s\n", stormSettings(r.opts, r.storm))
 	}
+	if r.cluster != nil {
+		fmt.Fprintf(w, "cluster: %s\n", clusterSettings(r.opts, r.cluster))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "setup:   %s\n", line)
 	}
@@ -465,6 +474,9 @@ func (r *report) print(w io.Writer) {
 		}
 		if r.storm != nil {
 			r.printStorm(w, false)
+		}
+		if r.cluster != nil {
+			r.printCluster(w, false)
 		}
 		r.printAloneVerdicts(w, false)
 		fmt.Fprintf(w, "\n----- Markdown, for bench/README.md -----\n\n")
@@ -554,6 +566,9 @@ func (r *report) markdown(w io.Writer) {
 	if r.storm != nil {
 		fmt.Fprintf(w, "- Login storm: %s\n", stormSettings(r.opts, r.storm))
 	}
+	if r.cluster != nil {
+		fmt.Fprintf(w, "- Cluster storm: %s\n", clusterSettings(r.opts, r.cluster))
+	}
 	for _, line := range r.setupLines() {
 		fmt.Fprintf(w, "- %s\n", line)
 	}
@@ -566,6 +581,9 @@ func (r *report) markdown(w io.Writer) {
 		}
 		if r.storm != nil {
 			r.printStorm(w, true)
+		}
+		if r.cluster != nil {
+			r.printCluster(w, true)
 		}
 		r.printAloneVerdicts(w, true)
 		return
@@ -680,6 +698,9 @@ func (r *report) printAloneVerdicts(w io.Writer, md bool) {
 	}
 	if r.storm != nil {
 		section("Against issue 11's storm targets (every login answered, the server never above the limit, rolegate's peak RSS under 256 MiB, /healthz within 100 ms, every login answered under reject within 1.5× of the direct storm)", r.storm.verdicts())
+	}
+	if r.cluster != nil {
+		section("Against issue 12's requirements (the server's count of the role's sessions never above the limit; every login answered: admitted, 53300 or evicted with 57P01; under newest-wins no login through rolegate gets 53300)", r.cluster.verdicts())
 	}
 }
 

@@ -6,7 +6,9 @@
 #   bench/run.sh -only limits
 # runs only the newest-wins test (issue 4), in 1–2 minutes;
 #   bench/run.sh -only storm [-storm-logins 5000] [-storm-limit 5]
-# runs only the login storm (issue 11).
+# runs only the login storm (issue 11);
+#   bench/run.sh -only cluster-storm [-cluster-instances 3] [-cluster-logins 3000] [-cluster-limit 5]
+# runs only the storm through several instances (issue 12).
 #
 # ROLEGATE_REF=HEAD (or any commit) builds rolegate from a clean export of that
 # commit (git archive) instead of the working tree, so that uncommitted changes

@@ -123,7 +123,9 @@ func (so stormOptions) bound() time.Duration { return so.waitTimeout() + stormBo
 
 // stormRun is one storm's outcome.
 type stormRun struct {
-	kind   stormKind
+	kind stormKind
+	// name is the storm's label, quoted in its failures.
+	name   string
 	logins int
 	// admitted logins reached ReadyForQuery; evicted of them received a
 	// FATAL 57P01 while they held their session, and evictedAtLogin logins
@@ -139,11 +141,7 @@ type stormRun struct {
 	// latest of them.
 	answers []time.Duration
 	last    time.Duration
-	// serverMax is the most sessions of the role pg_stat_activity showed in
-	// samples taken every stormSampleEvery; sampleErr is the first failed
-	// sample, which ends the sampling.
-	serverMax, samples int
-	sampleErr          string
+	sessionSamples
 	// hwmKiB is rolegate's VmHWM at the end of the storm (-1: unknown; 0:
 	// the direct storm).
 	hwmKiB int64
@@ -164,7 +162,24 @@ type stormRun struct {
 }
 
 func newStormRun(k stormKind, logins int) *stormRun {
-	return &stormRun{kind: k, logins: logins, refusedBy: make(map[string]int), logLines: make(map[string]int), hwmKiB: -1}
+	run := newLoginTally(k.label(), logins)
+	run.kind = k
+	return run
+}
+
+// newLoginTally is a stormRun that counts logins under name: a storm's, or
+// a share of a cluster storm's (cluster.go).
+func newLoginTally(name string, logins int) *stormRun {
+	return &stormRun{name: name, logins: logins, refusedBy: make(map[string]int), logLines: make(map[string]int), hwmKiB: -1}
+}
+
+// sessionSamples is what the sampling of the role's sessions found:
+// serverMax is the most sessions of the role pg_stat_activity showed in
+// samples taken every stormSampleEvery; sampleErr is the first failed
+// sample, which ends the sampling.
+type sessionSamples struct {
+	serverMax, samples int
+	sampleErr          string
 }
 
 // stormResult is the storm test.
@@ -410,7 +425,7 @@ type stormLogin struct {
 // so.hold once admitted, while super samples the role's sessions and, with
 // adminAddr, /healthz is polled; it fills run.
 func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgconn.PgConn, adminAddr string, run *stormRun) error {
-	// The watchers run from just before the storm until every login is
+	// The poller runs from just before the storm until every login is
 	// answered and its session closed.
 	var poller *healthPoller
 	if adminAddr != "" {
@@ -419,31 +434,15 @@ func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgco
 			return err
 		}
 	}
-	holdSQL := fmt.Sprintf("select pg_sleep(%g)", so.hold.Seconds())
-	bound := so.bound()
-	logins := make([]stormLogin, so.logins)
-	start := make(chan struct{})
-	var t0 time.Time
-	var wg sync.WaitGroup
-	for i := range logins {
-		wg.Go(func() {
-			<-start
-			logins[i] = stormOne(ctx, cfg, holdSQL, bound, t0)
-		})
+	cfgs := make([]*pgconn.Config, so.logins)
+	for i := range cfgs {
+		cfgs[i] = cfg
 	}
-
-	stop, stopWatching := context.WithCancel(ctx)
-	var watchers sync.WaitGroup
-	watchers.Go(func() { sampleSessions(ctx, stop, super, run) })
-	t0 = time.Now()
-	close(start) // t0 is written before the close, read after it
-	wg.Wait()
-	stopWatching()
-	watchers.Wait()
+	logins, err := loginsAtOnce(ctx, cfgs, execHold(so.hold), so.bound(), super, &run.sessionSamples)
 	if poller != nil {
 		poller.stop(run)
 	}
-	if err := context.Cause(ctx); err != nil {
+	if err != nil {
 		return err
 	}
 	for _, l := range logins {
@@ -452,8 +451,54 @@ func storm(ctx context.Context, so stormOptions, cfg *pgconn.Config, super *pgco
 	return nil
 }
 
+// holdFunc holds an admitted login's session, and returns the error that
+// ended it early.
+type holdFunc func(ctx context.Context, c *pgconn.PgConn) error
+
+// execHold holds a session for d with select pg_sleep: a session running a
+// query, never idle.
+func execHold(d time.Duration) holdFunc {
+	sql := fmt.Sprintf("select pg_sleep(%g)", d.Seconds())
+	return func(ctx context.Context, c *pgconn.PgConn) error {
+		_, err := c.Exec(ctx, sql).ReadAll()
+		return err
+	}
+}
+
+// loginsAtOnce starts one login per entry of cfgs at once, each holding its
+// session with hold once admitted and answered within bound, while super
+// samples the role's sessions into samp, from just before the logins until
+// every login is answered and its session closed. It returns what each
+// login got, in the order of cfgs.
+func loginsAtOnce(ctx context.Context, cfgs []*pgconn.Config, hold holdFunc, bound time.Duration,
+	super *pgconn.PgConn, samp *sessionSamples) ([]stormLogin, error) {
+	logins := make([]stormLogin, len(cfgs))
+	start := make(chan struct{})
+	var t0 time.Time
+	var wg sync.WaitGroup
+	for i, cfg := range cfgs {
+		wg.Go(func() {
+			<-start
+			logins[i] = stormOne(ctx, cfg, hold, bound, t0)
+		})
+	}
+
+	stop, stopWatching := context.WithCancel(ctx)
+	var watchers sync.WaitGroup
+	watchers.Go(func() { sampleSessions(ctx, stop, super, samp) })
+	t0 = time.Now()
+	close(start) // t0 is written before the close, read after it
+	wg.Wait()
+	stopWatching()
+	watchers.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return nil, err
+	}
+	return logins, nil
+}
+
 // stormOne is one login of the storm: connect, hold, close.
-func stormOne(ctx context.Context, cfg *pgconn.Config, holdSQL string, bound time.Duration, t0 time.Time) stormLogin {
+func stormOne(ctx context.Context, cfg *pgconn.Config, hold holdFunc, bound time.Duration, t0 time.Time) stormLogin {
 	lctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	var l stormLogin
@@ -461,7 +506,7 @@ func stormOne(ctx context.Context, cfg *pgconn.Config, holdSQL string, bound tim
 	l.at = time.Since(t0)
 	if err == nil {
 		l.admitted = true
-		_, err = c.Exec(lctx, holdSQL).ReadAll()
+		err = hold(lctx, c)
 		l.during = err != nil
 		closeConn(c)
 	}
@@ -516,14 +561,14 @@ func (run *stormRun) add(l stormLogin) {
 		} else if l.err == nil {
 			what = l.code + " " + l.msg
 		}
-		run.failures = append(run.failures, fmt.Sprintf("%s, %s after %s: %s", run.kind.label(), when, fmtSec(l.at), what))
+		run.failures = append(run.failures, fmt.Sprintf("%s, %s after %s: %s", run.name, when, fmtSec(l.at), what))
 	}
 }
 
 // sampleSessions counts the role's sessions in pg_stat_activity every
 // stormSampleEvery until stop ends. Each query runs under ctx, not stop: a
 // query cancelled midway would break super, which the next storm needs.
-func sampleSessions(ctx, stop context.Context, super *pgconn.PgConn, run *stormRun) {
+func sampleSessions(ctx, stop context.Context, super *pgconn.PgConn, run *sessionSamples) {
 	sql := fmt.Sprintf("select count(*) from pg_stat_activity where usename = '%s'", stormRole)
 	tick := time.NewTicker(stormSampleEvery)
 	defer tick.Stop()
