@@ -161,11 +161,9 @@ func (run *clusterRun) failed() (failed, hung int) {
 
 // clusterResult is the cluster storm test.
 type clusterResult struct {
-	opts           clusterOptions
-	nofile         uint64
-	somaxconn      string
-	maxConnections string
-	runs           []*clusterRun
+	opts clusterOptions
+	stormHost
+	runs []*clusterRun
 }
 
 // measureCluster runs the cluster storm: it creates storm_bench with
@@ -175,28 +173,17 @@ type clusterResult struct {
 func measureCluster(ctx context.Context, o options, c *pgtest.Cluster, bin, work string, ctl controlSetup,
 	meter *cpuMeter, r *report) error {
 	co := o.cluster()
-	res := &clusterResult{opts: co, somaxconn: strings.TrimSpace(readFile("/proc/sys/net/core/somaxconn"))}
+	res := &clusterResult{opts: co}
 	r.cluster = res
-	var err error
-	if res.nofile, err = raiseNoFile(uint64(2*co.logins + 1024)); err != nil {
-		return fmt.Errorf("cluster storm: %w", err)
-	}
-	if res.nofile < uint64(co.logins+256) {
-		return fmt.Errorf("cluster storm: the open file limit is %d, too low for %d clients; raise it (ulimit -n %d) or lower -cluster-logins", res.nofile, co.logins, 2*co.logins+1024)
-	}
-	super, err := pgconn.Connect(ctx, c.SuperDSN())
+	host, super, _, err := prepareStorm(ctx, c, "cluster storm", "-cluster-logins", co.logins)
+	res.stormHost = host
 	if err != nil {
-		return fmt.Errorf("cluster storm: superuser session: %w", err)
+		return err
 	}
 	defer closeConn(super)
-	maxConns, err := queryInt(ctx, super, "show max_connections")
+	password, err := createStormRole(ctx, c, "cluster storm", co.limit)
 	if err != nil {
-		return fmt.Errorf("cluster storm: max_connections: %w", err)
-	}
-	res.maxConnections = strconv.Itoa(maxConns)
-	password := pgtest.RandomHex(12)
-	if err := c.Exec(ctx, fmt.Sprintf("create role %s login connection limit %d password '%s'", stormRole, co.limit, password)); err != nil {
-		return fmt.Errorf("cluster storm: creating %s: %w", stormRole, err)
+		return err
 	}
 	for _, policy := range clusterPolicies {
 		if err := waitQuiet(ctx, o.quietWait, meter, nil); err != nil {

@@ -185,13 +185,56 @@ type sessionSamples struct {
 // stormResult is the storm test.
 type stormResult struct {
 	opts stormOptions
-	// nofile is RLIMIT_NOFILE after raising it (rolegate inherits it);
-	// somaxconn the kernel's cap on a listen backlog; maxConnections the
-	// server's max_connections.
+	stormHost
+	runs []*stormRun
+}
+
+// stormHost is what a storm found of the machine and the server: nofile is
+// RLIMIT_NOFILE after raising it (rolegate inherits it); somaxconn the
+// kernel's cap on a listen backlog; maxConnections the server's
+// max_connections.
+type stormHost struct {
 	nofile         uint64
 	somaxconn      string
 	maxConnections string
-	runs           []*stormRun
+}
+
+// prepareStorm readies the machine and the server for logins clients at
+// once: it raises the open file limit (one descriptor per client here, and
+// in rolegate, which inherits the limit, one per client and one per server
+// connection), opens a superuser session (the caller closes it) and reads
+// max_connections. what names the storm in errors, flag the flag of its
+// logins.
+func prepareStorm(ctx context.Context, c *pgtest.Cluster, what, flag string, logins int) (stormHost, *pgconn.PgConn, int, error) {
+	h := stormHost{somaxconn: strings.TrimSpace(readFile("/proc/sys/net/core/somaxconn"))}
+	var err error
+	if h.nofile, err = raiseNoFile(uint64(2*logins + 1024)); err != nil {
+		return h, nil, 0, fmt.Errorf("%s: %w", what, err)
+	}
+	if h.nofile < uint64(logins+256) {
+		return h, nil, 0, fmt.Errorf("%s: the open file limit is %d, too low for %d clients; raise it (ulimit -n %d) or lower %s", what, h.nofile, logins, 2*logins+1024, flag)
+	}
+	super, err := pgconn.Connect(ctx, c.SuperDSN())
+	if err != nil {
+		return h, nil, 0, fmt.Errorf("%s: superuser session: %w", what, err)
+	}
+	maxConns, err := queryInt(ctx, super, "show max_connections")
+	if err != nil {
+		closeConn(super)
+		return h, nil, 0, fmt.Errorf("%s: max_connections: %w", what, err)
+	}
+	h.maxConnections = strconv.Itoa(maxConns)
+	return h, super, maxConns, nil
+}
+
+// createStormRole creates the storm's role with the server connection limit
+// given and a random password, which it returns.
+func createStormRole(ctx context.Context, c *pgtest.Cluster, what string, limit int) (string, error) {
+	password := pgtest.RandomHex(12)
+	if err := c.Exec(ctx, fmt.Sprintf("create role %s login connection limit %d password '%s'", stormRole, limit, password)); err != nil {
+		return "", fmt.Errorf("%s: creating %s: %w", what, stormRole, err)
+	}
+	return password, nil
 }
 
 // run is the storm of kind k, nil when it did not run.
@@ -214,38 +257,23 @@ func measureStorm(ctx context.Context, o options, c *pgtest.Cluster, bin, work s
 		return nil
 	}
 	so := stormOptions{logins: o.stormLogins, limit: o.stormLimit, hold: o.stormHold}
-	res := &stormResult{opts: so, somaxconn: strings.TrimSpace(readFile("/proc/sys/net/core/somaxconn"))}
+	res := &stormResult{opts: so}
 	r.storm = res
-
-	// One descriptor per client here, and in rolegate (which inherits the
-	// limit) one per client and one per server connection.
-	var err error
-	if res.nofile, err = raiseNoFile(uint64(2*so.logins + 1024)); err != nil {
-		return fmt.Errorf("storm: %w", err)
-	}
-	if res.nofile < uint64(so.logins+256) {
-		return fmt.Errorf("storm: the open file limit is %d, too low for %d clients; raise it (ulimit -n %d) or lower -storm-logins", res.nofile, so.logins, 2*so.logins+1024)
-	}
-
-	super, err := pgconn.Connect(ctx, c.SuperDSN())
+	host, super, maxConns, err := prepareStorm(ctx, c, "storm", "-storm-logins", so.logins)
+	res.stormHost = host
 	if err != nil {
-		return fmt.Errorf("storm: superuser session: %w", err)
+		return err
 	}
 	defer closeConn(super)
-	maxConns, err := queryInt(ctx, super, "show max_connections")
-	if err != nil {
-		return fmt.Errorf("storm: max_connections: %w", err)
-	}
-	res.maxConnections = strconv.Itoa(maxConns)
 	// The limit's sessions, rolegate's control pool, the sampler and this
 	// superuser session, and the other proxies' control connections.
 	if need := so.limit + 4 + 8; maxConns < need {
 		return fmt.Errorf("storm: the server's max_connections is %d; the storm needs at least %d (the limit %d, rolegate's control pool, the benchmark's sessions)", maxConns, need, so.limit)
 	}
 
-	password := pgtest.RandomHex(12)
-	if err := c.Exec(ctx, fmt.Sprintf("create role %s login connection limit %d password '%s'", stormRole, so.limit, password)); err != nil {
-		return fmt.Errorf("storm: creating %s: %w", stormRole, err)
+	password, err := createStormRole(ctx, c, "storm", so.limit)
+	if err != nil {
+		return err
 	}
 	pids := otherPids
 	for _, k := range stormKinds {

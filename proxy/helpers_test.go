@@ -282,13 +282,7 @@ func proxyAuth(ttl time.Duration, sources ...auth.Source) *ClientAuth {
 // never for a duration.
 func waitUntil(t testing.TB, limit time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", limit, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.WaitFor(t, limit, what, cond)
 }
 
 // tcpPair is both ends of a loopback TCP connection: a dialed, b accepted.
