@@ -214,6 +214,11 @@ type handoffServer struct {
 // nobody serves on any more (its process was killed) is replaced.
 func listenHandoff(path string) (*net.UnixListener, error) {
 	addr := &net.UnixAddr{Name: path, Net: "unixpacket"}
+	// The socket is created 0600, never more open even for a moment. The
+	// umask is the process's: it is set only around the binds, and rolegate
+	// creates no other files meanwhile.
+	old := syscall.Umask(0o177)
+	defer syscall.Umask(old)
 	ln, err := net.ListenUnix("unixpacket", addr)
 	if errors.Is(err, syscall.EADDRINUSE) {
 		c, derr := net.DialTimeout("unixpacket", path, handoffTimeout)

@@ -248,15 +248,19 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 	if tk != nil {
 		ln, adminLn = tk.proxy, tk.admin
 	} else {
+		// The hand-off socket first: once clients can connect, a successor
+		// can find it too.
 		var err error
-		if ln, err = listenTCP(cfg.Listen, cfg.ReusePort); err != nil {
-			return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
-		}
 		if cfg.HandoffSocket != "" {
 			if hln, err = listenHandoff(cfg.HandoffSocket); err != nil {
-				ln.Close()
 				return err
 			}
+		}
+		if ln, err = listenTCP(cfg.Listen, cfg.ReusePort); err != nil {
+			if hln != nil {
+				hln.Close()
+			}
+			return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 		}
 	}
 	// fail undoes what is set up before serving: a successor that cannot
