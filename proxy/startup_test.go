@@ -396,9 +396,20 @@ func FuzzStartupPacket(f *testing.F) {
 			if len(body) != 4 {
 				t.Fatalf("%d-byte body accepted as SSL/GSSENC request", len(body))
 			}
-		case kindCancel:
+		case kindCancel, kindPeerCancel:
 			if len(p.cancelKey) < 4 || len(p.cancelKey) > 256 {
 				t.Fatalf("cancel key of %d bytes accepted", len(p.cancelKey))
+			}
+			if code := binary.BigEndian.Uint32(body); (p.kind == kindPeerCancel) != (code == codePeerCancel) {
+				t.Fatalf("code %d parsed as kind %d", code, p.kind)
+			}
+		case kindPeerStatus:
+			if binary.BigEndian.Uint32(body) != codePeerStatus {
+				t.Fatalf("%q parsed as a peer's status request", body)
+			}
+		case kindPeerNotice:
+			if binary.BigEndian.Uint32(body) != codePeerNotice || len(body) < 8 || p.notice != string(body[8:]) {
+				t.Fatalf("%q parsed as a peer's notice %+v", body, p)
 			}
 		case kindStartup:
 			if p.major != 3 || p.params["user"] == "" || p.params["database"] == "" {
