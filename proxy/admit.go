@@ -631,10 +631,9 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 // goneChecks are the pauses between looks for a signalled victim in
 // pg_stat_activity, the last repeated. An idle backend leaves it about 2 ms
 // after the signal on an unloaded machine, so the first looks come every
-// quarter millisecond (a
-// look is one small query on the control connection; an eviction makes a
-// dozen). pg_terminate_backend's timeout form looks only every 100 ms,
-// which made an eviction cost 100 ms.
+// quarter millisecond (a look is one small query on the control
+// connection; an eviction makes a dozen). pg_terminate_backend's timeout
+// form looks only every 100 ms, which made an eviction cost 100 ms.
 var goneChecks = [...]time.Duration{
 	250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond,
 	250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond, 250 * time.Microsecond,
