@@ -231,6 +231,8 @@ type Limits struct {
 	// LimitsCacheTTL is how long the server's answers (rolconnlimit,
 	// datconnlimit, rolsuper) are cached; 0 asks at every login.
 	LimitsCacheTTL Duration `toml:"limits_cache_ttl"`
+	// Protect is the protect list of the rules that set none (LimitRule).
+	Protect []string `toml:"protect"`
 }
 
 // LimitRule is one [roles.NAME] or [databases.NAME] table. A key left out is
@@ -242,6 +244,10 @@ type LimitRule struct {
 	Fallback      string    `toml:"fallback"`
 	WaitTimeout   *Duration `toml:"wait_timeout"`
 	MinSessionAge *Duration `toml:"min_session_age"`
+	// Protect lists sessions never evicted for this limit (limiter.Protect):
+	// "application_name:<glob>", "role:<glob>", "client:<address or CIDR>".
+	// Left out: [limits] protect.
+	Protect []string `toml:"protect"`
 }
 
 // RoleRule is role's rule from proxy.toml alone, with everything the role's
@@ -291,6 +297,15 @@ func (l Limits) resolve(r LimitRule) limiter.Rule {
 	}
 	if r.MinSessionAge != nil {
 		rule.MinSessionAge = r.MinSessionAge.Value()
+	}
+	protect := l.Protect
+	if r.Protect != nil {
+		protect = r.Protect
+	}
+	for _, s := range protect {
+		if p, err := limiter.ParseProtect(s); err == nil { // validated at load
+			rule.Protect = append(rule.Protect, p)
+		}
 	}
 	return rule
 }
@@ -378,6 +393,7 @@ func Default() *Config {
 			WaitTimeout:    "10s",
 			MinSessionAge:  "0s",
 			LimitsCacheTTL: "60s",
+			Protect:        []string{},
 		},
 	}
 }
@@ -627,6 +643,9 @@ func (c *Config) validateLimits() error {
 	if _, err := limiter.ParsePolicy(c.Limits.Policy); err != nil {
 		return &Error{Key: "limits.policy", Msg: err.Error()}
 	}
+	if err := checkProtect(c.Limits.Protect); err != nil {
+		return &Error{Key: "limits.protect", Msg: err.Error()}
+	}
 	if err := checkFallback(c.Limits.Fallback); err != nil {
 		return &Error{Key: "limits.fallback", Msg: err.Error()}
 	}
@@ -694,6 +713,9 @@ func (r LimitRule) validate(table, what, name string) error {
 			return &Error{Key: key("fallback"), Msg: err.Error()}
 		}
 	}
+	if err := checkProtect(r.Protect); err != nil {
+		return &Error{Key: key("protect"), Msg: err.Error()}
+	}
 	for _, d := range []struct {
 		key string
 		v   *Duration
@@ -703,6 +725,16 @@ func (r LimitRule) validate(table, what, name string) error {
 		}
 		if err := d.v.check(false); err != nil {
 			return &Error{Key: key(d.key), Msg: err.Error()}
+		}
+	}
+	return nil
+}
+
+// checkProtect checks a protect list's entries.
+func checkProtect(list []string) error {
+	for _, s := range list {
+		if _, err := limiter.ParseProtect(s); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -834,8 +866,12 @@ func (c *Config) Redacted() string {
 	if err != nil {
 		return "# configuration could not be shown: " + err.Error()
 	}
-	return string(b)
+	return string(b) + alwaysProtected
 }
+
+// alwaysProtected ends SHOW CONFIG: what no protect list needs to name.
+const alwaysProtected = "# Always protected from eviction, whatever protect says: superusers' sessions,\n" +
+	"# replication connections and rolegate's own control connections.\n"
 
 var (
 	// dsnPassword is a keyword/value password, sslpassword included.

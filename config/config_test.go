@@ -48,7 +48,7 @@ func TestDefaults(t *testing.T) {
 		Admin:   Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		History: History{Keep: "7d"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
-			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s"},
+			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s", Protect: []string{}},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -143,6 +143,7 @@ server_limits = false
 wait_timeout = "3s"
 min_session_age = "2s"
 limits_cache_ttl = "0s"
+protect = ["application_name:pg_dump*", "client:10.1.0.0/16"]
 
 [roles.some_user]
 max_sessions = 1
@@ -150,6 +151,7 @@ policy = "newest-wins"
 fallback = "reject"
 wait_timeout = "5s"
 min_session_age = "10s"
+protect = ["role:replicator"]
 
 [databases.app]
 max_sessions = 50
@@ -184,9 +186,10 @@ min_session_age = "1s"
 		Admin:   Admin{HTTP: "0.0.0.0:9700", AllowedHosts: hosts, Token: "s3cret", Users: []string{"admin", "ops"}, Database: "pgadmin"},
 		Cluster: Cluster{Advertise: "10.0.0.7:7432"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
-			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s"},
+			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s",
+			Protect: []string{"application_name:pg_dump*", "client:10.1.0.0/16"}},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
-			WaitTimeout: ptr(Duration("5s")), MinSessionAge: ptr(Duration("10s"))}},
+			WaitTimeout: ptr(Duration("5s")), MinSessionAge: ptr(Duration("10s")), Protect: []string{"role:replicator"}}},
 		Databases: map[string]LimitRule{"app": {MaxSessions: ptr(50), Policy: "wait", Fallback: "wait",
 			WaitTimeout: ptr(Duration("1m")), MinSessionAge: ptr(Duration("1s"))}},
 	}
@@ -268,6 +271,9 @@ func TestErrors(t *testing.T) {
 		{"negative max_procs", "\nmax_procs = -1\n", "max_procs", 2, "must be 0"},
 		{"max_procs as a string", "max_procs = \"all\"\n", "max_procs", 1, "cannot decode TOML string"},
 		{"bad relay", "\nrelay = \"epoll\"\n", "relay", 2, `want "loop" or "goroutines", not "epoll"`},
+		{"bad limits.protect", "[limits]\nprotect = [\"pid:42\"]\n", "limits.protect", 2, `unknown kind "pid"`},
+		{"bad role protect glob", "[roles.app]\nprotect = [\"application_name:[x\"]\n", "roles.app.protect", 2, "bad glob"},
+		{"bad protect client", "[databases.d]\nprotect = [\"client:10.1.0.0/33\"]\n", "databases.d.protect", 2, "want an address or a CIDR prefix"},
 		{"bad cluster.advertise", "[cluster]\nadvertise = \"10.0.0.7\"\n", "cluster.advertise", 2, "want host:port"},
 		{"long cluster.advertise", "[cluster]\nadvertise = \"" + strings.Repeat("h", 50) + ":6432\"\n", "cluster.advertise", 2, "longer than 51 bytes"},
 		{"reuse_port as a string", "\nreuse_port = \"yes\"\n", "reuse_port", 2, "cannot decode TOML string"},
@@ -663,7 +669,7 @@ min_session_age = "1m"
 		})},
 		{"unknown database", cfg.DatabaseRule("other"), defaults},
 	} {
-		if tt.got != tt.want {
+		if !reflect.DeepEqual(tt.got, tt.want) {
 			t.Errorf("%s: %+v, want %+v", tt.name, tt.got, tt.want)
 		}
 		if err := tt.got.Validate(); err != nil {
@@ -677,10 +683,10 @@ min_session_age = "1m"
 		t.Fatal(err)
 	}
 	want := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject, WaitTimeout: 10 * time.Second}
-	if got := d.RoleRule("some_user"); got != want || got.Limited() {
+	if got := d.RoleRule("some_user"); !reflect.DeepEqual(got, want) || got.Limited() {
 		t.Errorf("default RoleRule = %+v, want %+v", got, want)
 	}
-	if got := d.DatabaseRule("app"); got != want {
+	if got := d.DatabaseRule("app"); !reflect.DeepEqual(got, want) {
 		t.Errorf("default DatabaseRule = %+v, want %+v", got, want)
 	}
 }
@@ -880,6 +886,45 @@ func TestRedacted(t *testing.T) {
 		out := cfg.Redacted()
 		if strings.Contains(out, "hunter2") || !strings.Contains(out, "[redacted]") || !strings.Contains(out, "rolegate") {
 			t.Errorf("Redacted with dsn %q:\n%s", dsn, out)
+		}
+		if !strings.Contains(out, "Always protected from eviction") {
+			t.Errorf("SHOW CONFIG does not say what is always protected:\n%s", out)
+		}
+	}
+}
+
+// A rule's protect list is its own, or [limits] protect when it sets none;
+// protect = [] in a rule protects nothing more.
+func TestProtectResolves(t *testing.T) {
+	t.Parallel()
+	doc := `
+[limits]
+protect = ["application_name:pg_dump*", "client:10.1.0.0/16"]
+[roles.own]
+protect = ["role:replicator"]
+[roles.none]
+protect = []
+[roles.inherits]
+max_sessions = 1
+`
+	cfg, err := Parse("protect.toml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	str := func(r limiter.Rule) []string {
+		var out []string
+		for _, p := range r.Protect {
+			out = append(out, p.String())
+		}
+		return out
+	}
+	for role, want := range map[string][]string{
+		"own":      {"role:replicator"},
+		"none":     nil,
+		"inherits": {"application_name:pg_dump*", "client:10.1.0.0/16"},
+	} {
+		if got := str(cfg.RoleRule(role)); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: protect %q, want %q", role, got, want)
 		}
 	}
 }

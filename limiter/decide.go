@@ -47,10 +47,14 @@ type Holder struct {
 	// the caller knows whether to terminate with timeout 0 and wait for EOF
 	// on its own server socket, or to use the timeout form.
 	ViaRolegate bool
+	// ApplicationName is pg_stat_activity's application_name, which a
+	// rule's protect list may match.
+	ApplicationName string
 	// Client is the backend's client address and port as the server sees
 	// them (pg_stat_activity's client_addr and client_port); invalid for a
-	// Unix socket or when the control role may not see them. Not used by the
-	// limiter: the caller recognizes its own server connections by it.
+	// Unix socket or when the control role may not see them. A rule's
+	// protect list may match it; the caller recognizes its own server
+	// connections by it.
 	Client netip.AddrPort
 }
 
@@ -454,7 +458,7 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 			superuser++
 		case h.Reserved:
 			logging++
-		case h.Protected || h.PID == 0:
+		case h.Protected || h.PID == 0 || s.rule.protects(h):
 			protected++
 		case l.evicting[h.PID] != nil:
 			leaving++

@@ -68,6 +68,10 @@ type Rule struct {
 	// does not wait at all and is rejected at once: a wait without end would
 	// hold a client (and a file descriptor) forever.
 	WaitTimeout time.Duration
+	// Protect lists the sessions an evicting policy never chooses: they
+	// count against the limit, and when only they remain the fallback
+	// decides (see Protect).
+	Protect []Protect
 }
 
 // NoLimit returns a Rule that never limits anyone. It is a function, not a

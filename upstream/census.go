@@ -31,7 +31,7 @@ import (
 // under the role's advisory lock, which admission holds while it counts.
 const censusQuery = `SELECT 0 AS pid, CASE WHEN l.objid::int8 < 2147483648 THEN $1::text ELSE '' END,
 	CASE WHEN l.objid::int8 >= 2147483648 THEN $2::text ELSE '' END,
-	NULL::timestamptz AS backend_start, '', NULL::timestamptz, false, false, '', -1
+	NULL::timestamptz AS backend_start, '', NULL::timestamptz, false, false, '', -1, ''
 FROM pg_catalog.pg_locks l
 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
 	AND l.pid <> $4
@@ -42,7 +42,7 @@ SELECT a.pid, a.usename::text, coalesce(a.datname::text, ''),
 	a.backend_start, coalesce(a.state, ''), a.state_change,
 	coalesce(r.rolsuper, false),
 	coalesce(a.application_name = $3 AND a.usename = session_user, false),
-	coalesce(host(a.client_addr), ''), coalesce(a.client_port, -1)
+	coalesce(host(a.client_addr), ''), coalesce(a.client_port, -1), coalesce(a.application_name, '')
 FROM pg_catalog.pg_stat_activity a
 LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
 WHERE a.backend_type = 'client backend'
@@ -59,7 +59,8 @@ ORDER BY backend_start, pid`
 // default, and the control role). Backends still authenticating (no usename
 // yet) and walsenders are left out, as the server leaves them out of its own
 // counts. ViaRolegate is the caller's to set. Client is the address and port
-// the backend's client connected from (rolegate's own, for its sessions).
+// the backend's client connected from (rolegate's own, for its sessions);
+// ApplicationName is the session's.
 //
 // Slots other rolegate instances reserved (Reserve) for logins of role or
 // into database that have not reached pg_stat_activity yet are rows too,
@@ -86,7 +87,7 @@ func (c *Control) Census(ctx context.Context, role, database string) ([]limiter.
 			addr        string
 			port        int32
 		)
-		if err := rows.Scan(&pid, &h.Role, &h.Database, &start, &h.State, &chg, &super, &prot, &addr, &port); err != nil {
+		if err := rows.Scan(&pid, &h.Role, &h.Database, &start, &h.State, &chg, &super, &prot, &addr, &port, &h.ApplicationName); err != nil {
 			return nil, fmt.Errorf("census: %w", err)
 		}
 		h.PID, h.Superuser, h.Protected = uint32(pid), super, prot
