@@ -129,10 +129,15 @@ func TestHistory(t *testing.T) {
 			t.Fatal(err)
 		}
 		h.Write(HistoryEvent{Instance: "x", Kind: "rejection"})
+		// The writer's INSERT waits for the lock, in its Bind or in its Parse
+		// (a connection that has not prepared it yet parses it now, and
+		// pg_stat_activity then still shows that connection's previous
+		// query): pg_locks says which, whatever the text.
 		testutil.WaitFor(t, 30*time.Second, "the writer to wait for the lock", func() bool {
 			var n int
-			if err := super.QueryRow(t.Context(), `select count(*) from pg_stat_activity
-				where usename = 'rolegate' and wait_event_type = 'Lock' and query like 'INSERT INTO rolegate.events%'`).Scan(&n); err != nil {
+			if err := super.QueryRow(t.Context(), `select count(*) from pg_catalog.pg_locks l
+				join pg_catalog.pg_stat_activity a on a.pid = l.pid
+				where not l.granted and l.relation = 'rolegate.events'::regclass and a.usename = 'rolegate'`).Scan(&n); err != nil {
 				t.Fatal(err)
 			}
 			return n == 1
