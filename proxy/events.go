@@ -17,7 +17,10 @@ import (
 type Event struct {
 	Time     time.Time
 	Instance string // the rolegate instance that decided (Config.Instance)
-	Kind     string // "eviction", "rejection" or "kill"
+	Kind     string // "eviction", "rejection", "wait" (dry run only) or "kill"
+	// DryRun marks a decision a dry-run rule took and did not carry out:
+	// nobody was evicted, rejected or held, and the login went on.
+	DryRun   bool
 	Role     string // the login's role
 	Database string
 	Client   string // the login's client address
