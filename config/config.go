@@ -233,6 +233,15 @@ type Limits struct {
 	LimitsCacheTTL Duration `toml:"limits_cache_ttl"`
 	// Protect is the protect list of the rules that set none (LimitRule).
 	Protect []string `toml:"protect"`
+	// DryRun makes every rule decide and log without acting (limiter
+	// Rule.DryRun), unless the rule sets dry_run itself.
+	DryRun bool `toml:"dry_run"`
+	// EvictScope is "any", "same-application" or "same-client"
+	// (limiter.EvictScope).
+	EvictScope string `toml:"evict_scope"`
+	// MaxEvictions is the eviction budget of each limit: "30/min", "5/s",
+	// "off" (limiter.ParseBudget).
+	MaxEvictions string `toml:"max_evictions"`
 }
 
 // LimitRule is one [roles.NAME] or [databases.NAME] table. A key left out is
@@ -247,8 +256,17 @@ type LimitRule struct {
 	// Protect lists sessions never evicted for this limit (limiter.Protect):
 	// "application_name:<glob>", "role:<glob>", "client:<address or CIDR>".
 	// Left out: [limits] protect.
-	Protect []string `toml:"protect"`
+	Protect      []string `toml:"protect"`
+	DryRun       *bool    `toml:"dry_run"`
+	EvictScope   string   `toml:"evict_scope"`
+	MaxEvictions string   `toml:"max_evictions"`
 }
+
+// DefaultMaxEvictions is the eviction budget of a limit that sets none:
+// generous enough for any real turnover (a login a second, sustained), and
+// it still stops a pool larger than its limit from evicting itself in a
+// loop forever.
+const DefaultMaxEvictions = "60/min"
 
 // RoleRule is role's rule from proxy.toml alone, with everything the role's
 // table leaves out taken from [limits]; MaxSessions is -1 when the file sets
@@ -282,6 +300,19 @@ func (l Limits) resolve(r LimitRule) limiter.Rule {
 		Fallback:      limiter.Policy(l.Fallback),
 		WaitTimeout:   l.WaitTimeout.Value(),
 		MinSessionAge: l.MinSessionAge.Value(),
+		DryRun:        l.DryRun,
+		EvictScope:    limiter.EvictScope(l.EvictScope),
+	}
+	budget := l.MaxEvictions
+	if r.MaxEvictions != "" {
+		budget = r.MaxEvictions
+	}
+	rule.Budget, _ = limiter.ParseBudget(budget) // validated at load
+	if r.DryRun != nil {
+		rule.DryRun = *r.DryRun
+	}
+	if r.EvictScope != "" {
+		rule.EvictScope = limiter.EvictScope(r.EvictScope)
 	}
 	if r.MaxSessions != nil {
 		rule.MaxSessions = *r.MaxSessions
@@ -394,6 +425,8 @@ func Default() *Config {
 			MinSessionAge:  "0s",
 			LimitsCacheTTL: "60s",
 			Protect:        []string{},
+			EvictScope:     string(limiter.EvictAny),
+			MaxEvictions:   DefaultMaxEvictions,
 		},
 	}
 }
@@ -649,6 +682,12 @@ func (c *Config) validateLimits() error {
 	if err := checkFallback(c.Limits.Fallback); err != nil {
 		return &Error{Key: "limits.fallback", Msg: err.Error()}
 	}
+	if _, err := limiter.ParseEvictScope(c.Limits.EvictScope); err != nil {
+		return &Error{Key: "limits.evict_scope", Msg: err.Error()}
+	}
+	if _, err := limiter.ParseBudget(c.Limits.MaxEvictions); err != nil {
+		return &Error{Key: "limits.max_evictions", Msg: err.Error()}
+	}
 	for _, t := range []struct {
 		table, what string
 		rules       *map[string]LimitRule
@@ -715,6 +754,16 @@ func (r LimitRule) validate(table, what, name string) error {
 	}
 	if err := checkProtect(r.Protect); err != nil {
 		return &Error{Key: key("protect"), Msg: err.Error()}
+	}
+	if r.EvictScope != "" {
+		if _, err := limiter.ParseEvictScope(r.EvictScope); err != nil {
+			return &Error{Key: key("evict_scope"), Msg: err.Error()}
+		}
+	}
+	if r.MaxEvictions != "" {
+		if _, err := limiter.ParseBudget(r.MaxEvictions); err != nil {
+			return &Error{Key: key("max_evictions"), Msg: err.Error()}
+		}
 	}
 	for _, d := range []struct {
 		key string

@@ -48,7 +48,8 @@ func TestDefaults(t *testing.T) {
 		Admin:   Admin{HTTP: "127.0.0.1:9631", AllowedHosts: []string{}, Users: []string{}, Database: "rolegate"},
 		History: History{Keep: "7d"},
 		Limits: Limits{Policy: "reject", Fallback: "reject", ServerLimits: true,
-			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s", Protect: []string{}},
+			WaitTimeout: "10s", MinSessionAge: "0s", LimitsCacheTTL: "60s", Protect: []string{},
+			EvictScope: "any", MaxEvictions: "60/min"},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -144,10 +145,16 @@ wait_timeout = "3s"
 min_session_age = "2s"
 limits_cache_ttl = "0s"
 protect = ["application_name:pg_dump*", "client:10.1.0.0/16"]
+dry_run = true
+evict_scope = "same-application"
+max_evictions = "10/s"
 
 [roles.some_user]
 max_sessions = 1
 policy = "newest-wins"
+dry_run = false
+evict_scope = "same-client"
+max_evictions = "off"
 fallback = "reject"
 wait_timeout = "5s"
 min_session_age = "10s"
@@ -187,9 +194,11 @@ min_session_age = "1s"
 		Cluster: Cluster{Advertise: "10.0.0.7:7432"},
 		Limits: Limits{Policy: "evict-idle", Fallback: "wait", ServerLimits: false,
 			WaitTimeout: "3s", MinSessionAge: "2s", LimitsCacheTTL: "0s",
-			Protect: []string{"application_name:pg_dump*", "client:10.1.0.0/16"}},
+			Protect: []string{"application_name:pg_dump*", "client:10.1.0.0/16"},
+			DryRun:  true, EvictScope: "same-application", MaxEvictions: "10/s"},
 		Roles: map[string]LimitRule{"some_user": {MaxSessions: ptr(1), Policy: "newest-wins", Fallback: "reject",
-			WaitTimeout: ptr(Duration("5s")), MinSessionAge: ptr(Duration("10s")), Protect: []string{"role:replicator"}}},
+			WaitTimeout: ptr(Duration("5s")), MinSessionAge: ptr(Duration("10s")), Protect: []string{"role:replicator"},
+			DryRun: ptr(false), EvictScope: "same-client", MaxEvictions: "off"}},
 		Databases: map[string]LimitRule{"app": {MaxSessions: ptr(50), Policy: "wait", Fallback: "wait",
 			WaitTimeout: ptr(Duration("1m")), MinSessionAge: ptr(Duration("1s"))}},
 	}
@@ -610,6 +619,9 @@ policy = "newest-wins"
 fallback = "reject"
 wait_timeout = "5s"
 min_session_age = "10s"
+dry_run = true
+evict_scope = "same-application"
+max_evictions = "3/30s"
 
 [roles.only_limit]
 max_sessions = 2
@@ -639,8 +651,9 @@ min_session_age = "1m"
 	if err != nil {
 		t.Fatal(err)
 	}
+	budget := limiter.Budget{Evictions: 60, Per: time.Minute}
 	defaults := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyWait,
-		WaitTimeout: 7 * time.Second, MinSessionAge: 3 * time.Second}
+		WaitTimeout: 7 * time.Second, MinSessionAge: 3 * time.Second, EvictScope: limiter.EvictAny, Budget: budget}
 	with := func(f func(*limiter.Rule)) limiter.Rule { r := defaults; f(&r); return r }
 	for _, tt := range []struct {
 		name string
@@ -648,7 +661,8 @@ min_session_age = "1m"
 		want limiter.Rule
 	}{
 		{"role with every key", cfg.RoleRule("full"), limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins,
-			Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Second, MinSessionAge: 10 * time.Second}},
+			Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Second, MinSessionAge: 10 * time.Second,
+			DryRun: true, EvictScope: limiter.EvictSameApplication, Budget: limiter.Budget{Evictions: 3, Per: 30 * time.Second}}},
 		{"role with only a limit", cfg.RoleRule("only_limit"), with(func(r *limiter.Rule) { r.MaxSessions = 2 })},
 		{"role with limit 0", cfg.RoleRule("zero"), with(func(r *limiter.Rule) { r.MaxSessions = 0 })},
 		{"quoted role", cfg.RoleRule("my.user"), with(func(r *limiter.Rule) {
@@ -682,7 +696,8 @@ min_session_age = "1m"
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject, WaitTimeout: 10 * time.Second}
+	want := limiter.Rule{MaxSessions: -1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject, WaitTimeout: 10 * time.Second,
+		EvictScope: limiter.EvictAny, Budget: budget}
 	if got := d.RoleRule("some_user"); !reflect.DeepEqual(got, want) || got.Limited() {
 		t.Errorf("default RoleRule = %+v, want %+v", got, want)
 	}
@@ -925,6 +940,23 @@ max_sessions = 1
 	} {
 		if got := str(cfg.RoleRule(role)); !reflect.DeepEqual(got, want) {
 			t.Errorf("%s: protect %q, want %q", role, got, want)
+		}
+	}
+}
+
+// Bad values of the issue 13 keys name the key and say what is wanted.
+func TestPolicyKeysRejected(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ doc, key, msg string }{
+		{"[limits]\nevict_scope = \"same-host\"\n", "limits.evict_scope", "want any, same-application or same-client"},
+		{"[limits]\nmax_evictions = \"30\"\n", "limits.max_evictions", `like "30/min"`},
+		{"[roles.app]\nevict_scope = \"everyone\"\n", "roles.app.evict_scope", "unknown evict_scope"},
+		{"[databases.d]\nmax_evictions = \"-3/min\"\n", "databases.d.max_evictions", "invalid max_evictions"},
+		{"[roles.app]\ndry_run = \"yes\"\n", "roles.app.dry_run", ""},
+	} {
+		_, err := Parse("bad.toml", []byte(c.doc))
+		if err == nil || !strings.Contains(err.Error(), c.key) || !strings.Contains(err.Error(), c.msg) {
+			t.Errorf("%q: %v; want an error naming %s and saying %q", c.doc, err, c.key, c.msg)
 		}
 	}
 }

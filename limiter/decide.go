@@ -56,6 +56,23 @@ type Holder struct {
 	// protect list may match it; the caller recognizes its own server
 	// connections by it.
 	Client netip.AddrPort
+	// Origin is the address of the client that opened the session, when
+	// the caller knows it better than Client: for a session rolegate
+	// relays, Client is rolegate's own end of the server connection and
+	// Origin the address of rolegate's client. Protect lists and
+	// evict_scope same-client match the origin.
+	Origin netip.Addr
+}
+
+// origin is where the session comes from: Origin, else Client's address.
+func (h Holder) origin() netip.Addr {
+	if h.Origin.IsValid() {
+		return h.Origin.Unmap()
+	}
+	if h.Client.IsValid() {
+		return h.Client.Addr().Unmap()
+	}
+	return netip.Addr{}
 }
 
 // Login is a client that has authenticated and asks for a slot.
@@ -78,6 +95,10 @@ type Login struct {
 	// appeared in it (it errs toward counting a login twice, never not at
 	// all). 0: not tracked, and released reservations are not counted.
 	CensusEpoch uint64
+	// ApplicationName and Client are the login's, for evict_scope and for
+	// naming the clients that spend an eviction budget.
+	ApplicationName string
+	Client          netip.Addr
 }
 
 // Kind is what the caller must do with a login.
@@ -164,6 +185,16 @@ type Decision struct {
 	// Reason is a sentence for the log, e.g. `role "app" at limit 1 (1
 	// session): oldest session pid 123 (age 5m0s) evicted for newest-wins`.
 	Reason string
+	// Would lists what dry-run rules decided and did not carry out (the
+	// role's first, then the database's): each has the Kind, Victims,
+	// Scope, Limit, Count, Policy and Reason the rule would have acted on.
+	// The decision itself goes on without them.
+	Would []Decision
+	// Thrashing is set when an eviction budget (Rule.Budget) was spent and
+	// the fallback decided in its place; Evictors then names the clients
+	// that spent it (application_name@address, most recent first).
+	Thrashing bool
+	Evictors  []string
 }
 
 // Decide tells the caller what to do with login, given the rules for its
@@ -193,6 +224,19 @@ type Decision struct {
 // until it is reported with Evicted or EvictFailed; never again to a login
 // that reported it with EvictFailed) and counts the decision.
 func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision {
+	return l.decide(login, role, db, holders, false)
+}
+
+// Explain is Decide for a login that is not there: it runs the same
+// decision on the same state and changes nothing (no ticket, no victim
+// handed out, no counter). Its Decision is what a login would get now;
+// login.Ticket is ignored.
+func (l *Limiter) Explain(login Login, role, db Rule, holders []Holder) Decision {
+	login.Ticket = nil
+	return l.decide(login, role, db, holders, true)
+}
+
+func (l *Limiter) decide(login Login, role, db Rule, holders []Holder, explain bool) Decision {
 	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -202,8 +246,10 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 		t.consume()
 	}
 	if login.Superuser || login.Replication {
-		l.retire(t)
-		l.counter(CounterKey{login.Role, role.policy()}).Admitted++
+		if !explain {
+			l.retire(t)
+			l.counter(CounterKey{login.Role, role.policy()}).Admitted++
+		}
 		reason := "superuser: exempt from connection limits"
 		if !login.Superuser {
 			reason = "replication connection: not counted against connection limits"
@@ -211,9 +257,9 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 		return Decision{Kind: Admit, Policy: role.policy(), Reason: reason}
 	}
 
-	rv := &scopeView{key: queueKey{ScopeRole, login.Role}, rule: role}
-	dv := &scopeView{key: queueKey{ScopeDatabase, login.Database}, rule: db}
-	l.census(holders, t, login.CensusEpoch, rv, dv)
+	rv := &scopeView{key: queueKey{ScopeRole, login.Role}, rule: role, login: &login}
+	dv := &scopeView{key: queueKey{ScopeDatabase, login.Database}, rule: db, login: &login}
+	l.census(holders, t, login.CensusEpoch, !explain, rv, dv)
 	for _, v := range []*scopeView{rv, dv} {
 		v.ahead = l.ahead(v.key, t)
 		// Under an evicting policy the line only keeps the order in which
@@ -228,9 +274,19 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 		}
 	}
 
-	o := l.judge(now, rv, nil, dv)
+	// A dry-run rule's verdict is kept aside and the login goes on as if
+	// the rule had admitted it; the other rule still decides for real.
+	var would []outcome
+	dry := func(v *scopeView, o outcome) outcome {
+		if !v.rule.DryRun || o.kind == Admit {
+			return o
+		}
+		would = append(would, o)
+		return outcome{kind: Admit, view: v}
+	}
+	o := dry(rv, l.judge(now, rv, nil, dv))
 	if o.kind == Admit || o.kind == Evict {
-		do := l.judge(now, dv, o.victims, nil)
+		do := dry(dv, l.judge(now, dv, o.victims, nil))
 		switch {
 		case do.kind == Wait || do.kind == Reject:
 			o = do // the role's victims, if any, are not evicted in vain
@@ -244,7 +300,18 @@ func (l *Limiter) Decide(login Login, role, db Rule, holders []Holder) Decision 
 			o.reason += "; " + do.reason
 		}
 	}
-	return l.settle(now, login, t, rv, dv, o)
+	if explain {
+		d := l.verdict(now, t, o)
+		for _, w := range would {
+			d.Would = append(d.Would, l.verdict(now, t, w))
+		}
+		return d
+	}
+	d := l.settle(now, login, t, rv, dv, o)
+	for _, w := range would {
+		d.Would = append(d.Would, l.settleWould(now, login, w))
+	}
+	return d
 }
 
 // scopeView is one limit as the census shows it to one login.
@@ -261,6 +328,7 @@ type scopeView struct {
 	passed  int                  // earlier waiters the login passes: it may wait no longer
 	mine    []uint32             // the login's own victims in flight under this limit
 	failed  map[uint32]time.Time // victims the login could not evict (its ticket's)
+	login   *Login
 }
 
 // unseen counts the logins in flight whose backends the census may show
@@ -296,7 +364,7 @@ func (s *scopeView) counts(h Holder) bool {
 }
 
 // census fills the views from the caller's rows and the victims in flight.
-func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*scopeView) {
+func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, forget bool, views ...*scopeView) {
 	seen := make(map[uint32]int, len(holders))
 	rows := make([]Holder, 0, len(holders))
 	for _, h := range holders {
@@ -309,13 +377,18 @@ func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*sc
 		}
 		rows = append(rows, h)
 	}
+	stale := map[uint32]bool{}
 	for pid, e := range l.evicting {
 		// The pid now belongs to a newer backend: the victim is long gone
-		// and its report was lost. Forget it rather than protect a stranger.
+		// and its report was lost. Forget it rather than protect a stranger
+		// (Explain only looks past it).
 		if i, ok := seen[pid]; ok {
 			a, b := e.victim.BackendStart, rows[i].BackendStart
 			if !a.IsZero() && !b.IsZero() && !a.Equal(b) {
-				delete(l.evicting, pid)
+				stale[pid] = true
+				if forget {
+					delete(l.evicting, pid)
+				}
 			}
 		}
 	}
@@ -330,7 +403,7 @@ func (l *Limiter) census(holders []Holder, t *Ticket, epoch uint64, views ...*sc
 			}
 		}
 		for pid, e := range l.evicting {
-			if !s.counts(e.victim) {
+			if !s.counts(e.victim) || stale[pid] {
 				continue
 			}
 			s.leaving++
@@ -362,6 +435,8 @@ type outcome struct {
 	fallback bool
 	poke     bool // waiting behind others under an evicting policy
 	landing  bool // waiting for logins in flight to become sessions to evict
+	thrash   bool // the eviction budget was spent: the fallback decided
+	evictors []string
 	reason   string
 }
 
@@ -416,7 +491,8 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 	if s.rule.MinSessionAge == 0 {
 		unseen = min(s.unseen(), need)
 	}
-	if evict := need - unseen; evict > 0 && len(cands) >= evict {
+	spent, budget := l.budgetLeft(now, s)
+	if evict := need - unseen; evict > 0 && len(cands) >= evict && evict <= budget {
 		victims := slices.Clone(cands[:evict])
 		by := make([]*scopeView, evict)
 		for i := range by {
@@ -432,13 +508,20 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 			reason: fmt.Sprintf("%s: waiting for %s in flight to become sessions to evict for %s", at, plural(s.logging, "login"), p)}
 	}
 	fb := s.rule.fallback()
-	short := "no session can be evicted"
-	if len(cands) > 0 {
-		short = fmt.Sprintf("only %d of the %d sessions needed can be evicted", len(cands), need)
-	}
 	k := Reject
 	if fb == PolicyWait {
 		k = Wait
+	}
+	if evict := need - unseen; evict > 0 && len(cands) >= evict {
+		// Victims there are, but the budget is spent: the limit thrashes
+		// (a pool larger than it evicting its own sessions in a loop).
+		return outcome{kind: k, view: s, fallback: true, thrash: true, evictors: evictors(spent),
+			reason: fmt.Sprintf("%s: eviction budget max_evictions %s spent (%d in the last %s) for %s; fallback %s",
+				at, s.rule.Budget, len(spent), human(s.rule.Budget.Per), p, fb)}
+	}
+	short := "no session can be evicted"
+	if len(cands) > 0 {
+		short = fmt.Sprintf("only %d of the %d sessions needed can be evicted", len(cands), need)
 	}
 	return outcome{kind: k, view: s, fallback: true,
 		reason: fmt.Sprintf("%s: %s for %s%s; fallback %s", at, short, p, why, fb)}
@@ -449,7 +532,7 @@ func (l *Limiter) judge(now time.Time, s *scopeView, chosen []Holder, other *sco
 func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other *scopeView) ([]Holder, string) {
 	p := s.rule.policy()
 	var c []Holder
-	var superuser, protected, leaving, failed, young, busy, logging int
+	var superuser, protected, leaving, failed, young, busy, logging, outside int
 	for _, h := range s.members {
 		switch {
 		case slices.ContainsFunc(chosen, func(v Holder) bool { return v.PID == h.PID }):
@@ -460,6 +543,8 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 			logging++
 		case h.Protected || h.PID == 0 || s.rule.protects(h):
 			protected++
+		case !s.inScope(h):
+			outside++
 		case l.evicting[h.PID] != nil:
 			leaving++
 		case s.failedFor(h):
@@ -501,6 +586,7 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 	add(leaving, "already being evicted")
 	add(failed, "could not be evicted for this login")
 	add(protected, "protected")
+	add(outside, "outside evict_scope "+string(s.rule.EvictScope))
 	add(logging, "still logging in")
 	add(superuser, "superuser")
 	if len(why) == 0 {
@@ -513,22 +599,17 @@ func (l *Limiter) candidates(now time.Time, s *scopeView, chosen []Holder, other
 // queues, victims in flight, counters, wake-ups.
 func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeView, o outcome) Decision {
 	s := o.view
-	d := Decision{Kind: o.kind, Policy: s.rule.policy(), Fallback: o.fallback, Landing: o.landing, Reason: o.reason}
-	if o.kind != Admit {
-		d.Scope, d.Limit, d.Count = s.key.scope, s.rule.MaxSessions, s.count
-	} else {
+	d := l.verdict(now, t, o)
+	if o.kind == Admit {
 		d.Policy = rv.rule.policy()
 	}
 	key := CounterKey{login.Role, d.Policy}
-
-	if o.kind == Wait && !o.landing && !mayWait(now, t, s.rule) {
-		d.Kind = Reject
-		if t != nil && !t.deadline.IsZero() {
-			d.Reason = fmt.Sprintf("%s; waited %s, wait_timeout reached", o.reason, human(now.Sub(t.waitStart)))
-			l.counter(key).WaitTimeouts++
-		} else {
-			d.Reason = o.reason + "; wait_timeout is 0"
-		}
+	if o.kind == Wait && d.Kind == Reject && t != nil && !t.deadline.IsZero() {
+		l.counter(key).WaitTimeouts++
+	}
+	if o.thrash {
+		l.thrashed(now, s, d)
+		l.counter(key).BudgetFallbacks++
 	}
 
 	switch d.Kind {
@@ -544,14 +625,12 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 		}
 		l.dequeue(t) // it is acting now, not waiting; it keeps its place
 		d.Ticket = t
-		d.Victims = o.victims
-		d.VictimPolicies = make([]Policy, len(o.victims))
 		for i, v := range o.victims {
 			by := o.chosenBy[i]
-			d.VictimPolicies[i] = by.rule.policy()
 			k := CounterKey{login.Role, by.rule.policy()}
 			l.evicting[v.PID] = &eviction{victim: v, claimant: t, loginID: login.ID, key: k, scope: by.key.scope, since: now}
 			l.counter(k).Evictions++
+			l.spend(now, by, login)
 		}
 	case Wait:
 		if t == nil {
@@ -571,6 +650,58 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 	}
 	l.wakeFree(rv, d.Kind, t)
 	l.wakeFree(dv, d.Kind, t)
+	return d
+}
+
+// verdict is the Decision for outcome o, without changing any state: the
+// part of settle that Explain shares. A Wait the login may not wait for
+// (its wait_timeout) is a Reject.
+func (l *Limiter) verdict(now time.Time, t *Ticket, o outcome) Decision {
+	s := o.view
+	d := Decision{Kind: o.kind, Policy: s.rule.policy(), Fallback: o.fallback, Landing: o.landing, Reason: o.reason,
+		Thrashing: o.thrash, Evictors: o.evictors}
+	if o.kind != Admit {
+		d.Scope, d.Limit, d.Count = s.key.scope, s.rule.MaxSessions, s.count
+	}
+	if o.kind == Evict {
+		d.Victims = o.victims
+		d.VictimPolicies = make([]Policy, len(o.victims))
+		for i := range o.victims {
+			d.VictimPolicies[i] = o.chosenBy[i].rule.policy()
+		}
+	}
+	if o.kind == Wait && !o.landing && !mayWait(now, t, s.rule) {
+		d.Kind = Reject
+		if t != nil && !t.deadline.IsZero() {
+			d.Reason = fmt.Sprintf("%s; waited %s, wait_timeout reached", o.reason, human(now.Sub(t.waitStart)))
+		} else {
+			d.Reason = o.reason + "; wait_timeout is 0"
+		}
+	}
+	return d
+}
+
+// settleWould counts what a dry-run rule decided, and books its victims
+// against the rule's eviction budget as if they had been evicted, so that
+// a dry run shows when the budget would stop the policy too.
+func (l *Limiter) settleWould(now time.Time, login Login, o outcome) Decision {
+	d := l.verdict(now, nil, o)
+	c := l.counter(CounterKey{login.Role, d.Policy})
+	switch d.Kind {
+	case Evict:
+		c.DryRunEvictions += uint64(len(d.Victims))
+		for range d.Victims {
+			l.spend(now, o.view, login)
+		}
+	case Wait:
+		c.DryRunWaits++
+	case Reject:
+		c.DryRunRejections++
+	}
+	if o.thrash {
+		l.thrashed(now, o.view, d)
+		c.BudgetFallbacks++
+	}
 	return d
 }
 
@@ -639,11 +770,14 @@ func (s *scopeView) usage() string {
 func describeVictims(now time.Time, p Policy, victims []Holder) string {
 	parts := make([]string, len(victims))
 	for i, v := range victims {
+		what := fmt.Sprintf("age %s", human(now.Sub(v.BackendStart)))
 		if p == PolicyEvictIdle {
-			parts[i] = fmt.Sprintf("pid %d (idle %s)", v.PID, human(now.Sub(v.StateChange)))
-		} else {
-			parts[i] = fmt.Sprintf("pid %d (age %s)", v.PID, human(now.Sub(v.BackendStart)))
+			what = fmt.Sprintf("idle %s", human(now.Sub(v.StateChange)))
 		}
+		if v.ApplicationName != "" {
+			what += fmt.Sprintf(", application %q", v.ApplicationName)
+		}
+		parts[i] = fmt.Sprintf("pid %d (%s)", v.PID, what)
 	}
 	what := "oldest session"
 	if p == PolicyEvictIdle {

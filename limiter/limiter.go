@@ -33,6 +33,11 @@ type Limiter struct {
 	// Login.CensusEpoch). epoch numbers them.
 	landed []landing
 	epoch  uint64
+	// spent books the evictions of each limit with a budget, oldest
+	// first, within the budget's window; thrashing are the limits whose
+	// budget turned a login away.
+	spent     map[queueKey][]spending
+	thrashing map[queueKey]*thrash
 }
 
 // New returns an empty limiter reading time from now (time.Now in production,
@@ -128,6 +133,13 @@ type Counters struct {
 	Rejections    uint64 // Reject decisions, wait timeouts included
 	WaitTimeouts  uint64 // rejections because a wait reached its WaitTimeout
 	Waits         uint64 // logins that started waiting (once per login)
+	// What dry-run rules decided and did not do (Rule.DryRun).
+	DryRunEvictions  uint64 // victims a dry-run rule would have evicted
+	DryRunRejections uint64 // logins it would have rejected
+	DryRunWaits      uint64 // logins it would have made wait
+	// BudgetFallbacks are decisions the fallback took because the eviction
+	// budget was spent (Rule.Budget).
+	BudgetFallbacks uint64
 }
 
 func (l *Limiter) counter(k CounterKey) *Counters {
@@ -160,6 +172,9 @@ type Snapshot struct {
 	// Evicting lists the victims handed out and not yet reported, by pid.
 	Evicting []Eviction
 	Counters map[CounterKey]Counters
+	// Thrashing lists the limits whose eviction budget turned a login away
+	// within the budget's window.
+	Thrashing []Thrash
 }
 
 // Snapshot copies the current state.
@@ -190,5 +205,6 @@ func (l *Limiter) Snapshot() Snapshot {
 	for k, c := range l.counters {
 		s.Counters[k] = *c
 	}
+	s.Thrashing = l.thrashes(now)
 	return s
 }

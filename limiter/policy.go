@@ -2,6 +2,8 @@ package limiter
 
 import (
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -72,6 +74,108 @@ type Rule struct {
 	// count against the limit, and when only they remain the fallback
 	// decides (see Protect).
 	Protect []Protect
+	// DryRun makes the rule decide as it would and carry nothing out: an
+	// Evict, Wait or Reject it reaches is reported in Decision.Would and
+	// the counters' DryRun fields, and the login is admitted (the server's
+	// own limit still applies to it). Operators turn it on to see what a
+	// policy would do before it does it.
+	DryRun bool
+	// EvictScope narrows the sessions an evicting policy may choose to
+	// those of the login's own application or client (see EvictScope).
+	EvictScope EvictScope
+	// Budget bounds the evictions of this limit over time; past it the
+	// fallback decides and the limit is reported as thrashing (see
+	// Budget). The zero Budget sets no bound.
+	Budget Budget
+}
+
+// EvictScope says which sessions a login may evict. The values are
+// proxy.toml's spelling.
+type EvictScope string
+
+// The scopes of eviction.
+const (
+	// EvictAny: any session of the limit (the default).
+	EvictAny EvictScope = "any"
+	// EvictSameApplication: only sessions with the login's application_name,
+	// so a storm of one application never evicts another's sessions.
+	EvictSameApplication EvictScope = "same-application"
+	// EvictSameClient: only sessions from the login's client address, so a
+	// leaked pool on one host evicts its own stale sessions and never a
+	// colleague's psql.
+	EvictSameClient EvictScope = "same-client"
+)
+
+// ParseEvictScope reads an evict_scope as proxy.toml spells it; "" is
+// EvictAny.
+func ParseEvictScope(s string) (EvictScope, error) {
+	switch e := EvictScope(s); e {
+	case "", EvictAny:
+		return EvictAny, nil
+	case EvictSameApplication, EvictSameClient:
+		return e, nil
+	}
+	return "", fmt.Errorf("unknown evict_scope %q (want any, same-application or same-client)", s)
+}
+
+// Budget is an eviction budget: at most Evictions victims per Per, over a
+// sliding window. A pool larger than its role's limit under newest-wins
+// would otherwise evict its own connections in a loop.
+type Budget struct {
+	Evictions int
+	Per       time.Duration
+}
+
+// Set reports whether the budget bounds anything.
+func (b Budget) Set() bool { return b.Per > 0 }
+
+// String is the budget as ParseBudget reads it: "30/min", or "off".
+func (b Budget) String() string {
+	if !b.Set() {
+		return "off"
+	}
+	for _, u := range budgetUnits {
+		if b.Per == u.d {
+			return fmt.Sprintf("%d/%s", b.Evictions, u.name)
+		}
+	}
+	return fmt.Sprintf("%d/%s", b.Evictions, b.Per)
+}
+
+var budgetUnits = []struct {
+	name string
+	d    time.Duration
+}{{"s", time.Second}, {"sec", time.Second}, {"min", time.Minute}, {"h", time.Hour}, {"hour", time.Hour}}
+
+// ParseBudget reads a max_evictions value: "30/min", "5/s", "100/hour",
+// "10/30s" (any Go duration after the slash), or "off" for no bound.
+func ParseBudget(s string) (Budget, error) {
+	if s == "off" {
+		return Budget{}, nil
+	}
+	n, per, ok := strings.Cut(s, "/")
+	bad := fmt.Errorf("invalid max_evictions %q (write it like \"30/min\", \"5/s\", \"100/hour\" or \"off\")", s)
+	if !ok {
+		return Budget{}, bad
+	}
+	count, err := strconv.Atoi(n)
+	if err != nil || count < 0 {
+		return Budget{}, bad
+	}
+	b := Budget{Evictions: count}
+	for _, u := range budgetUnits {
+		if per == u.name {
+			b.Per = u.d
+		}
+	}
+	if b.Per == 0 {
+		d, err := time.ParseDuration(per)
+		if err != nil || d <= 0 {
+			return Budget{}, bad
+		}
+		b.Per = d
+	}
+	return b, nil
 }
 
 // NoLimit returns a Rule that never limits anyone. It is a function, not a
@@ -96,6 +200,12 @@ func (r Rule) Validate() error {
 	}
 	if r.WaitTimeout < 0 {
 		return fmt.Errorf("wait_timeout: %s is negative", r.WaitTimeout)
+	}
+	if _, err := ParseEvictScope(string(r.EvictScope)); err != nil {
+		return fmt.Errorf("evict_scope: %w", err)
+	}
+	if r.Budget.Evictions < 0 || r.Budget.Per < 0 {
+		return fmt.Errorf("max_evictions: %s is negative", r.Budget)
 	}
 	return nil
 }

@@ -56,7 +56,9 @@ func (p Protect) String() string {
 	return p.what + ":" + p.glob
 }
 
-// Matches reports whether the entry protects h. A session whose client
+// Matches reports whether the entry protects h. A client entry matches the
+// session's origin (Holder.Origin: for a session rolegate relays, its
+// client's address, not rolegate's). A session whose client
 // address the census could not see (a Unix socket, or no pg_read_all_stats)
 // matches no client entry.
 func (p Protect) Matches(h Holder) bool {
@@ -68,7 +70,8 @@ func (p Protect) Matches(h Holder) bool {
 		ok, _ := path.Match(p.glob, h.Role)
 		return ok
 	case "client":
-		return h.Client.IsValid() && p.network.Contains(h.Client.Addr().Unmap())
+		o := h.origin()
+		return o.IsValid() && p.network.Contains(o)
 	}
 	return false
 }
