@@ -33,7 +33,7 @@ import (
 //	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
 //	KILL <pid>
 //	SET LIMIT <role> <n>
-//	SET POLICY <role> <policy>
+//	SET POLICY <role> <policy> [DRY RUN]
 //	RELOAD
 //
 // Role names are taken as written; double quotes allow spaces and ';'.
@@ -57,7 +57,7 @@ const maxConsoleQuery = 1 << 20
 
 // consoleHint lists the commands, for syntax errors.
 const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION; " +
-	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy>; RELOAD"
+	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy> [DRY RUN]; RELOAD"
 
 // ServeConsole owns the conversation until the client leaves (Terminate or a
 // closed socket: nil) or ctx ends (the client is told with a FATAL 57P01 and
@@ -283,7 +283,10 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 	case kw(0, "SET") && kw(1, "LIMIT") && len(w) == 4:
 		return s.setLimit(w[2], w[3])
 	case kw(0, "SET") && kw(1, "POLICY") && len(w) == 4:
-		return s.setPolicy(w[2], w[3])
+		return s.setPolicy(w[2], w[3], false)
+	case kw(0, "SET") && kw(1, "POLICY") && (len(w) == 5 && (kw(4, "dry-run") || kw(4, "dry_run")) ||
+		len(w) == 6 && kw(4, "DRY") && kw(5, "RUN")):
+		return s.setPolicy(w[2], w[3], true)
 	case kw(0, "RELOAD") && len(w) == 1:
 		return s.reload()
 	}
@@ -430,12 +433,17 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 	cols := []column{{"role", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
 		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4},
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
-		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText}}
+		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText},
+		{"override_dry_run", oidText}, {"dry_run_evictions", oidInt8}, {"dry_run_rejections", oidInt8},
+		{"dry_run_waits", oidInt8}, {"budget_fallbacks", oidInt8}, {"thrashing", oidText}}
 	rows := make([][][]byte, 0, len(views))
 	for _, r := range views {
 		t := sum(r.Policies)
-		var maxS, pol []byte
+		var maxS, pol, dry []byte
 		if o, ok := ovr[r.Role]; ok {
+			if o.DryRun != nil {
+				dry = boolean(*o.DryRun)
+			}
 			if o.MaxSessions != nil {
 				maxS = num(*o.MaxSessions)
 			}
@@ -445,9 +453,20 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 		}
 		row := append([][]byte{txt(r.Role)}, limitCells(limitInfo{Limit: r.Limit, Source: r.LimitSource, Policy: r.Policy})...)
 		rows = append(rows, append(row, num(r.Sessions), num(r.SessionsElsewhere), num(r.Waiting), num(t.Admitted),
-			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol))
+			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol,
+			dry, num(t.DryRunEvictions), num(t.DryRunRejections), num(t.DryRunWaits), num(t.BudgetFallbacks),
+			txt(thrashCell(r))))
 	}
 	s.table("SHOW", cols, rows)
+}
+
+// thrashCell is SHOW ROLES' thrashing column: "no", or the clients that
+// spent the budget.
+func thrashCell(r role) string {
+	if !r.Thrashing {
+		return "no"
+	}
+	return "yes: " + strings.Join(r.Evictors, ", ")
 }
 
 func (s *consoleSession) showDatabases(ctx context.Context) {
@@ -495,13 +514,13 @@ func (s *consoleSession) showEvictions(ctx context.Context) {
 	cols := []column{{"time", oidText}, {"instance", oidText}, {"kind", oidText}, {"role", oidText}, {"database", oidText},
 		{"client", oidText}, {"victim_pid", oidInt4}, {"victim_role", oidText}, {"victim_client", oidText},
 		{"via_rolegate", oidText}, {"policy", oidText}, {"scope", oidText}, {"reason", oidText},
-		{"victim_application_name", oidText}, {"victim_age", oidText}, {"victim_idle", oidText}}
+		{"victim_application_name", oidText}, {"victim_age", oidText}, {"victim_idle", oidText}, {"dry_run", oidText}}
 	var rows [][][]byte
 	for _, e := range s.c.opts.Proxy.History(ctx, EventsShown) { // newest first
 		rows = append(rows, [][]byte{ts(e.Time), txtOrNull(e.Instance), txt(e.Kind), txtOrNull(e.Role), txtOrNull(e.Database),
 			txtOrNull(e.Client), pidOrNull(e.VictimPID), txtOrNull(e.VictimRole), txtOrNull(e.VictimClient),
 			boolean(e.ViaRolegate), txtOrNull(e.Policy), txtOrNull(e.Scope), txtOrNull(e.Reason),
-			txtOrNull(e.VictimApplicationName), durationOrNull(e.VictimAge), durationOrNull(e.VictimIdle)})
+			txtOrNull(e.VictimApplicationName), durationOrNull(e.VictimAge), durationOrNull(e.VictimIdle), boolean(e.DryRun)})
 	}
 	s.table("SHOW", cols, rows)
 }
@@ -604,8 +623,11 @@ func (s *consoleSession) setLimit(role, arg string) *consoleError {
 	return nil
 }
 
-func (s *consoleSession) setPolicy(role, arg string) *consoleError {
-	if s.c.opts.Override == nil {
+// setPolicy overrides role's policy until the next reload: in dry run
+// (decide and log, act on nothing) or live, which ends a dry run that
+// proxy.toml or an earlier SET POLICY ... DRY RUN set.
+func (s *consoleSession) setPolicy(role, arg string, dry bool) *consoleError {
+	if s.c.opts.Override == nil || s.c.opts.OverrideDryRun == nil {
 		return errorf("55000", "limits are not enabled")
 	}
 	p, err := limiter.ParsePolicy(strings.ToLower(arg))
@@ -613,8 +635,13 @@ func (s *consoleSession) setPolicy(role, arg string) *consoleError {
 		return errorf("22023", "invalid policy %q: valid policies are reject, wait, newest-wins and evict-idle", arg)
 	}
 	s.c.opts.Override(role, nil, &p)
-	s.c.log.Info("console: role policy overridden until the next reload", "by", s.by, "role", role, "policy", p.String())
-	s.notice(fmt.Sprintf("role %q: policy %s until the next reload", role, p))
+	s.c.opts.OverrideDryRun(role, dry)
+	mode := "live"
+	if dry {
+		mode = "dry run"
+	}
+	s.c.log.Info("console: role policy overridden until the next reload", "by", s.by, "role", role, "policy", p.String(), "dry_run", dry)
+	s.notice(fmt.Sprintf("role %q: policy %s (%s) until the next reload", role, p, mode))
 	s.send(&pgproto3.CommandComplete{CommandTag: []byte("SET")})
 	return nil
 }

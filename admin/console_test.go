@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"net"
 	"os"
@@ -209,6 +210,19 @@ func (o *overrideLog) override(role string, n *int, p *limiter.Policy) {
 	o.calls = append(o.calls, call)
 }
 
+// dryRun records OverrideDryRun as a call of its own.
+func (o *overrideLog) dryRun(role string, on bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.set == nil {
+		o.set = map[string]proxy.Override{}
+	}
+	cur := o.set[role]
+	cur.DryRun = &on
+	o.set[role] = cur
+	o.calls = append(o.calls, fmt.Sprintf("%s dry run %v", role, on))
+}
+
 func (o *overrideLog) overrides() map[string]proxy.Override {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -250,11 +264,12 @@ func TestConsole(t *testing.T) {
 			reloadBy = append(reloadBy, by)
 			return reloadErr
 		},
-		ConfigText: func() string { return "[server]\naddress = \"x\"\n\n[control]\ndsn = \"<redacted>\"\n" },
-		Version:    "1.2.3",
-		Override:   ovr.override,
-		Overrides:  ovr.overrides,
-		Logger:     r.logger,
+		ConfigText:     func() string { return "[server]\naddress = \"x\"\n\n[control]\ndsn = \"<redacted>\"\n" },
+		Version:        "1.2.3",
+		Override:       ovr.override,
+		OverrideDryRun: ovr.dryRun,
+		Overrides:      ovr.overrides,
+		Logger:         r.logger,
 	}
 	cc := startConsole(t, opts, "opsadmin")
 
@@ -390,10 +405,15 @@ func TestConsole(t *testing.T) {
 		if len(res.notices) != 1 {
 			t.Errorf("notices %v", res.notices)
 		}
-		cc.ok(t, `set policy "lim_user" Wait;`, "SET")
-		if got := ovr.lastCall(); got != "lim_user policy wait" {
+		cc.ok(t, `set policy "lim_user" newest-wins DRY RUN`, "SET")
+		if got := ovr.lastCall(); got != "lim_user dry run true" {
 			t.Errorf("override call %q", got)
 		}
+		cc.ok(t, `set policy "lim_user" Wait;`, "SET")
+		if got := ovr.lastCall(); got != "lim_user dry run false" {
+			t.Errorf("override call %q", got)
+		}
+		cc.fails(t, "set policy lim_user wait dry walk", "42601", "syntax error")
 		e := cc.fails(t, "set policy lim_user oldest-wins", "22023", `invalid policy "oldest-wins"`)
 		for _, p := range []string{"reject", "wait", "newest-wins", "evict-idle"} {
 			if !strings.Contains(e.Message, p) {
@@ -402,7 +422,7 @@ func TestConsole(t *testing.T) {
 		}
 		cc.fails(t, "set limit lim_user -1", "22023", "invalid limit")
 		cc.fails(t, "set limit lim_user many", "22023", "invalid limit")
-		if got := ovr.lastCall(); got != "lim_user policy wait" {
+		if got := ovr.lastCall(); got != "lim_user dry run false" {
 			t.Errorf("a refused SET called Override: %q", got)
 		}
 		res = cc.ok(t, "show roles", "SHOW")
@@ -523,6 +543,7 @@ func startConsoleRigWith(t *testing.T, roleRules rules, adjust func(*proxy.Confi
 		ConfigText:     func() string { return "[admin]\nusers = [\"opsadmin\"]\n" },
 		Version:        "test",
 		Override:       r.limits.Override,
+		OverrideDryRun: r.limits.OverrideDryRun,
 		Overrides:      r.limits.Overrides,
 		Effective:      r.limits.Effective,
 		ServerSessions: r.control.Sessions,
@@ -675,6 +696,7 @@ func TestServerSessionsAndLimits(t *testing.T) {
 		Proxy:           r.srv,
 		Limiter:         r.limits.Limiter.Snapshot,
 		Override:        r.limits.Override,
+		OverrideDryRun:  r.limits.OverrideDryRun,
 		Overrides:       r.limits.Overrides,
 		Effective:       r.limits.Effective,
 		ServerSessions:  r.control.Sessions,

@@ -74,6 +74,10 @@ type Options struct {
 	// next reload (proxy.Limits.Override); a nil pointer leaves that part as
 	// it is. Nil when no limits are enforced: SET answers 55000.
 	Override func(role string, maxSessions *int, policy *limiter.Policy)
+	// OverrideDryRun turns a role rule's dry run on or off until the next
+	// reload (proxy.Limits.OverrideDryRun). Nil: SET POLICY cannot say DRY
+	// RUN.
+	OverrideDryRun func(role string, on bool)
 	// Overrides returns a copy of the overrides in force (proxy.Limits.Overrides),
 	// for SHOW ROLES. May be nil.
 	Overrides func() map[string]proxy.Override
@@ -271,7 +275,8 @@ func (h *HTTP) instances(w http.ResponseWriter, r *http.Request) {
 type event struct {
 	Time         time.Time `json:"time"`
 	Instance     string    `json:"instance,omitempty"` // the rolegate instance that decided
-	Kind         string    `json:"kind"`               // eviction | rejection | kill
+	Kind         string    `json:"kind"`               // eviction | rejection | kill | wait (dry run only)
+	DryRun       bool      `json:"dry_run"`            // decided by a dry-run rule and not carried out
 	Role         string    `json:"role,omitempty"`
 	Database     string    `json:"database,omitempty"`
 	Client       string    `json:"client,omitempty"`
@@ -307,7 +312,7 @@ func (h *HTTP) events(ctx context.Context) []event {
 	out := make([]event, 0, len(events))
 	for _, e := range events {
 		out = append(out, event{
-			Time: e.Time, Instance: e.Instance, Kind: e.Kind, Role: e.Role, Database: e.Database, Client: e.Client,
+			Time: e.Time, Instance: e.Instance, Kind: e.Kind, DryRun: e.DryRun, Role: e.Role, Database: e.Database, Client: e.Client,
 			Policy: e.Policy, Scope: e.Scope, VictimPID: e.VictimPID, VictimRole: e.VictimRole,
 			VictimClient: e.VictimClient, ViaRolegate: e.ViaRolegate, Reason: e.Reason,
 			VictimApplicationName: e.VictimApplicationName, VictimAge: seconds(e.VictimAge), VictimIdle: seconds(e.VictimIdle),
@@ -336,6 +341,11 @@ type role struct {
 	LimitSource       string    `json:"limit_source,omitempty"` // proxy.toml | server | override | none
 	Policy            string    `json:"policy,omitempty"`       // the policy a login at the limit meets
 	Policies          []counter `json:"policies"`
+	// Thrashing is set while the role limit's eviction budget
+	// (max_evictions) is spent: its fallback decides, and Evictors are the
+	// clients that spent it (application_name@address).
+	Thrashing bool     `json:"thrashing"`
+	Evictors  []string `json:"evictors,omitempty"`
 }
 
 type counter struct {
@@ -346,12 +356,19 @@ type counter struct {
 	Rejections    uint64 `json:"rejections"`
 	Waits         uint64 `json:"waits"`
 	WaitTimeouts  uint64 `json:"wait_timeouts"`
+	// What a dry-run rule would have done, and did not.
+	DryRunEvictions  uint64 `json:"dry_run_evictions"`
+	DryRunRejections uint64 `json:"dry_run_rejections"`
+	DryRunWaits      uint64 `json:"dry_run_waits"`
+	// BudgetFallbacks: the fallback decided because max_evictions was spent.
+	BudgetFallbacks uint64 `json:"budget_fallbacks"`
 }
 
 // counterOf is the limiter's counters of one policy as the API shows them.
 func counterOf(policy limiter.Policy, c limiter.Counters) counter {
 	return counter{Policy: string(policy), Admitted: c.Admitted, Evictions: c.Evictions, EvictFailures: c.EvictFailures,
-		Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts}
+		Rejections: c.Rejections, Waits: c.Waits, WaitTimeouts: c.WaitTimeouts, DryRunEvictions: c.DryRunEvictions,
+		DryRunRejections: c.DryRunRejections, DryRunWaits: c.DryRunWaits, BudgetFallbacks: c.BudgetFallbacks}
 }
 
 // sum adds counters up across policies; the result has no policy.
@@ -364,6 +381,10 @@ func sum(cs []counter) counter {
 		t.Rejections += c.Rejections
 		t.Waits += c.Waits
 		t.WaitTimeouts += c.WaitTimeouts
+		t.DryRunEvictions += c.DryRunEvictions
+		t.DryRunRejections += c.DryRunRejections
+		t.DryRunWaits += c.DryRunWaits
+		t.BudgetFallbacks += c.BudgetFallbacks
 	}
 	return t
 }

@@ -50,6 +50,15 @@ var (
 	descWaitTimeouts = prometheus.NewDesc("rolegate_wait_timeouts_total",
 		"Logins refused because their wait reached wait_timeout, by role and policy.",
 		[]string{"role", "policy"}, nil)
+	descDryRun = prometheus.NewDesc("rolegate_dry_run_decisions_total",
+		"What dry-run rules would have done and did not (decision: eviction, rejection, wait), by role and policy.",
+		[]string{"role", "policy", "decision"}, nil)
+	descBudgetFallbacks = prometheus.NewDesc("rolegate_eviction_budget_fallbacks_total",
+		"Logins whose limit's eviction budget (max_evictions) was spent, so that its fallback decided, by role and policy.",
+		[]string{"role", "policy"}, nil)
+	descThrashing = prometheus.NewDesc("rolegate_limit_thrashing",
+		"1 for each role or database limit whose eviction budget is spent now (it thrashes: see the warning naming the clients).",
+		[]string{"scope", "name"}, nil)
 )
 
 // collector is a prometheus.Collector over the proxy's and the limiter's
@@ -61,7 +70,8 @@ type collector struct {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSessions, descSessionBytes, descWaiting, descEvicting,
-		descAdmitted, descEvictions, descEvictFailures, descRejections, descWaits, descWaitTimeouts} {
+		descAdmitted, descEvictions, descEvictFailures, descRejections, descWaits, descWaitTimeouts,
+		descDryRun, descBudgetFallbacks, descThrashing} {
 		ch <- d
 	}
 }
@@ -108,9 +118,16 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			{descRejections, v.Rejections},
 			{descWaits, v.Waits},
 			{descWaitTimeouts, v.WaitTimeouts},
+			{descBudgetFallbacks, v.BudgetFallbacks},
 		} {
 			ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v), role, policy)
 		}
+		for decision, n := range map[string]uint64{"eviction": v.DryRunEvictions, "rejection": v.DryRunRejections, "wait": v.DryRunWaits} {
+			ch <- prometheus.MustNewConstMetric(descDryRun, prometheus.CounterValue, float64(n), role, policy, decision)
+		}
+	}
+	for _, t := range snap.Thrashing {
+		ch <- prometheus.MustNewConstMetric(descThrashing, prometheus.GaugeValue, 1, t.Scope.String(), t.Name)
 	}
 }
 

@@ -256,6 +256,12 @@ func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sess
 			r := get(k.Role)
 			r.Policies = append(r.Policies, counterOf(k.Policy, c))
 		}
+		for _, t := range snap.Thrashing {
+			if t.Scope == limiter.ScopeRole {
+				r := get(t.Name)
+				r.Thrashing, r.Evictors = true, t.Evictors
+			}
+		}
 	}
 	out := make([]role, 0, len(byName))
 	for _, r := range byName {

@@ -80,6 +80,9 @@ type admission struct {
 	// (its backend exits a moment after its socket closes), so the login
 	// looks again soon, backing off to the poll interval.
 	recheck time.Duration
+	// dryRun: a dry-run rule would not have admitted the login; the
+	// server's own 53300 to it then reaches the client as it is.
+	dryRun bool
 }
 
 // Re-checks after a wake-up that found no slot: the first after
@@ -155,7 +158,8 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 		return nil, nil
 	}
 	a := &admission{s: s, lim: lim, sess: sess, log: log, client: c.client, cr: c.cr, self: self, authOut: c.authOut,
-		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database}}
+		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database,
+			ApplicationName: sess.appName, Client: addrOf(sess.clientAddr)}}
 	if err := a.rules(ctx); err != nil {
 		return nil, err
 	}
@@ -203,6 +207,7 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 			if waiting {
 				log.Info("admitted after waiting", "waited", time.Since(started).Round(time.Millisecond))
 			}
+			c.dryRun = a.dryRun
 			sess.setState(StateConnecting)
 			return l, nil
 		case limiter.Reject:
@@ -513,6 +518,7 @@ func (a *admission) decide(ctx context.Context) (limiter.Decision, error) {
 		}
 		d := a.lim.Limiter.Decide(a.login, a.role, a.db, holders)
 		a.login.Ticket = d.Ticket
+		a.tell(d)
 		if d.Kind != limiter.Evict {
 			return d, nil
 		}
@@ -884,9 +890,11 @@ var errServerFull = errors.New("server at its connection limit")
 
 // markOwn flags the census rows that are sessions rolegate holds.
 func (s *Server) markOwn(holders []limiter.Holder) {
-	own := s.registry.backendPIDs()
+	own := s.registry.origins()
 	for i := range holders {
-		holders[i].ViaRolegate = own[holders[i].PID]
+		origin, ok := own[holders[i].PID]
+		holders[i].ViaRolegate = ok
+		holders[i].Origin = origin // protect lists and same-client match the real client
 	}
 }
 

@@ -46,6 +46,7 @@ type clientConn struct {
 	keys    *auth.Keys // proxy mode: the client's recovered keys, which log in to the server
 	lease   *lease     // proxy mode: the admitted login's reserved slot, until its backend is counted
 	counted bool       // a limit applied to the login: its session's end is signalled to other instances
+	dryRun  bool       // a dry-run rule would not have admitted it: the server's 53300 is passed on
 	// detached: the session was handed to the event loop, which ends it; the
 	// goroutine that handled the login has returned.
 	detached bool
@@ -274,6 +275,9 @@ func (c *clientConn) admitAndLogIn() error {
 // limit to count it against) goes through admission again, serverRetries
 // times at most.
 func (c *clientConn) mayRetryFull(attempt int, full time.Time) bool {
+	if c.dryRun {
+		return false // a dry run admitted it over a limit: the server's 53300 is the answer
+	}
 	if c.lease.reserved() {
 		return full.IsZero() || time.Since(full) < serverFullPatience
 	}

@@ -45,6 +45,10 @@ type History interface {
 	Recent(ctx context.Context, limit int) ([]upstream.HistoryEvent, error)
 }
 
+// dryRunKind prefixes the kind of a dry-run decision in the history table:
+// "dry-run eviction".
+const dryRunKind = "dry-run "
+
 // newInstanceTag is a random name for an instance that has none: 8 hex digits.
 func newInstanceTag() string {
 	var b [4]byte
@@ -58,7 +62,11 @@ func (s *Server) record(e Event) {
 	e.Instance = s.cfg.Instance
 	s.events.add(e)
 	if s.cfg.History != nil {
-		s.cfg.History.Write(upstream.HistoryEvent{At: e.Time, Instance: e.Instance, Kind: e.Kind, Policy: e.Policy,
+		kind := e.Kind
+		if e.DryRun {
+			kind = dryRunKind + kind // the table's kind column says it all
+		}
+		s.cfg.History.Write(upstream.HistoryEvent{At: e.Time, Instance: e.Instance, Kind: kind, Policy: e.Policy,
 			Scope: e.Scope, Role: e.Role, Database: e.Database, Client: e.Client, VictimPID: e.VictimPID,
 			VictimRole: e.VictimRole, VictimApplicationName: e.VictimApplicationName, VictimClient: e.VictimClient,
 			VictimAge: e.VictimAge, VictimIdle: e.VictimIdle, ViaRolegate: e.ViaRolegate, Reason: e.Reason})
@@ -87,7 +95,8 @@ func (s *Server) History(ctx context.Context, limit int) []Event {
 	}
 	out := make([]Event, 0, len(rows))
 	for _, r := range rows {
-		out = append(out, Event{Time: r.At, Instance: r.Instance, Kind: r.Kind, Policy: r.Policy, Scope: r.Scope,
+		kind, dry := strings.CutPrefix(r.Kind, dryRunKind)
+		out = append(out, Event{Time: r.At, Instance: r.Instance, Kind: kind, DryRun: dry, Policy: r.Policy, Scope: r.Scope,
 			Role: r.Role, Database: r.Database, Client: r.Client, VictimPID: r.VictimPID, VictimRole: r.VictimRole,
 			VictimApplicationName: r.VictimApplicationName, VictimClient: r.VictimClient, VictimAge: r.VictimAge,
 			VictimIdle: r.VictimIdle, ViaRolegate: r.ViaRolegate, Reason: r.Reason})

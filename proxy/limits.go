@@ -37,6 +37,9 @@ type Limits struct {
 type Override struct {
 	MaxSessions *int
 	Policy      *limiter.Policy
+	// DryRun, when set, turns the role rule's dry run on or off (SET
+	// POLICY ... DRY RUN, or a plain SET POLICY, which goes live).
+	DryRun *bool
 }
 
 // Override sets or changes role's override; nil leaves a field as it is. A
@@ -58,6 +61,21 @@ func (l *Limits) Override(role string, maxSessions *int, policy *limiter.Policy)
 		p := *policy
 		o.Policy = &p
 	}
+	l.overrides[role] = o
+}
+
+// Overrides returns a copy of the overrides in force.
+// OverrideDryRun turns dry run on or off for role's rule until the next
+// reload; like Override, it keeps what else is overridden.
+func (l *Limits) OverrideDryRun(role string, on bool) {
+	role = pgname.Identifier(role)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.overrides == nil {
+		l.overrides = make(map[string]Override)
+	}
+	o := l.overrides[role]
+	o.DryRun = &on
 	l.overrides[role] = o
 }
 
@@ -131,6 +149,9 @@ func (l *Limits) effective(ctx context.Context, role, database string) (roleRule
 		}
 		if o.Policy != nil {
 			roleRule.Policy = *o.Policy
+		}
+		if o.DryRun != nil {
+			roleRule.DryRun = *o.DryRun
 		}
 	}
 	if !box.serverLimits && !roleRule.Limited() && !dbRule.Limited() {

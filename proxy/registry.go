@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"net/netip"
 	"slices"
 	"sync"
 )
@@ -201,4 +202,26 @@ func (r *registry) backendPIDs() map[uint32]bool {
 		pids[pid] = true
 	}
 	return pids
+}
+
+// origins maps the backend pids of the sessions rolegate relays to their
+// clients' addresses (invalid for a Unix socket client).
+func (r *registry) origins() map[uint32]netip.Addr {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[uint32]netip.Addr, len(r.byPID))
+	for pid, s := range r.byPID {
+		out[pid] = addrOf(s.clientAddr)
+	}
+	return out
+}
+
+// addrOf is the address of a client address string (host:port), invalid
+// for anything else (a Unix socket's path, "").
+func addrOf(hostport string) netip.Addr {
+	ap, err := netip.ParseAddrPort(hostport)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
 }

@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS rolegate.events (
 );
 ALTER TABLE rolegate.events
     ADD COLUMN IF NOT EXISTS instance text,
-    ADD COLUMN IF NOT EXISTS kind text,          -- eviction | rejection | kill
+    ADD COLUMN IF NOT EXISTS kind text,          -- eviction | rejection | kill, or "dry-run eviction" | "dry-run rejection" | "dry-run wait"
     ADD COLUMN IF NOT EXISTS policy text,
     ADD COLUMN IF NOT EXISTS scope text,         -- role | database: which limit
     ADD COLUMN IF NOT EXISTS role text,          -- the login's role

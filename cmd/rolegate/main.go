@@ -410,6 +410,7 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Me
 	if p.limits != nil {
 		o.Limiter = p.limits.Limiter.Snapshot
 		o.Override = p.limits.Override
+		o.OverrideDryRun = p.limits.OverrideDryRun
 		o.Overrides = p.limits.Overrides
 		o.Effective = p.limits.Effective
 	}
