@@ -34,6 +34,7 @@ import (
 //	KILL <pid>
 //	SET LIMIT <role> <n>
 //	SET POLICY <role> <policy> [DRY RUN]
+//	EXPLAIN LOGIN <role> [<database> [<application_name> [<client address>]]]
 //	RELOAD
 //
 // Role names are taken as written; double quotes allow spaces and ';'.
@@ -57,7 +58,7 @@ const maxConsoleQuery = 1 << 20
 
 // consoleHint lists the commands, for syntax errors.
 const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION; " +
-	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy> [DRY RUN]; RELOAD"
+	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy> [DRY RUN]; EXPLAIN LOGIN <role> [<database> [<application_name> [<client>]]]; RELOAD"
 
 // ServeConsole owns the conversation until the client leaves (Terminate or a
 // closed socket: nil) or ctx ends (the client is told with a FATAL 57P01 and
@@ -287,6 +288,8 @@ func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
 	case kw(0, "SET") && kw(1, "POLICY") && (len(w) == 5 && (kw(4, "dry-run") || kw(4, "dry_run")) ||
 		len(w) == 6 && kw(4, "DRY") && kw(5, "RUN")):
 		return s.setPolicy(w[2], w[3], true)
+	case kw(0, "EXPLAIN") && kw(1, "LOGIN") && len(w) >= 3 && len(w) <= 6:
+		return s.explainLogin(ctx, w[2:])
 	case kw(0, "RELOAD") && len(w) == 1:
 		return s.reload()
 	}

@@ -102,6 +102,10 @@ type Options struct {
 	// ConfiguredDatabases names the databases with a rule in proxy.toml, so
 	// that SHOW DATABASES lists them before anyone connects. May be nil.
 	ConfiguredDatabases func() []string
+	// Explain tells what a login would get now (proxy.Server.Explain), for
+	// EXPLAIN LOGIN and /api/explain. Nil without limits and a control
+	// connection.
+	Explain func(ctx context.Context, role, database, app, client string) (proxy.Explanation, error)
 }
 
 // ReadyTimeout bounds one readiness check.
@@ -177,6 +181,7 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/evictions", h.evictions)
 	mux.HandleFunc("GET /api/roles", h.roles)
 	mux.HandleFunc("GET /api/instances", h.instances)
+	mux.HandleFunc("GET /api/explain", h.explain)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
 	h.registerPage(mux) // the live page at / (page.go)

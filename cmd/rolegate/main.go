@@ -418,6 +418,7 @@ func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Me
 		o.ServerSessions = p.control.Sessions
 	}
 	if p.limits != nil && p.control != nil {
+		o.Explain = srv.Explain
 		o.Instances = srv.Instances
 	}
 	o.ConfiguredRoles = func() []string {
