@@ -269,6 +269,7 @@ func (h *history) view(role string) []roleHistoryView {
 type sampler struct {
 	opts     Options // roleViews' parts, see newSampler
 	interval time.Duration
+	timeout  time.Duration // bounds one sample: viewTimeout
 	hist     *history
 	log      *slog.Logger
 
@@ -288,7 +289,7 @@ type sampler struct {
 }
 
 func newSampler(opts Options, log *slog.Logger) *sampler {
-	s := &sampler{interval: opts.HistoryInterval, hist: newHistory(HistoryPoints, historyRoles), log: log}
+	s := &sampler{interval: opts.HistoryInterval, timeout: viewTimeout, hist: newHistory(HistoryPoints, historyRoles), log: log}
 	if s.interval <= 0 {
 		s.interval = DefaultHistoryInterval
 	}
@@ -340,10 +341,10 @@ func (s *sampler) run(ctx context.Context) {
 	}
 }
 
-// sample takes one sample, bounded by viewTimeout; a failed one is logged
+// sample takes one sample, bounded by s.timeout; a failed one is logged
 // (rate-limited) and skipped.
 func (s *sampler) sample(parent context.Context) {
-	ctx, cancel := viewContext(parent)
+	ctx, cancel := context.WithTimeout(parent, s.timeout)
 	defer cancel()
 	s.failed = nil
 	infos := s.opts.Proxy.Sessions()

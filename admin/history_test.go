@@ -246,3 +246,42 @@ func TestHistoryAPI(t *testing.T) {
 		t.Errorf("POST /api/history: %d, want 405", got)
 	}
 }
+
+// A sample whose control-connection calls outlast its timeout, even one
+// that swallows the error, is skipped and logged.
+func TestSamplerTimeout(t *testing.T) {
+	logs := &testutil.SyncBuffer{}
+	p := &listProxy{sessions: []proxy.SessionInfo{{ID: 1, Verified: true, User: "app", BackendPID: 10, State: proxy.StateIdle}}}
+	s := newSampler(Options{Proxy: p, ServerSessions: func(ctx context.Context, _ []string) ([]upstream.Backend, error) {
+		<-ctx.Done()
+		return nil, nil // a slow call that does not say why it gave up
+	}}, slog.New(slog.NewTextHandler(logs, nil)))
+	s.timeout = 50 * time.Millisecond
+	s.sample(t.Context())
+	if v := s.hist.view(""); len(v) != 0 {
+		t.Errorf("a timed-out sample was recorded: %+v", v)
+	}
+	if got := logs.String(); !strings.Contains(got, "sample skipped") || !strings.Contains(got, "deadline exceeded") {
+		t.Errorf("log: %s", got)
+	}
+}
+
+// One sampler runs per server: a second run (a second Serve) returns at
+// once instead of sampling twice.
+func TestSamplerRunsOnce(t *testing.T) {
+	s := newSampler(Options{Proxy: &listProxy{}}, slog.New(slog.DiscardHandler))
+	s.running.Lock() // as a first run does
+	defer s.running.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	defer func() { cancel(); <-done }()
+	go func() {
+		defer close(done)
+		s.run(ctx) // a sampling run would last until cancel
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a second run did not return")
+	}
+}
