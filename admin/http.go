@@ -62,6 +62,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Metrics, when not nil, adds the proxy's Observer counts to /metrics.
 	Metrics *Metrics
+	// HistoryInterval is the time between two samples of the session
+	// history (history.go); 0 is DefaultHistoryInterval.
+	HistoryInterval time.Duration
 
 	// The admin console (Console) also uses these; the HTTP server does not.
 
@@ -145,6 +148,8 @@ type HTTP struct {
 	token [sha256.Size]byte // hash of opts.Token, compared in constant time
 	hosts *hostCheck
 	srv   *http.Server
+	// sampler takes the session history (history.go); Serve runs it.
+	sampler *sampler
 
 	// Refused requests are logged at most once per refusedLogEvery for each
 	// reason, with the number left out since the last line.
@@ -161,6 +166,7 @@ func New(opts Options) *HTTP {
 	}
 	h := &HTTP{opts: opts, log: opts.Logger.With("component", "admin-http"), token: sha256.Sum256([]byte(opts.Token)),
 		hosts: newHostCheck(opts.Addr, opts.AllowedHosts)}
+	h.sampler = newSampler(opts, h.log)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&collector{proxy: opts.Proxy, limiter: opts.Limiter},
@@ -182,6 +188,7 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/roles", h.roles)
 	mux.HandleFunc("GET /api/instances", h.instances)
 	mux.HandleFunc("GET /api/explain", h.explain)
+	mux.HandleFunc("GET /api/history", h.historyHandler)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
 	h.registerPage(mux) // the live page at / (page.go)
@@ -196,8 +203,21 @@ func New(opts Options) *HTTP {
 }
 
 // Serve accepts connections on ln until Shutdown or Close, and then returns
-// http.ErrServerClosed.
-func (h *HTTP) Serve(ln net.Listener) error { return h.srv.Serve(ln) }
+// http.ErrServerClosed. Meanwhile it samples the session history, and stops
+// sampling before it returns.
+func (h *HTTP) Serve(ln net.Listener) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		h.sampler.run(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-sampled
+	}()
+	return h.srv.Serve(ln)
+}
 
 // Shutdown stops accepting and waits for requests in flight, up to ctx.
 func (h *HTTP) Shutdown(ctx context.Context) error { return h.srv.Shutdown(ctx) }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,24 +75,31 @@ func lastLines(s string, n int) string {
 // eviction by a newer login shows up, a login waiting for a slot fills the
 // waiting bar and is listed with what it waits for, a login stuck in
 // authentication is listed without a name, a screenshot is saved, and the
-// page says "disconnected" once the admin HTTP server is gone.
+// page says "disconnected" once the admin HTTP server is gone. Over time,
+// the roles' charts are drawn with their samples, an eviction mark, a
+// rejection mark, and a dry-run decision's mark hollow.
 func TestLivePage(t *testing.T) {
 	chromium := needChromium(t)
 	r := startRigWith(t, rules{
-		"page_user":      {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject},
-		"page_wait_user": {MaxSessions: 1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute},
+		"page_user":        {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject},
+		"page_wait_user":   {MaxSessions: 1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute},
+		"page_reject_user": {MaxSessions: 1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject},
 	}, func(c *proxy.Config) {
 		c.StartupTimeout = 5 * time.Minute // rolegate never ends the stuck login itself
 	})
 	for _, q := range []string{"create role page_user login password 'page_pw'",
 		"create role page_wait_user login password 'page_wait_pw'",
-		"create role report_user login password 'report_pw' connection limit 3"} {
+		"create role report_user login password 'report_pw' connection limit 3",
+		"create role page_reject_user login password 'page_reject_pw'"} {
 		if err := r.cluster.Exec(t.Context(), q); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// The admin HTTP server, stopped by hand halfway through.
-	h := New(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
+	// The proxy's events, and dry-run decisions the test adds (no rule
+	// takes them here) to see how the chart draws them.
+	px := &withEvents{Server: r.srv}
+	h := New(Options{Proxy: px, HistoryInterval: 200 * time.Millisecond, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
 		Effective: r.limits.Effective, ServerSessions: r.control.Sessions, Logger: r.logger,
 		AllowedHosts: []string{"rolegate.internal"}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -169,6 +177,25 @@ func TestLivePage(t *testing.T) {
 	secondPID := backendPID(t, second)
 	waitText(t, ctx, "#events tbody", "eviction", "page_user", "pid "+pidText, "newest-wins")
 	waitText(t, ctx, "#sessions tbody", itoa(secondPID))
+	chart := `svg.history[data-role="page_user"]`
+	waitJS(t, ctx, "page_user's chart with its samples and the eviction", `(() => {
+		const c = document.querySelector('`+chart+`');
+		return c != null && +c.dataset.points >= 1 && c.querySelector("polygon.series.via").getAttribute("points") !== "" &&
+			c.querySelector(".mark.eviction:not(.dry-run)") != null && c.querySelector("polyline.limit") != null;
+	})()`)
+	px.add(proxy.Event{Time: time.Now(), Kind: "rejection", Role: "page_user", DryRun: true})
+	waitJS(t, ctx, "page_user's dry-run rejection drawn hollow, its eviction filled", `(() => {
+		const fill = (sel) => { const m = document.querySelector('`+chart+` ' + sel + ' > :not(line)'); return m && getComputedStyle(m).fill; };
+		return fill(".mark.rejection.dry-run") === "rgb(255, 255, 255)" && ![null, "none", "rgb(255, 255, 255)"].includes(fill(".mark.eviction"));
+	})()`)
+	r.connect(t, "page_reject_user", "page_reject_pw")
+	cctx, ccancel := context.WithTimeout(t.Context(), 15*time.Second)
+	if c, err := pgx.Connect(cctx, r.dsn("page_reject_user", "page_reject_pw")); err == nil {
+		c.Close(cctx)
+		t.Error("a second login of page_reject_user was let in")
+	}
+	ccancel()
+	waitJS(t, ctx, "page_reject_user's chart with its rejection", `document.querySelector('svg.history[data-role="page_reject_user"] .mark.rejection:not(.dry-run)') != null`)
 	// A role limited by the server only, with a session opened directly
 	// against the server.
 	r.connect(t, "report_user", "report_pw")
@@ -237,6 +264,50 @@ func TestLivePage(t *testing.T) {
 	waitText(t, ctx, "#status", "disconnected")
 }
 
+// withEvents is a proxy whose Events are its own and those a test adds.
+type withEvents struct {
+	*proxy.Server
+	mu    sync.Mutex
+	extra []proxy.Event // newest first
+}
+
+func (p *withEvents) add(e proxy.Event) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.extra = append([]proxy.Event{e}, p.extra...)
+}
+
+func (p *withEvents) Events() []proxy.Event {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append(slices.Clone(p.extra), p.Server.Events()...)
+}
+
+// waitJS polls the page until the JavaScript expression is true, or fails
+// after a deadline with the charts' markup.
+func waitJS(t *testing.T, ctx context.Context, what, expr string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		ok, err := chromedp.Run(qctx, chromedp.Evaluate[bool](expr))
+		cancel()
+		if err != nil {
+			t.Fatalf("waiting for %s: %v", what, err)
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			markup, _ := chromedp.Run(qctx, chromedp.OuterHTML(chromedp.CSS("#history")))
+			cancel()
+			t.Fatalf("the page never showed %s; #history is:\n%s", what, markup)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func itoa(n uint32) string { return strconv.FormatUint(uint64(n), 10) }
 
 // pageText is the visible text of the first element matching sel.
@@ -290,6 +361,8 @@ func TestPageServed(t *testing.T) {
 	want(t, http.MethodGet, base+"/", "", http.StatusOK, "<title>rolegate</title>")
 	want(t, http.MethodGet, base+"/static/page.js", "", http.StatusOK, "/api/page")
 	want(t, http.MethodGet, base+"/static/page.css", "", http.StatusOK, ".status.disconnected")
+	want(t, http.MethodGet, base+"/static/history.js", "", http.StatusOK, "/api/history")
+	want(t, http.MethodGet, base+"/", "", http.StatusOK, `<script src="/static/history.js" defer>`)
 	want(t, http.MethodGet, base+"/static/nothing.js", "", http.StatusNotFound, "")
 	want(t, http.MethodGet, base+"/index", "", http.StatusNotFound, "")
 	if got, _ := call(t, http.MethodPost, base+"/", ""); got != http.StatusMethodNotAllowed {
