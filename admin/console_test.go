@@ -635,9 +635,10 @@ func TestConsoleThroughProxy(t *testing.T) {
 			t.Fatalf("overrides %+v", o)
 		}
 		var maxS int32
-		var pol string
-		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol); err != nil || maxS != 1 || pol != "newest-wins" {
-			t.Fatalf("show roles: %d %q %v", maxS, pol, err)
+		var pol, dry, thrashing string
+		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol,
+			&dry, nil, nil, nil, nil, &thrashing); err != nil || maxS != 1 || pol != "newest-wins" || dry != "false" || thrashing != "no" {
+			t.Fatalf("show roles: %d %q dry run %q thrashing %q %v", maxS, pol, dry, thrashing, err)
 		}
 	})
 
