@@ -30,11 +30,14 @@ import (
 //
 // Commands (case-insensitive, several per query separated by ';'):
 //
-//	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
+//	SHOW HELP | SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
 //	KILL <pid>
+//	KILL ROLE <role>
+//	PAUSE | RESUME | DISABLE | ENABLE  ROLE <role> | DATABASE <database>
 //	SET LIMIT <role> <n>
 //	SET POLICY <role> <policy>
 //	RELOAD
+//	SHUTDOWN [WAIT]
 //
 // Role names are taken as written; double quotes allow spaces and ';'.
 type Console struct {
@@ -56,8 +59,9 @@ func NewConsole(opts Options) *Console {
 const maxConsoleQuery = 1 << 20
 
 // consoleHint lists the commands, for syntax errors.
-const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION; " +
-	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy>; RELOAD"
+const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION | HELP; " +
+	"KILL <pid>; KILL ROLE <role>; PAUSE | RESUME | DISABLE | ENABLE ROLE <role> | DATABASE <database>; " +
+	"SET LIMIT <role> <n>; SET POLICY <role> <policy>; RELOAD; SHUTDOWN [WAIT]"
 
 // ServeConsole owns the conversation until the client leaves (Terminate or a
 // closed socket: nil) or ctx ends (the client is told with a FATAL 57P01 and
@@ -129,6 +133,10 @@ func (c *Console) ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Read
 		if err := s.flush(); err != nil {
 			return nil // the client went away
 		}
+		if after := s.after; after != nil { // once the answer is out (SHUTDOWN)
+			s.after = nil
+			after()
+		}
 	}
 }
 
@@ -139,6 +147,8 @@ type consoleSession struct {
 	conn net.Conn
 	by   string // "console user <user>", for kills and log lines
 	out  []byte
+	// after runs once the answer to the current query has been flushed.
+	after func()
 }
 
 func (s *consoleSession) flush() error {
@@ -252,6 +262,9 @@ func splitStatements(q string) ([][]string, *consoleError) {
 }
 
 func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
+	if err, ok := s.verb(ctx, w); ok { // verbs.go
+		return err
+	}
 	kw := func(i int, want string) bool { return i < len(w) && strings.EqualFold(w[i], want) }
 	switch {
 	case kw(0, "SHOW") && len(w) == 2:
@@ -430,7 +443,8 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 	cols := []column{{"role", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
 		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4},
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
-		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText}}
+		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText},
+		{"paused", oidText}, {"disabled", oidText}}
 	rows := make([][][]byte, 0, len(views))
 	for _, r := range views {
 		t := sum(r.Policies)
@@ -445,7 +459,8 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 		}
 		row := append([][]byte{txt(r.Role)}, limitCells(limitInfo{Limit: r.Limit, Source: r.LimitSource, Policy: r.Policy})...)
 		rows = append(rows, append(row, num(r.Sessions), num(r.SessionsElsewhere), num(r.Waiting), num(t.Admitted),
-			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol))
+			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol,
+			boolean(r.Paused), boolean(r.Disabled)))
 	}
 	s.table("SHOW", cols, rows)
 }
@@ -466,6 +481,10 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 			get(name)
 		}
 	}
+	holds := s.c.opts.holds(limiter.ScopeDatabase) // paused or disabled
+	for name := range holds {
+		get(name)
+	}
 	for _, i := range s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()) {
 		switch {
 		case i.Database == "": // an unverified login
@@ -478,12 +497,14 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 		}
 	}
 	cols := []column{{"database", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
-		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4}}
+		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4},
+		{"paused", oidText}, {"disabled", oidText}}
 	var rows [][][]byte
 	for _, name := range slices.Sorted(maps.Keys(byDB)) {
 		r := byDB[name]
 		row := append([][]byte{txt(name)}, limitCells(s.c.opts.databaseLimit(ctx, name))...)
-		rows = append(rows, append(row, num(r.sessions), num(r.elsewhere), num(r.waiting)))
+		rows = append(rows, append(row, num(r.sessions), num(r.elsewhere), num(r.waiting),
+			boolean(holds[name].Paused), boolean(holds[name].Disabled)))
 	}
 	s.table("SHOW", cols, rows)
 }

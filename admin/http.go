@@ -98,6 +98,11 @@ type Options struct {
 	// ConfiguredDatabases names the databases with a rule in proxy.toml, so
 	// that SHOW DATABASES lists them before anyone connects. May be nil.
 	ConfiguredDatabases func() []string
+	// Shutdown stops rolegate as SIGTERM does (wait: drain for
+	// shutdown_timeout) or SIGINT (close now); by says who asked. It must
+	// not block: the console answers before its own session closes. Nil:
+	// SHUTDOWN answers 55000, POST /api/shutdown 501.
+	Shutdown func(wait bool, by string)
 }
 
 // ReadyTimeout bounds one readiness check.
@@ -175,7 +180,8 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/instances", h.instances)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
-	h.registerPage(mux) // the live page at / (page.go)
+	h.registerVerbs(mux) // pause, resume, disable, enable, kill role, shutdown (verbs.go)
+	h.registerPage(mux)  // the live page at / (page.go)
 
 	h.srv = &http.Server{
 		Handler:           h.checkHost(mux), // every endpoint, before its method, path or token is looked at
@@ -336,6 +342,8 @@ type role struct {
 	LimitSource       string    `json:"limit_source,omitempty"` // proxy.toml | server | override | none
 	Policy            string    `json:"policy,omitempty"`       // the policy a login at the limit meets
 	Policies          []counter `json:"policies"`
+	Paused            bool      `json:"paused"`   // an operator's PAUSE: new logins wait
+	Disabled          bool      `json:"disabled"` // an operator's DISABLE: new logins are refused
 }
 
 type counter struct {
