@@ -180,8 +180,8 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/instances", h.instances)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
-	h.registerVerbs(mux) // pause, resume, disable, enable, kill role, shutdown (verbs.go)
-	h.registerPage(mux)  // the live page at / (page.go)
+	h.registerVerbs(mux)
+	h.registerPage(mux) // the live page at / (page.go)
 
 	h.srv = &http.Server{
 		Handler:           h.checkHost(mux), // every endpoint, before its method, path or token is looked at
