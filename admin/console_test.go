@@ -615,7 +615,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 		}
 		var maxS int32
 		var pol string
-		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol); err != nil || maxS != 1 || pol != "newest-wins" {
+		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol, nil, nil); err != nil || maxS != 1 || pol != "newest-wins" {
 			t.Fatalf("show roles: %d %q %v", maxS, pol, err)
 		}
 	})
