@@ -302,10 +302,10 @@ func (s *Server) KillRole(ctx context.Context, role, by string) ([]uint32, error
 		s.record(ev)
 	}
 	err = errors.Join(errs...)
-	level := slog.LevelInfo
+	level, attrs := slog.LevelInfo, []any{"role", role, "by", by, "killed", len(killed), "pids", killed}
 	if err != nil {
-		level = slog.LevelWarn
+		level, attrs = slog.LevelWarn, append(attrs, "err", err)
 	}
-	s.log.Log(ctx, level, "killed the sessions of a role", "role", role, "by", by, "killed", len(killed), "pids", killed, "err", err)
+	s.log.Log(ctx, level, "killed the sessions of a role", attrs...)
 	return killed, err
 }
