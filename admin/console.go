@@ -30,12 +30,15 @@ import (
 //
 // Commands (case-insensitive, several per query separated by ';'):
 //
-//	SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
+//	SHOW HELP | SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION
 //	KILL <pid>
+//	KILL ROLE <role>
+//	PAUSE | RESUME | DISABLE | ENABLE  ROLE <role> | DATABASE <database>
 //	SET LIMIT <role> <n>
 //	SET POLICY <role> <policy> [DRY RUN]
 //	EXPLAIN LOGIN <role> [<database> [<application_name> [<client address>]]]
 //	RELOAD
+//	SHUTDOWN [WAIT]
 //
 // Role names are taken as written; double quotes allow spaces and ';'.
 type Console struct {
@@ -57,8 +60,9 @@ func NewConsole(opts Options) *Console {
 const maxConsoleQuery = 1 << 20
 
 // consoleHint lists the commands, for syntax errors.
-const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION; " +
-	"KILL <pid>; SET LIMIT <role> <n>; SET POLICY <role> <policy> [DRY RUN]; EXPLAIN LOGIN <role> [<database> [<application_name> [<client>]]]; RELOAD"
+const consoleHint = "commands: SHOW SESSIONS | ROLES | DATABASES | EVICTIONS | INSTANCES | CONFIG | STATS | VERSION | HELP; " +
+	"KILL <pid>; KILL ROLE <role>; PAUSE | RESUME | DISABLE | ENABLE ROLE <role> | DATABASE <database>; " +
+	"SET LIMIT <role> <n>; SET POLICY <role> <policy> [DRY RUN]; EXPLAIN LOGIN <role> [<database> [<application_name> [<client>]]]; RELOAD; SHUTDOWN [WAIT]"
 
 // ServeConsole owns the conversation until the client leaves (Terminate or a
 // closed socket: nil) or ctx ends (the client is told with a FATAL 57P01 and
@@ -130,6 +134,10 @@ func (c *Console) ServeConsole(ctx context.Context, conn net.Conn, r *bufio.Read
 		if err := s.flush(); err != nil {
 			return nil // the client went away
 		}
+		if after := s.after; after != nil { // once the answer is out (SHUTDOWN)
+			s.after = nil
+			after()
+		}
 	}
 }
 
@@ -140,6 +148,8 @@ type consoleSession struct {
 	conn net.Conn
 	by   string // "console user <user>", for kills and log lines
 	out  []byte
+	// after runs once the answer to the current query has been flushed.
+	after func()
 }
 
 func (s *consoleSession) flush() error {
@@ -253,6 +263,9 @@ func splitStatements(q string) ([][]string, *consoleError) {
 }
 
 func (s *consoleSession) run(ctx context.Context, w []string) *consoleError {
+	if err, ok := s.verb(ctx, w); ok { // verbs.go
+		return err
+	}
 	kw := func(i int, want string) bool { return i < len(w) && strings.EqualFold(w[i], want) }
 	switch {
 	case kw(0, "SHOW") && len(w) == 2:
@@ -438,7 +451,8 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 		{"admitted", oidInt8}, {"evictions", oidInt8}, {"evict_failures", oidInt8}, {"rejections", oidInt8},
 		{"waits", oidInt8}, {"wait_timeouts", oidInt8}, {"override_max_sessions", oidInt4}, {"override_policy", oidText},
 		{"override_dry_run", oidText}, {"dry_run_evictions", oidInt8}, {"dry_run_rejections", oidInt8},
-		{"dry_run_waits", oidInt8}, {"budget_fallbacks", oidInt8}, {"thrashing", oidText}}
+		{"dry_run_waits", oidInt8}, {"budget_fallbacks", oidInt8}, {"thrashing", oidText},
+		{"paused", oidText}, {"disabled", oidText}}
 	rows := make([][][]byte, 0, len(views))
 	for _, r := range views {
 		t := sum(r.Policies)
@@ -458,7 +472,7 @@ func (s *consoleSession) showRoles(ctx context.Context) {
 		rows = append(rows, append(row, num(r.Sessions), num(r.SessionsElsewhere), num(r.Waiting), num(t.Admitted),
 			num(t.Evictions), num(t.EvictFailures), num(t.Rejections), num(t.Waits), num(t.WaitTimeouts), maxS, pol,
 			dry, num(t.DryRunEvictions), num(t.DryRunRejections), num(t.DryRunWaits), num(t.BudgetFallbacks),
-			txt(thrashCell(r))))
+			txt(thrashCell(r)), boolean(r.Paused), boolean(r.Disabled)))
 	}
 	s.table("SHOW", cols, rows)
 }
@@ -488,6 +502,10 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 			get(name)
 		}
 	}
+	holds := s.c.opts.holds(limiter.ScopeDatabase) // paused or disabled
+	for name := range holds {
+		get(name)
+	}
 	for _, i := range s.c.opts.allSessions(ctx, s.c.opts.Proxy.Sessions()) {
 		switch {
 		case i.Database == "": // an unverified login
@@ -500,12 +518,14 @@ func (s *consoleSession) showDatabases(ctx context.Context) {
 		}
 	}
 	cols := []column{{"database", oidText}, {"limit", oidInt4}, {"limit_source", oidText}, {"policy", oidText},
-		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4}}
+		{"sessions_via_rolegate", oidInt4}, {"sessions_elsewhere", oidInt4}, {"waiting", oidInt4},
+		{"paused", oidText}, {"disabled", oidText}}
 	var rows [][][]byte
 	for _, name := range slices.Sorted(maps.Keys(byDB)) {
 		r := byDB[name]
 		row := append([][]byte{txt(name)}, limitCells(s.c.opts.databaseLimit(ctx, name))...)
-		rows = append(rows, append(row, num(r.sessions), num(r.elsewhere), num(r.waiting)))
+		rows = append(rows, append(row, num(r.sessions), num(r.elsewhere), num(r.waiting),
+			boolean(holds[name].Paused), boolean(holds[name].Disabled)))
 	}
 	s.table("SHOW", cols, rows)
 }

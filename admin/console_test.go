@@ -637,7 +637,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 		var maxS int32
 		var pol, dry, thrashing string
 		if err := con.QueryRow(ctx, "show roles").Scan(nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, &maxS, &pol,
-			&dry, nil, nil, nil, nil, &thrashing); err != nil || maxS != 1 || pol != "newest-wins" || dry != "false" || thrashing != "no" {
+			&dry, nil, nil, nil, nil, &thrashing, nil, nil); err != nil || maxS != 1 || pol != "newest-wins" || dry != "false" || thrashing != "no" {
 			t.Fatalf("show roles: %d %q dry run %q thrashing %q %v", maxS, pol, dry, thrashing, err)
 		}
 	})

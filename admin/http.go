@@ -109,6 +109,11 @@ type Options struct {
 	// EXPLAIN LOGIN and /api/explain. Nil without limits and a control
 	// connection.
 	Explain func(ctx context.Context, role, database, app, client string) (proxy.Explanation, error)
+	// Shutdown stops rolegate as SIGTERM does (wait: drain for
+	// shutdown_timeout) or SIGINT (close now); by says who asked. It must
+	// not block: the console answers before its own session closes. Nil:
+	// SHUTDOWN answers 55000, POST /api/shutdown 501.
+	Shutdown func(wait bool, by string)
 }
 
 // ReadyTimeout bounds one readiness check.
@@ -191,6 +196,7 @@ func New(opts Options) *HTTP {
 	mux.HandleFunc("GET /api/history", h.historyHandler)
 	mux.HandleFunc("POST /api/sessions/{pid}/terminate", h.authorized(h.terminate))
 	mux.HandleFunc("POST /api/reload", h.authorized(h.reload))
+	h.registerVerbs(mux)
 	h.registerPage(mux) // the live page at / (page.go)
 
 	h.srv = &http.Server{
@@ -371,6 +377,8 @@ type role struct {
 	// clients that spent it (application_name@address).
 	Thrashing bool     `json:"thrashing"`
 	Evictors  []string `json:"evictors,omitempty"`
+	Paused            bool      `json:"paused"`   // an operator's PAUSE: new logins wait
+	Disabled          bool      `json:"disabled"` // an operator's DISABLE: new logins are refused
 }
 
 type counter struct {

@@ -39,6 +39,9 @@ func (o *Options) knownRoles(infos []proxy.SessionInfo) []string {
 			set[i.User] = true
 		}
 	}
+	for r := range o.holds(limiter.ScopeRole) { // paused or disabled
+		set[r] = true
+	}
 	if o.Limiter != nil {
 		snap := o.Limiter()
 		for r := range snap.WaitingByRole {
@@ -263,10 +266,12 @@ func (o *Options) roleViews(ctx context.Context, infos []proxy.SessionInfo, sess
 			}
 		}
 	}
+	holds := o.holds(limiter.ScopeRole)
 	out := make([]role, 0, len(byName))
 	for _, r := range byName {
 		li := o.roleLimit(ctx, r.Role)
 		r.Limit, r.LimitSource, r.Policy = li.Limit, li.Source, li.Policy
+		r.Paused, r.Disabled = holds[r.Role].Paused, holds[r.Role].Disabled
 		out = append(out, *r)
 	}
 	slices.SortFunc(out, func(a, b role) int { return strings.Compare(a.Role, b.Role) })

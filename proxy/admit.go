@@ -132,6 +132,9 @@ func (c *clientConn) admitPassthrough() error {
 // (passthrough), which the census leaves out. A failure of rolegate's own
 // (the census, the locks) is FATAL 08006 to the client.
 func (c *clientConn) admission(self uint32) (*lease, error) {
+	if err := c.gate(); err != nil { // an operator's PAUSE or DISABLE, before any limit
+		return nil, err
+	}
 	l, err := c.admitOnce(self)
 	if err != nil && !isTooMany(err) && !errors.Is(err, errClientClosed) &&
 		!errors.Is(context.Cause(c.ctx), errShutdown) { // shutdown is not a failure, and the socket is gone

@@ -27,6 +27,7 @@ var (
 // shutdown) is told nothing.
 type clientError struct {
 	code, msg, detail string
+	hint              string
 	// before is what the client is owed ahead of the error: the server's
 	// messages of a login that got that far (AuthenticationOk in
 	// passthrough, the ParameterStatus of a handoff), or rolegate's own
@@ -72,6 +73,7 @@ func (e *clientError) encode() []byte {
 	}
 	resp := wire.Error("FATAL", e.code, e.msg)
 	resp.Detail = e.detail
+	resp.Hint = e.hint
 	return wire.Encode(out[:len(out):len(out)], resp)
 }
 

@@ -85,6 +85,7 @@ type Server struct {
 	quiet    *logThrottle // repeated failures; successes are always logged
 	registry *registry
 	pending  pendingLogins // passthrough logins not yet admitted
+	gates    gates         // roles and databases an operator paused or disabled (pause.go)
 	events   eventLog
 	started  time.Time     // when New ran, for the other instances
 	peers    instanceCache // the live instances, for forwarding cancels

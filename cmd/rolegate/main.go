@@ -317,6 +317,13 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 
 	rl := &reloader{path: cfgPath, p: p, log: log}
 	rl.cur.Store(cfg)
+	stops := make(chan stopRequest, 1) // SHUTDOWN [WAIT] from the console or the HTTP API
+	rl.stop = func(wait bool, by string) {
+		select {
+		case stops <- stopRequest{wait: wait, by: by}:
+		default: // one is being acted on already
+		}
+	}
 	srv.SetConsole(admin.NewConsole(consoleOptions(p, srv, rl, metrics, log)))
 	adminLn, stopAdmin, err := startAdmin(cfg, p, srv, rl, metrics, log, adminLn)
 	if err != nil {
@@ -354,7 +361,18 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 		case pid := <-taken:
 			log.Info("handed the listeners over to a new rolegate; draining sessions", "pid", pid, "timeout", timeout)
 			stopAdmin() // the successor answers on the admin address now
-			return drain(srv, sigs, served, timeout, 1, log)
+			return drain(srv, sigs, stops, served, timeout, 1, log)
+		case r := <-stops:
+			if !r.wait {
+				log.Info("SHUTDOWN requested; closing all sessions now", "by", r.by)
+				srv.Close()
+				return waitServe(served)
+			}
+			log.Info("SHUTDOWN WAIT requested; draining sessions", "by", r.by, "timeout", timeout)
+			if hln != nil {
+				hln.Close() // a draining process has nothing to hand over
+			}
+			return drain(srv, sigs, stops, served, timeout, 0, log)
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
@@ -368,25 +386,47 @@ func serve(cfgPath string, cfg *config.Config, p *parts, log *slog.Logger) error
 				if hln != nil {
 					hln.Close() // a draining process has nothing to hand over
 				}
-				return drain(srv, sigs, served, timeout, 0, log)
+				return drain(srv, sigs, stops, served, timeout, 0, log)
 			}
 		}
 	}
 }
 
+// stopRequest is a SHUTDOWN from the console or the HTTP API: wait is
+// SIGTERM's drain, else SIGINT's close now.
+type stopRequest struct {
+	wait bool
+	by   string
+}
+
 // drain stops accepting and lets the sessions finish for up to timeout, then
-// closes the rest. While it drains, a SIGINT closes at once, and so does a
-// SIGTERM after the first patience of them (a drain that a hand-off started
-// lets the SIGTERM a service manager sends go by).
-func drain(srv *proxy.Server, sigs chan os.Signal, served <-chan error, timeout time.Duration, patience int, log *slog.Logger) error {
+// closes the rest. While it drains, a SIGINT or a SHUTDOWN (without WAIT)
+// closes at once, and so does a SIGTERM after the first patience of them (a
+// drain that a hand-off started lets the SIGTERM a service manager sends go
+// by).
+func drain(srv *proxy.Server, sigs chan os.Signal, stops <-chan stopRequest, served <-chan error, timeout time.Duration,
+	patience int, log *slog.Logger) error {
 	go func() {
-		for sig := range sigs {
-			switch {
-			case sig == syscall.SIGHUP:
-			case sig == syscall.SIGTERM && patience > 0:
-				patience--
-				log.Info("SIGTERM received; draining already (a second SIGTERM or a SIGINT closes at once)")
-			default:
+		for {
+			select {
+			case sig, ok := <-sigs:
+				switch {
+				case !ok:
+					return
+				case sig == syscall.SIGHUP:
+				case sig == syscall.SIGTERM && patience > 0:
+					patience--
+					log.Info("SIGTERM received; draining already (a second SIGTERM or a SIGINT closes at once)")
+				default:
+					srv.Close()
+					return
+				}
+			case r := <-stops:
+				if r.wait {
+					log.Info("SHUTDOWN WAIT requested; draining already (SHUTDOWN closes at once)", "by", r.by)
+					continue
+				}
+				log.Info("SHUTDOWN requested while draining; closing all sessions now", "by", r.by)
 				srv.Close()
 				return
 			}
@@ -406,7 +446,7 @@ func drain(srv *proxy.Server, sigs chan os.Signal, served <-chan error, timeout 
 // consoleOptions are what the psql admin console reads and steers.
 func consoleOptions(p *parts, srv *proxy.Server, rl *reloader, metrics *admin.Metrics, log *slog.Logger) admin.Options {
 	o := admin.Options{Proxy: srv, Reload: rl.reload, ConfigText: rl.configText, Version: buildVersion(), Logger: log,
-		Metrics: metrics}
+		Metrics: metrics, Shutdown: rl.stop}
 	if p.limits != nil {
 		o.Limiter = p.limits.Limiter.Snapshot
 		o.Override = p.limits.Override
@@ -490,6 +530,8 @@ type reloader struct {
 	p    *parts
 	log  *slog.Logger
 	cur  atomic.Pointer[config.Config] // the configuration last loaded, for SHOW CONFIG
+	// stop asks serve for SHUTDOWN [WAIT] (admin.Options.Shutdown).
+	stop func(wait bool, by string)
 }
 
 // configText is the configuration in force, secrets redacted.
