@@ -72,14 +72,6 @@ type admission struct {
 	// failed are the victims this login could not evict, and why, for the
 	// DETAIL of a rejection its fallback then decides.
 	failed []evictFailure
-	// inLine: the login has waited in line; the admin views keep showing its
-	// place there while it checks again, not the lock or the census.
-	inLine bool
-	// recheck, after a wake-up that found no slot, is when to look again:
-	// the session whose end woke the login may still be leaving the server
-	// (its backend exits a moment after its socket closes), so the login
-	// looks again soon, backing off to the poll interval.
-	recheck time.Duration
 	// roleSource and dbSource say where the role's and the database's
 	// limits come from (Limits.Effective), for the DETAIL of a rejection.
 	roleSource, dbSource string
@@ -89,6 +81,14 @@ type admission struct {
 	// waited is how long the login waited before its admission time ran
 	// out (timedOut), for the DETAIL of its rejection.
 	waited time.Duration
+	// inLine: the login has waited in line; the admin views keep showing its
+	// place there while it checks again, not the lock or the census.
+	inLine bool
+	// recheck, after a wake-up that found no slot, is when to look again:
+	// the session whose end woke the login may still be leaving the server
+	// (its backend exits a moment after its socket closes), so the login
+	// looks again soon, backing off to the poll interval.
+	recheck time.Duration
 }
 
 // Re-checks after a wake-up that found no slot: the first after
