@@ -223,7 +223,7 @@ func (a *admission) rejectDetail(d limiter.Decision) string {
 	if f := a.failureDetail(); f != "" {
 		parts = append(parts, f+".")
 	} else if d.Policy.Evicts() {
-		parts = append(parts, fmt.Sprintf("Policy %s found no session it may evict.", d.Policy))
+		parts = append(parts, fmt.Sprintf("Policy %s evicted no session for this login.", d.Policy))
 	}
 	switch wait := a.role.WaitTimeout; {
 	case a.waited > 0:

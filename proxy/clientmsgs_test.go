@@ -106,6 +106,21 @@ func TestRejectionExplains(t *testing.T) {
 		}
 	})
 
+	t.Run("newest-wins with nothing to evict", func(t *testing.T) {
+		pw := newRole(t, "hint_nw", -1)
+		p := limitedProxy(t, map[string]limiter.Rule{"hint_nw": {MaxSessions: 1, Policy: limiter.PolicyNewestWins,
+			Fallback: limiter.PolicyReject, MinSessionAge: time.Hour}})
+		connect(t, p.DSN("hint_nw", pw, "app", "application_name=young"))
+		_, err := tryConnect(p.DSN("hint_nw", pw, "app"), 30*time.Second, nil)
+		wantTooMany(t, err, "role", "hint_nw")
+		pe := pgError(t, err, "login past the limit")
+		want := `The limit of 1 session for role "hint_nw" comes from proxy.toml. ` +
+			`1 session holds it: 1 with application_name "young" from 127.0.0.1. Policy newest-wins evicted no session for this login.`
+		if pe.Detail != want || !strings.HasPrefix(pe.Hint, "Try again later, ") {
+			t.Errorf("DETAIL %q\nwant   %q\nHINT %q", pe.Detail, want, pe.Hint)
+		}
+	})
+
 	t.Run("override, wait", func(t *testing.T) {
 		pw := newRole(t, "hint_ovr", -1)
 		p := limitedProxy(t, map[string]limiter.Rule{"hint_ovr": {MaxSessions: 5, Policy: limiter.PolicyWait,
