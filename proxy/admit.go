@@ -72,6 +72,15 @@ type admission struct {
 	// failed are the victims this login could not evict, and why, for the
 	// DETAIL of a rejection its fallback then decides.
 	failed []evictFailure
+	// roleSource and dbSource say where the role's and the database's
+	// limits come from (Limits.Effective), for the DETAIL of a rejection.
+	roleSource, dbSource string
+	// seen is the last census, less the victims evicted since, for the
+	// DETAIL of a rejection: who holds the slots.
+	seen []limiter.Holder
+	// waited is how long the login waited before its admission time ran
+	// out (timedOut), for the DETAIL of its rejection.
+	waited time.Duration
 	// inLine: the login has waited in line; the admin views keep showing its
 	// place there while it checks again, not the lock or the census.
 	inLine bool
@@ -258,6 +267,7 @@ func (a *admission) lockWait() limiter.Decision {
 // its rejection.
 func (a *admission) timedOut(d limiter.Decision, started time.Time, what string) limiter.Decision {
 	d.Kind = limiter.Reject
+	a.waited = time.Since(started)
 	why := what + " " + time.Since(started).Round(time.Millisecond).String() + ", admission time (startup_timeout + wait_timeout) ran out"
 	if d.Reason != "" {
 		why = d.Reason + "; " + why
@@ -459,7 +469,7 @@ func (a *admission) reserve(ctx context.Context) (_ *lease, err error) {
 // rules resolves the effective rules of the login's role and database.
 func (a *admission) rules(ctx context.Context) error {
 	var err error
-	a.role, a.db, _, _, a.login.Superuser, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
+	a.role, a.db, a.roleSource, a.dbSource, a.login.Superuser, err = a.lim.effective(ctx, a.sess.user, a.sess.database)
 	if err != nil {
 		return &admissionError{what: `reading the connection limits of role "` + a.sess.user + `"`, err: err}
 	}
@@ -575,6 +585,7 @@ func (a *admission) census(ctx context.Context) ([]limiter.Holder, error) {
 		return a.self != 0 && h.PID == a.self || pending(h)
 	})
 	a.s.markOwn(holders)
+	a.seen = holders
 	return holders, nil
 }
 
@@ -585,12 +596,7 @@ func (a *admission) census(ctx context.Context) ([]limiter.Holder, error) {
 // reused, or, under evict-idle, no longer idle), or it did not exit in time.
 func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.Policy, d limiter.Decision) bool {
 	a.sess.setWaiting(waitingFor{what: fmt.Sprintf("waiting for pid %d to exit (evicted for this login, policy %s)", v.PID, policy)})
-	why := `terminating connection: rolegate evicted this session for a newer login of role "` + a.sess.user +
-		`" (policy ` + d.Policy.String() + `)`
-	if d.Scope == limiter.ScopeDatabase {
-		why = `terminating connection: rolegate evicted this session for a newer login to database "` + a.sess.database +
-			`" (policy ` + d.Policy.String() + `)`
-	}
+	why := evictMessage(d.Scope, d.Policy, a.sess.user, a.sess.database, a.sess.appName, a.sess.clientAddr)
 	attrs := []any{"victim_pid", v.PID, "victim_role", v.Role, "victim_database", v.Database,
 		"victim_state", v.State, "victim_age", time.Since(v.BackendStart).Round(time.Millisecond),
 		"via_rolegate", v.ViaRolegate, "policy", d.Policy.String(), "scope", d.Scope.String(), "reason", d.Reason}
@@ -620,6 +626,8 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		return a.notEvicted(v, r, err, attrs)
 	}
 	a.log.Info("evicted", attrs...)
+	// The victim no longer holds a slot: a rejection's DETAIL must not list it.
+	a.seen = slices.DeleteFunc(slices.Clone(a.seen), func(h limiter.Holder) bool { return h.PID == v.PID })
 	now := time.Now()
 	ev := Event{Time: now, Kind: "eviction", Role: a.sess.user, Database: a.sess.database,
 		Client: a.sess.clientAddr, Policy: d.Policy.String(), Scope: d.Scope.String(),
@@ -869,8 +877,11 @@ func (a *admission) reject(d limiter.Decision) error {
 	if out == nil {
 		out = wire.Encode(nil, &pgproto3.AuthenticationOk{})
 	}
-	e := &clientError{code: "53300", msg: msg, before: out, class: ReasonTooMany}
-	e.detail = a.failureDetail() // why the fallback decided, if evictions failed
+	// The first line is PostgreSQL's, which clients match on; DETAIL says
+	// which limit, from where, who holds it (and why the policy's
+	// evictions or a wait did not help); HINT, how to get a slot.
+	e := &clientError{code: "53300", msg: msg, before: out, class: ReasonTooMany,
+		detail: a.rejectDetail(d), hint: rejectHint(d)}
 	// Recorded before the client is told: what a client has seen is
 	// already in the events, the metrics and the log.
 	a.s.record(Event{Time: time.Now(), Kind: "rejection", Role: a.sess.user, Database: a.sess.database,
@@ -880,8 +891,8 @@ func (a *admission) reject(d limiter.Decision) error {
 	// second; the events and the metrics still count every rejection.
 	attrs := []any{"sqlstate", "53300", "scope", d.Scope.String(),
 		"limit", d.Limit, "sessions", d.Count, "policy", d.Policy.String(), "reason", d.Reason}
-	if e.detail != "" {
-		attrs = append(attrs, "detail", e.detail)
+	if f := a.failureDetail(); f != "" {
+		attrs = append(attrs, "detail", f)
 	}
 	a.s.quiet.log(a.log, slog.LevelInfo, a.sess.user, "rejected", attrs...)
 	return e

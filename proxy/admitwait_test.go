@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/rolegate/rolegate/limiter"
 )
@@ -265,6 +267,14 @@ func TestLimitLockWaitPastStartupTimeout(t *testing.T) {
 			t.Fatal("admitted with the admission lock held")
 		}
 		wantTooMany(t, err, "role", role)
+		// No census was taken: the DETAIL still names the limit and its
+		// source, and says the time ran out.
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && (!strings.HasPrefix(pe.Detail, `The limit of 1 session for role "`+role+`" comes from proxy.toml. `+
+			"The login's admission time (startup_timeout and wait_timeout) ran out after ") ||
+			!strings.HasPrefix(pe.Hint, "Try again later, ")) {
+			t.Errorf("DETAIL %q, HINT %q", pe.Detail, pe.Hint)
+		}
 		lines := logged(t, p, 1, "client="+addr+" ", "msg=rejected")
 		if !strings.Contains(lines[0], "waited for the admission lock") {
 			t.Errorf("rejection line: %s", lines[0])

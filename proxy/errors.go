@@ -27,7 +27,8 @@ var (
 // shutdown) is told nothing.
 type clientError struct {
 	code, msg, detail string
-	hint              string
+	// hint is the ErrorResponse's HINT: what the client can do about it.
+	hint string
 	// before is what the client is owed ahead of the error: the server's
 	// messages of a login that got that far (AuthenticationOk in
 	// passthrough, the ParameterStatus of a handoff), or rolegate's own
@@ -72,8 +73,7 @@ func (e *clientError) encode() []byte {
 		return append(out[:len(out):len(out)], e.raw...)
 	}
 	resp := wire.Error("FATAL", e.code, e.msg)
-	resp.Detail = e.detail
-	resp.Hint = e.hint
+	resp.Detail, resp.Hint = e.detail, e.hint
 	return wire.Encode(out[:len(out):len(out)], resp)
 }
 

@@ -25,7 +25,7 @@ func TestFailSendsOnce(t *testing.T) {
 	serverErr := wire.Encode(nil, &pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL",
 		Code: "28P01", Message: `password authentication failed for user "u"`})
 	tooMany := &clientError{code: "53300", msg: `too many connections for role "u"`, before: authOK,
-		detail: "rolegate could not evict pid 7: permission denied", class: ReasonTooMany}
+		detail: "rolegate could not evict pid 7: permission denied.", hint: "Try again later.", class: ReasonTooMany}
 	tests := []struct {
 		name    string
 		err     error
@@ -37,7 +37,7 @@ func TestFailSendsOnce(t *testing.T) {
 			wire.Encode(nil, wire.Error("FATAL", "28000", "no way in")), `msg="login failed"`},
 		{"rejection after AuthenticationOk", tooMany, true,
 			wire.Encode(authOK, &pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "53300",
-				Message: tooMany.msg, Detail: tooMany.detail}), ""},
+				Message: tooMany.msg, Detail: tooMany.detail, Hint: tooMany.hint}), ""},
 		{"server's own error, as sent", refusedBy(wire.Message{Type: serverErr[0], Body: serverErr[5:]}, authOK), true,
 			append(bytes.Clone(authOK), serverErr...), `reason="refused by server"`},
 		{"silent timeout", errAuthTimeout(), true, nil, `sqlstate=57014`},
