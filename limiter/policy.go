@@ -145,7 +145,7 @@ func (b Budget) String() string {
 var budgetUnits = []struct {
 	name string
 	d    time.Duration
-}{{"s", time.Second}, {"sec", time.Second}, {"min", time.Minute}, {"h", time.Hour}, {"hour", time.Hour}}
+}{{"s", time.Second}, {"sec", time.Second}, {"min", time.Minute}, {"hour", time.Hour}, {"h", time.Hour}}
 
 // ParseBudget reads a max_evictions value: "30/min", "5/s", "100/hour",
 // "10/30s" (any Go duration after the slash), or "off" for no bound.

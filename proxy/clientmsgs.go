@@ -188,14 +188,12 @@ func hostOf(clientAddr string) string {
 }
 
 // holderAddr is the client address of a census row as the DETAIL shows it:
-// for a session this instance relays, its client's (the server sees
-// rolegate's own address); else the server's client_addr, "local" for a
-// Unix socket (or an address the control role may not see).
-func (s *Server) holderAddr(h limiter.Holder) string {
-	if h.ViaRolegate {
-		if held := s.registry.byBackendPID(h.PID); held != nil {
-			return hostOf(held.clientAddr)
-		}
+// its origin (for a session rolegate relays, its client's; markOwn sets
+// it), else the server's client_addr; "local" for a Unix socket (or an
+// address the control role may not see).
+func holderAddr(h limiter.Holder) string {
+	if h.Origin.IsValid() {
+		return h.Origin.Unmap().String()
 	}
 	if !h.Client.IsValid() {
 		return "local"
@@ -217,11 +215,14 @@ func (a *admission) rejectDetail(d limiter.Decision) string {
 			rows = append(rows, h)
 		}
 	}
-	if s := holdersSentence(d.Count, rows, a.s.holderAddr); s != "" {
+	if s := holdersSentence(d.Count, rows, holderAddr); s != "" {
 		parts = append(parts, s)
 	}
 	if f := a.failureDetail(); f != "" {
 		parts = append(parts, f+".")
+	} else if d.Thrashing {
+		parts = append(parts, fmt.Sprintf("Policy %s has used up its eviction budget (max_evictions %s): "+
+			"the sessions of this limit are evicting each other, so its fallback decided.", d.Policy, a.budget(d.Scope)))
 	} else if d.Policy.Evicts() {
 		parts = append(parts, fmt.Sprintf("Policy %s evicted no session for this login.", d.Policy))
 	}
@@ -236,6 +237,14 @@ func (a *admission) rejectDetail(d limiter.Decision) string {
 		parts = append(parts, fmt.Sprintf("The login waited for a slot until its wait_timeout (%s) ran out.", wait))
 	}
 	return strings.Join(parts, " ")
+}
+
+// budget is the eviction budget of the limit of scope, as proxy.toml spells it.
+func (a *admission) budget(scope limiter.Scope) string {
+	if scope == limiter.ScopeDatabase {
+		return a.db.Budget.String()
+	}
+	return a.role.Budget.String()
 }
 
 // countsAgainst reports whether census row h holds a slot of the limit of

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"net"
 	"strconv"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/rolegate/rolegate/limiter"
 )
@@ -159,6 +161,10 @@ func TestLimitEvictionBudget(t *testing.T) {
 	}
 	_, err := tryConnect(dsn, 30*time.Second, nil)
 	wantTooMany(t, err, "role", role)
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || !strings.Contains(pe.Detail, "eviction budget (max_evictions 2/hour)") || !strings.HasPrefix(pe.Hint, "Try again later") {
+		t.Errorf("the budget's 53300 does not say why: detail %q hint %q", pe.Detail, pe.Hint)
+	}
 	wantAlive(t, prev, "the last session")
 	snap := p.cfg.Limits.Limiter.Snapshot()
 	if len(snap.Thrashing) != 1 || snap.Thrashing[0].Name != role || len(snap.Thrashing[0].Evictors) != 1 ||
