@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -84,22 +83,24 @@ func TestLivePage(t *testing.T) {
 		"page_user":        {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject},
 		"page_wait_user":   {MaxSessions: 1, Policy: limiter.PolicyWait, Fallback: limiter.PolicyReject, WaitTimeout: 5 * time.Minute},
 		"page_reject_user": {MaxSessions: 1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject},
+		"page_dry_user":    {MaxSessions: 1, Policy: limiter.PolicyReject, Fallback: limiter.PolicyReject, DryRun: true},
+		"page_thrash_user": {MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject,
+			Budget: limiter.Budget{Evictions: 1, Per: time.Hour}},
 	}, func(c *proxy.Config) {
 		c.StartupTimeout = 5 * time.Minute // rolegate never ends the stuck login itself
 	})
 	for _, q := range []string{"create role page_user login password 'page_pw'",
 		"create role page_wait_user login password 'page_wait_pw'",
 		"create role report_user login password 'report_pw' connection limit 3",
-		"create role page_reject_user login password 'page_reject_pw'"} {
+		"create role page_reject_user login password 'page_reject_pw'",
+		"create role page_dry_user login password 'page_dry_pw'",
+		"create role page_thrash_user login password 'page_thrash_pw'"} {
 		if err := r.cluster.Exec(t.Context(), q); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// The admin HTTP server, stopped by hand halfway through.
-	// The proxy's events, and dry-run decisions the test adds (no rule
-	// takes them here) to see how the chart draws them.
-	px := &withEvents{Server: r.srv}
-	h := New(Options{Proxy: px, HistoryInterval: 200 * time.Millisecond, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
+	h := New(Options{Proxy: r.srv, HistoryInterval: 200 * time.Millisecond, Limiter: r.limits.Limiter.Snapshot, Overrides: r.limits.Overrides,
 		Effective: r.limits.Effective, ServerSessions: r.control.Sessions, Logger: r.logger,
 		AllowedHosts: []string{"rolegate.internal"}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -183,10 +184,31 @@ func TestLivePage(t *testing.T) {
 		return c != null && +c.dataset.points >= 1 && c.querySelector("polygon.series.via").getAttribute("points") !== "" &&
 			c.querySelector(".mark.eviction:not(.dry-run)") != null && c.querySelector("polyline.limit") != null;
 	})()`)
-	px.add(proxy.Event{Time: time.Now(), Kind: "rejection", Role: "page_user", DryRun: true})
-	waitJS(t, ctx, "page_user's dry-run rejection drawn hollow, its eviction filled", `(() => {
-		const fill = (sel) => { const m = document.querySelector('`+chart+` ' + sel + ' > :not(line)'); return m && getComputedStyle(m).fill; };
-		return fill(".mark.rejection.dry-run") === "rgb(255, 255, 255)" && ![null, "none", "rgb(255, 255, 255)"].includes(fill(".mark.eviction"));
+	// A dry-run reject rule lets the second login in, and the page marks
+	// the rejection it would have made: hollow on the chart, "would
+	// reject (dry run)" in the events.
+	r.connect(t, "page_dry_user", "page_dry_pw")
+	r.connect(t, "page_dry_user", "page_dry_pw")
+	dryChart := `svg.history[data-role="page_dry_user"]`
+	waitJS(t, ctx, "page_dry_user's dry-run rejection drawn hollow, page_user's eviction filled", `(() => {
+		const fill = (c, sel) => { const m = document.querySelector(c + ' ' + sel + ' > :not(line)'); return m && getComputedStyle(m).fill; };
+		return fill('`+dryChart+`', ".mark.rejection.dry-run") === "rgb(255, 255, 255)" &&
+			![null, "none", "rgb(255, 255, 255)"].includes(fill('`+chart+`', ".mark.eviction"));
+	})()`)
+	waitJS(t, ctx, "the dry-run rejection in the events", `[...document.querySelectorAll('#events tbody tr[data-dry-run="true"]')].some(
+		(tr) => tr.textContent.includes("would reject (dry run)") && tr.textContent.includes("page_dry_user"))`)
+	// A pool evicting itself past its budget: the role is flagged thrashing.
+	r.connect(t, "page_thrash_user", "page_thrash_pw")
+	r.connect(t, "page_thrash_user", "page_thrash_pw") // spends the budget of 1/hour
+	tctx, tcancel := context.WithTimeout(t.Context(), 15*time.Second)
+	if c, err := pgx.Connect(tctx, r.dsn("page_thrash_user", "page_thrash_pw")); err == nil {
+		c.Close(tctx)
+		t.Error("a login past the eviction budget was let in")
+	}
+	tcancel()
+	waitJS(t, ctx, "page_thrash_user flagged thrashing", `(() => {
+		const f = document.querySelector('#roles .role[data-role="page_thrash_user"] .flag.thrashing');
+		return f != null && f.title.includes("@127.0.0.1");
 	})()`)
 	r.connect(t, "page_reject_user", "page_reject_pw")
 	cctx, ccancel := context.WithTimeout(t.Context(), 15*time.Second)
@@ -262,25 +284,6 @@ func TestLivePage(t *testing.T) {
 
 	stopHTTP()
 	waitText(t, ctx, "#status", "disconnected")
-}
-
-// withEvents is a proxy whose Events are its own and those a test adds.
-type withEvents struct {
-	*proxy.Server
-	mu    sync.Mutex
-	extra []proxy.Event // newest first
-}
-
-func (p *withEvents) add(e proxy.Event) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.extra = append([]proxy.Event{e}, p.extra...)
-}
-
-func (p *withEvents) Events() []proxy.Event {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append(slices.Clone(p.extra), p.Server.Events()...)
 }
 
 // waitJS polls the page until the JavaScript expression is true, or fails

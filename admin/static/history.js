@@ -125,8 +125,6 @@
       const last = r.points[r.points.length - 1];
       const now = last ? last.via_rolegate + " via rolegate + " + last.elsewhere + " elsewhere" +
         (last.limit != null ? " of " + last.limit : "") + ", " + last.waiting + " waiting" : "";
-      // Room for a per-role flag (e.g. "thrashing", from /api/roles) next
-      // to the name: the name cell is a flex row.
       const name = html("div", "name");
       name.append(html("span", "", r.role));
       const axis = html("div", "axis muted");

@@ -59,13 +59,23 @@ function renderRoles(roles) {
     const policy = r.limit != null && r.policy ? r.policy + (r.policy_source ? " (" + r.policy_source + ")" : "")
       : "no limit";
     const limit = r.limit != null ? " of " + r.limit + " (" + r.limit_source + ")" : "";
-    return el("div", { class: "role", "data-role": r.role },
-      el("div", { class: "name", title: r.role }, r.role),
+    // A role whose eviction budget is spent evicts in a loop: say so, with
+    // the clients doing it. A paused or disabled role says that too.
+    const flags = [];
+    if (r.thrashing) flags.push(el("span", { class: "flag thrashing", title: "eviction budget spent by " +
+      (r.evictors || []).join(", ") }, "thrashing"));
+    if (r.paused) flags.push(el("span", { class: "flag paused" }, "paused"));
+    if (r.disabled) flags.push(el("span", { class: "flag disabled" }, "disabled"));
+    const dry = r.policies.reduce((a, p) => a + p.dry_run_evictions + p.dry_run_rejections + p.dry_run_waits, 0);
+    return el("div", { class: "role" + (r.thrashing ? " thrashing" : ""), "data-role": r.role },
+      el("div", { class: "name", title: r.role }, r.role, ...flags),
       bar,
       el("div", { class: "nums" },
         r.sessions + " via rolegate + " + elsewhere + " elsewhere" + limit + ", " + r.waiting + " waiting",
         el("br"),
-        el("span", { class: "muted" }, policy + " · " + ev + " evicted · " + rej + " rejected")));
+        el("span", { class: "muted" }, policy + " · " + ev + " evicted · " + rej + " rejected" +
+          (dry ? " · " + dry + " dry-run decisions" : "") +
+          (r.thrashing && r.evictors ? " · thrashing: " + r.evictors.join(", ") : ""))));
   }));
 }
 
@@ -88,6 +98,11 @@ function renderSessions(sessions, unlisted, now) {
     el("td", { title: fmtTime(s.started) }, ago(s.started, now)))));
 }
 
+// wouldDo is a dry run's decision in words: "would evict".
+function wouldDo(kind) {
+  return "would " + ({ eviction: "evict", rejection: "reject", wait: "wait" }[kind] || kind);
+}
+
 function renderEvents(events) {
   const body = $("events").tBodies[0];
   if (!events.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "None yet."))); return; }
@@ -98,9 +113,9 @@ function renderEvents(events) {
       victim += e.via_rolegate ? (e.victim_client ? " " + e.victim_client : "") : " outside rolegate";
       if (e.victim_application_name) victim += " [" + e.victim_application_name + "]";
     }
-    return el("tr", { "data-kind": e.kind },
+    return el("tr", { "data-kind": e.kind, "data-dry-run": e.dry_run ? "true" : "false" },
       el("td", { class: "time" }, fmtTime(e.time)), el("td", {}, e.instance || ""),
-      el("td", { class: "kind " + e.kind }, e.kind),
+      el("td", { class: "kind " + e.kind + (e.dry_run ? " dry-run" : "") }, e.dry_run ? wouldDo(e.kind) + " (dry run)" : e.kind),
       el("td", {}, e.role || ""), el("td", {}, victim),
       el("td", {}, (e.policy || "") + (e.scope ? " (" + e.scope + ")" : "")), el("td", {}, e.reason || ""));
   }));
