@@ -188,7 +188,9 @@ type Decision struct {
 	// Would lists what dry-run rules decided and did not carry out (the
 	// role's first, then the database's): each has the Kind, Victims,
 	// Scope, Limit, Count, Policy and Reason the rule would have acted on.
-	// The decision itself goes on without them.
+	// The decision itself goes on without them. A login that decides
+	// again (it waits, or evicts, under the other limit) gets them, and
+	// has them counted, on its first decision only.
 	Would []Decision
 	// Thrashing is set when an eviction budget (Rule.Budget) was spent and
 	// the fallback decided in its place; Evictors then names the clients
@@ -308,6 +310,11 @@ func (l *Limiter) decide(login Login, role, db Rule, holders []Holder, explain b
 		return d
 	}
 	d := l.settle(now, login, t, rv, dv, o)
+	if t := d.Ticket; t != nil && t.told {
+		return d // told once per login, however many times it decides
+	} else if t != nil && len(would) > 0 {
+		t.told = true
+	}
 	for _, w := range would {
 		d.Would = append(d.Would, l.settleWould(now, login, w))
 	}
@@ -609,7 +616,6 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 	}
 	if o.thrash {
 		l.thrashed(now, s, d)
-		l.counter(key).BudgetFallbacks++
 	}
 
 	switch d.Kind {
@@ -646,6 +652,12 @@ func (l *Limiter) settle(now time.Time, login Login, t *Ticket, rv, dv *scopeVie
 		d.Ticket = t
 		if o.poke && l.wokenIn(s.key) == 0 {
 			l.wake(s.key, 1, t)
+		}
+	}
+	if o.thrash && (t == nil || !t.budgeted) { // once per login
+		l.counter(key).BudgetFallbacks++
+		if t != nil {
+			t.budgeted = true
 		}
 	}
 	l.wakeFree(rv, d.Kind, t)

@@ -133,6 +133,7 @@ func (s *sim) rule() Rule {
 		Fallback:      []Policy{PolicyReject, PolicyWait, ""}[s.pick(3)],
 		MinSessionAge: []time.Duration{0, 0, 30 * time.Second, 2 * time.Minute}[s.pick(4)],
 		WaitTimeout:   []time.Duration{0, 10 * time.Second, time.Minute}[s.pick(3)],
+		Budget:        []Budget{{}, {}, {Evictions: 2, Per: time.Minute}, {Evictions: 0, Per: time.Second}}[s.pick(4)],
 	}
 }
 
@@ -481,7 +482,8 @@ func (s *sim) checkDecision(lg Login, d Decision, census []Holder) {
 	if need := d.Count + 1 - d.Limit; d.Kind == Evict && !dr.Limited() && len(d.Victims) != need-s.unseen(lg, rr, need) {
 		s.fail("%d victims for count %d limit %d", len(d.Victims), d.Count, d.Limit)
 	}
-	if d.Kind == Reject && d.Scope == ScopeRole && rr.policy() == PolicyNewestWins && rr.MinSessionAge == 0 && rr.fallback() == PolicyReject {
+	if d.Kind == Reject && d.Scope == ScopeRole && rr.policy() == PolicyNewestWins && rr.MinSessionAge == 0 && rr.fallback() == PolicyReject &&
+		!d.Thrashing { // a spent eviction budget hands over to the fallback
 		flying := 0
 		for _, f := range s.flights {
 			if f.lg.Role == lg.Role {

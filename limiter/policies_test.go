@@ -209,3 +209,44 @@ func TestParseBudget(t *testing.T) {
 		t.Errorf("String = %q", s)
 	}
 }
+
+// A login that decides again while it waits is told (and counted) once:
+// its dry-run decisions, and its turn-away by a spent eviction budget.
+func TestDecideCountsOncePerLogin(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	l := New(clk.Now)
+	census := []Holder{idle(10, "app", "db", time.Hour)}
+	dry := rule(1, PolicyNewestWins)
+	dry.DryRun = true
+	login := Login{ID: 1, Role: "app", Database: "db"}
+	d := l.Decide(login, dry, rule(1, PolicyWait), census)
+	if d.Kind != Wait || len(d.Would) != 1 {
+		t.Fatalf("first decision: %v would %d; want the database's Wait and the role's would-evict", d.Kind, len(d.Would))
+	}
+	login.Ticket = d.Ticket
+	d = l.Decide(login, dry, rule(1, PolicyWait), census)
+	if d.Kind != Wait || len(d.Would) != 0 {
+		t.Errorf("second decision: %v would %d; want Wait, told nothing again", d.Kind, len(d.Would))
+	}
+	d.Ticket.Leave()
+	if c := l.Snapshot().Counters[CounterKey{"app", PolicyNewestWins}]; c.DryRunEvictions != 1 {
+		t.Errorf("dry-run evictions %d, want 1", c.DryRunEvictions)
+	}
+
+	r := rule(1, PolicyNewestWins)
+	r.Fallback, r.Budget = PolicyWait, Budget{Evictions: 0, Per: time.Minute}
+	login = Login{ID: 2, Role: "pool", Database: "db"}
+	census = []Holder{idle(20, "pool", "db", time.Hour)}
+	for range 3 {
+		d = l.Decide(login, r, NoLimit(), census)
+		if d.Kind != Wait || !d.Thrashing {
+			t.Fatalf("budget 0: %v thrashing %v; want the fallback's Wait", d.Kind, d.Thrashing)
+		}
+		login.Ticket = d.Ticket
+	}
+	d.Ticket.Leave()
+	if c := l.Snapshot().Counters[CounterKey{"pool", PolicyNewestWins}]; c.BudgetFallbacks != 1 {
+		t.Errorf("budget fallbacks %d for one login, want 1", c.BudgetFallbacks)
+	}
+}

@@ -39,6 +39,10 @@ type Ticket struct {
 	// pid, with their backend_start: they are not chosen for it again. A
 	// newer backend that reuses the pid is not one of them.
 	failed map[uint32]time.Time
+	// told and budgeted: the login's dry-run decisions and its turn-away
+	// by an eviction budget were counted already; a login that decides
+	// again while it waits is counted once.
+	told, budgeted bool
 }
 
 // queueKey names one wait queue: the role's or the database's limit.
