@@ -557,6 +557,23 @@ func startConsoleRigWith(t *testing.T, roleRules rules, adjust func(*proxy.Confi
 	return r
 }
 
+// consolePgx is a pgx connection to the console as opsadmin, on the simple
+// protocol the console speaks; the test's cleanup closes it.
+func (r *rig) consolePgx(t *testing.T) *pgx.Conn {
+	t.Helper()
+	cfg, err := pgx.ParseConfig(r.consoleDSN("opsadmin", "ops_pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
+	con, err := pgx.ConnectConfig(t.Context(), cfg)
+	if err != nil {
+		t.Fatalf("console login: %v", err)
+	}
+	t.Cleanup(func() { con.Close(context.Background()) })
+	return con
+}
+
 func (r *rig) consoleDSN(user, password string) string {
 	return strings.Replace(r.dsn(user, password), "dbname=postgres", "dbname=rolegate", 1)
 }
@@ -567,17 +584,7 @@ func TestConsoleThroughProxy(t *testing.T) {
 	ctx := t.Context()
 	app := r.connect(t, "lim_user", "lim_pw")
 	pid := backendPID(t, app)
-
-	cfg, err := pgx.ParseConfig(r.consoleDSN("opsadmin", "ops_pw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
-	con, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		t.Fatalf("console login: %v", err)
-	}
-	defer con.Close(context.Background())
+	con := r.consolePgx(t)
 
 	t.Run("pgx scans show sessions", func(t *testing.T) {
 		rows, err := con.Query(ctx, "SHOW SESSIONS")

@@ -66,7 +66,7 @@ func explainError(err error) *consoleError {
 	if errors.Is(err, proxy.ErrNoControl) {
 		return errorf("55000", "EXPLAIN LOGIN needs limits and the control connection ([control] dsn)")
 	}
-	if strings.Contains(err.Error(), "is not an IP address") {
+	if errors.Is(err, proxy.ErrBadClient) {
 		return errorf("22023", "%s", err.Error())
 	}
 	return errorf("58000", "EXPLAIN LOGIN failed: %v", err)
@@ -114,12 +114,12 @@ func ruleText(l proxy.LimitExplained) string {
 // explain is GET /api/explain?role=&database=&application_name=&client=.
 func (h *HTTP) explain(w http.ResponseWriter, r *http.Request) {
 	if h.opts.Explain == nil {
-		writeJSON(w, http.StatusNotImplemented, map[string]string{"error": "explain needs limits and the control connection"})
+		writeError(w, http.StatusNotImplemented, "explain needs limits and the control connection")
 		return
 	}
 	q := r.URL.Query()
 	if q.Get("role") == "" {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "role is required"})
+		writeError(w, http.StatusBadRequest, "role is required")
 		return
 	}
 	args := []string{q.Get("role")}
@@ -135,10 +135,10 @@ func (h *HTTP) explain(w http.ResponseWriter, r *http.Request) {
 	e, err := h.opts.Explain(ctx, role, db, app, client)
 	if err != nil {
 		status := http.StatusBadGateway
-		if strings.Contains(err.Error(), "is not an IP address") {
+		if errors.Is(err, proxy.ErrBadClient) {
 			status = http.StatusBadRequest
 		}
-		writeJSON(w, status, map[string]string{"error": err.Error()})
+		writeError(w, status, err.Error())
 		return
 	}
 	writeJSON(w, http.StatusOK, explainJSON(e))

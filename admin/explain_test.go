@@ -26,16 +26,7 @@ func TestExplainLogin(t *testing.T) {
 		OverrideDryRun: r.limits.OverrideDryRun, Effective: r.limits.Effective, Explain: r.srv.Explain, Logger: r.logger}))
 	base := startHTTP(t, Options{Proxy: r.srv, Explain: r.srv.Explain, Logger: r.logger})
 	ctx := t.Context()
-	cfg, err := pgx.ParseConfig(r.consoleDSN("opsadmin", "ops_pw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
-	con, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		t.Fatalf("console login: %v", err)
-	}
-	defer con.Close(context.Background())
+	con := r.consolePgx(t)
 	explain := func(q string) map[string][]string {
 		t.Helper()
 		rows, err := con.Query(ctx, q)

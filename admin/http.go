@@ -377,8 +377,8 @@ type role struct {
 	// clients that spent it (application_name@address).
 	Thrashing bool     `json:"thrashing"`
 	Evictors  []string `json:"evictors,omitempty"`
-	Paused            bool      `json:"paused"`   // an operator's PAUSE: new logins wait
-	Disabled          bool      `json:"disabled"` // an operator's DISABLE: new logins are refused
+	Paused    bool     `json:"paused"`   // an operator's PAUSE: new logins wait
+	Disabled  bool     `json:"disabled"` // an operator's DISABLE: new logins are refused
 }
 
 type counter struct {

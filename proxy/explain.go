@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -54,6 +55,9 @@ type Explanation struct {
 	Would []string
 }
 
+// ErrBadClient is Explain's answer to a client that is not an IP address.
+var ErrBadClient = errors.New("the client is not an IP address")
+
 // Explain tells what a login of role to database (with application_name
 // app, from client, both optional) would get now. It needs limits and a
 // control connection (ErrNoControl).
@@ -68,7 +72,7 @@ func (s *Server) Explain(ctx context.Context, role, database, app, client string
 	if client != "" {
 		a, err := netip.ParseAddr(client)
 		if err != nil {
-			return e, fmt.Errorf("client %q is not an IP address", client)
+			return e, fmt.Errorf("%w: %q", ErrBadClient, client)
 		}
 		addr = a.Unmap()
 	}

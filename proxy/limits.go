@@ -46,28 +46,26 @@ type Override struct {
 // role name over 63 bytes names the role CREATE ROLE stored for it, as in
 // proxy.toml.
 func (l *Limits) Override(role string, maxSessions *int, policy *limiter.Policy) {
-	role = pgname.Identifier(role)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.overrides == nil {
-		l.overrides = make(map[string]Override)
-	}
-	o := l.overrides[role]
-	if maxSessions != nil {
-		n := *maxSessions
-		o.MaxSessions = &n
-	}
-	if policy != nil {
-		p := *policy
-		o.Policy = &p
-	}
-	l.overrides[role] = o
+	l.edit(role, func(o *Override) {
+		if maxSessions != nil {
+			n := *maxSessions
+			o.MaxSessions = &n
+		}
+		if policy != nil {
+			p := *policy
+			o.Policy = &p
+		}
+	})
 }
 
-// Overrides returns a copy of the overrides in force.
 // OverrideDryRun turns dry run on or off for role's rule until the next
 // reload; like Override, it keeps what else is overridden.
 func (l *Limits) OverrideDryRun(role string, on bool) {
+	l.edit(role, func(o *Override) { o.DryRun = &on })
+}
+
+// edit changes role's override in place.
+func (l *Limits) edit(role string, change func(*Override)) {
 	role = pgname.Identifier(role)
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -75,7 +73,7 @@ func (l *Limits) OverrideDryRun(role string, on bool) {
 		l.overrides = make(map[string]Override)
 	}
 	o := l.overrides[role]
-	o.DryRun = &on
+	change(&o)
 	l.overrides[role] = o
 }
 

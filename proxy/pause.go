@@ -131,57 +131,46 @@ func scopeWord(scope limiter.Scope) string {
 // (ScopeDatabase) wait until Resume; sessions already in are untouched. The
 // name need not exist yet. It reports false when it was paused already.
 func (s *Server) Pause(scope limiter.Scope, name, by string) bool {
-	ok := s.gates.set(gateKey{scope, name}, func(h *Gate) bool {
-		if h.Paused {
-			return false
-		}
-		h.Paused, h.PausedBy = true, by
-		return true
-	})
-	s.log.Info("paused new logins", "scope", scopeWord(scope), "name", name, "by", by, "changed", ok)
-	return ok
+	return s.setGate(scope, name, by, true, pausedOf, "paused new logins")
 }
 
 // Resume lets the logins Pause holds go on. It reports false when name was
 // not paused.
 func (s *Server) Resume(scope limiter.Scope, name, by string) bool {
-	ok := s.gates.set(gateKey{scope, name}, func(h *Gate) bool {
-		if !h.Paused {
-			return false
-		}
-		h.Paused, h.PausedBy = false, ""
-		return true
-	})
-	s.log.Info("resumed logins", "scope", scopeWord(scope), "name", name, "by", by, "changed", ok)
-	return ok
+	return s.setGate(scope, name, by, false, pausedOf, "resumed logins")
 }
 
 // Disable refuses new logins of a role or into a database (FATAL 55000
 // after authentication), paused ones included, until Enable; sessions
 // already in are untouched. It reports false when it was disabled already.
 func (s *Server) Disable(scope limiter.Scope, name, by string) bool {
-	ok := s.gates.set(gateKey{scope, name}, func(h *Gate) bool {
-		if h.Disabled {
-			return false
-		}
-		h.Disabled, h.DisabledBy = true, by
-		return true
-	})
-	s.log.Info("disabled new logins", "scope", scopeWord(scope), "name", name, "by", by, "changed", ok)
-	return ok
+	return s.setGate(scope, name, by, true, disabledOf, "disabled new logins")
 }
 
 // Enable allows the logins Disable refused again. It reports false when
 // name was not disabled.
 func (s *Server) Enable(scope limiter.Scope, name, by string) bool {
-	ok := s.gates.set(gateKey{scope, name}, func(h *Gate) bool {
-		if !h.Disabled {
+	return s.setGate(scope, name, by, false, disabledOf, "enabled logins")
+}
+
+func pausedOf(g *Gate) (*bool, *string)   { return &g.Paused, &g.PausedBy }
+func disabledOf(g *Gate) (*bool, *string) { return &g.Disabled, &g.DisabledBy }
+
+// setGate turns one switch of a gate (field picks it and who set it) on or
+// off, logs it with msg, and reports whether it changed.
+func (s *Server) setGate(scope limiter.Scope, name, by string, on bool, field func(*Gate) (*bool, *string), msg string) bool {
+	ok := s.gates.set(gateKey{scope, name}, func(g *Gate) bool {
+		flag, who := field(g)
+		if *flag == on {
 			return false
 		}
-		h.Disabled, h.DisabledBy = false, ""
+		*flag, *who = on, ""
+		if on {
+			*who = by
+		}
 		return true
 	})
-	s.log.Info("enabled logins", "scope", scopeWord(scope), "name", name, "by", by, "changed", ok)
+	s.log.Info(msg, "scope", scopeWord(scope), "name", name, "by", by, "changed", ok)
 	return ok
 }
 
