@@ -24,7 +24,7 @@ func TestExplainLogin(t *testing.T) {
 		Fallback: limiter.PolicyReject, EvictScope: limiter.EvictAny, Budget: limiter.Budget{Evictions: 60, Per: time.Minute}}})
 	r.srv.SetConsole(NewConsole(Options{Proxy: r.srv, Limiter: r.limits.Limiter.Snapshot, Override: r.limits.Override,
 		OverrideDryRun: r.limits.OverrideDryRun, Effective: r.limits.Effective, Explain: r.srv.Explain, Logger: r.logger}))
-	base := startHTTP(t, Options{Proxy: r.srv, Explain: r.srv.Explain, Logger: r.logger})
+	base := startHTTP(t, Options{Proxy: r.srv, Explain: r.srv.Explain, Limiter: r.limits.Limiter.Snapshot, Logger: r.logger})
 	ctx := t.Context()
 	con := r.consolePgx(t)
 	explain := func(q string) map[string][]string {
@@ -114,6 +114,38 @@ func TestExplainLogin(t *testing.T) {
 		t.Fatalf("a dry run evicted: %v", err)
 	}
 	dry.Close(ctx)
+	// The decision it did not carry out is marked as such in SHOW
+	// EVICTIONS, /api/evictions and the metrics.
+	rows, err := con.Query(ctx, "SHOW EVICTIONS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	marked := false
+	for rows.Next() {
+		v, err := rows.Values()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fields := rows.FieldDescriptions()
+		row := map[string]any{}
+		for i, f := range fields {
+			row[f.Name] = v[i]
+		}
+		if row["kind"] == "eviction" && row["dry_run"] == "true" && fmt.Sprint(row["victim_pid"]) == fmt.Sprint(newerPID) {
+			marked = true
+		}
+	}
+	if !marked {
+		t.Error("SHOW EVICTIONS has no dry-run eviction of pid", newerPID)
+	}
+	evs := getJSON[[]event](t, base+"/api/evictions")
+	if !slices.ContainsFunc(evs, func(e event) bool { return e.DryRun && e.Kind == "eviction" && e.VictimPID == newerPID }) {
+		t.Errorf("/api/evictions has no dry-run eviction of pid %d: %+v", newerPID, evs)
+	}
+	metrics := want(t, http.MethodGet, base+"/metrics", "", http.StatusOK, "")
+	if !strings.Contains(metrics, `rolegate_dry_run_decisions_total{decision="eviction",policy="newest-wins",role="lim_user"} 1`) {
+		t.Errorf("no dry-run eviction in /metrics:\n%s", metrics)
+	}
 
 	// Bad input is a clear error, and the console goes on.
 	if _, err := con.Exec(ctx, "EXPLAIN LOGIN lim_user postgres app not-an-address"); !errors.As(err, &pe) || pe.Code != "22023" {

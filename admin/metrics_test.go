@@ -139,3 +139,32 @@ func TestObserverMetrics(t *testing.T) {
 		t.Errorf("rolegate_logins_total{role=obs_wait} = %v, want 2", n)
 	}
 }
+
+// A limit whose eviction budget is spent shows on /metrics and /api/roles
+// as thrashing, with its budget fallbacks counted; the limiter decides on a
+// census of its own here (what decides is limiter's, tested there and
+// through the proxy).
+func TestThrashingShown(t *testing.T) {
+	srv := proxy.New(proxy.Config{StartupTimeout: time.Second})
+	defer srv.Close()
+	l := limiter.New(time.Now)
+	r := limiter.Rule{MaxSessions: 1, Policy: limiter.PolicyNewestWins, Fallback: limiter.PolicyReject,
+		Budget: limiter.Budget{Evictions: 0, Per: time.Hour}}
+	census := []limiter.Holder{{PID: 7, Role: "pool_user", Database: "db", BackendStart: time.Now().Add(-time.Hour), State: "idle"}}
+	d := l.Decide(limiter.Login{ID: 1, Role: "pool_user", Database: "db", ApplicationName: "pool"}, r, limiter.NoLimit(), census)
+	if d.Kind != limiter.Reject || !d.Thrashing {
+		t.Fatalf("decision %v thrashing %v", d.Kind, d.Thrashing)
+	}
+	base := startHTTP(t, Options{Proxy: srv, Limiter: l.Snapshot})
+	metrics := want(t, http.MethodGet, base+"/metrics", "", http.StatusOK, "")
+	for _, line := range []string{`rolegate_limit_thrashing{name="pool_user",scope="role"} 1`,
+		`rolegate_eviction_budget_fallbacks_total{policy="newest-wins",role="pool_user"} 1`} {
+		if !strings.Contains(metrics, line) {
+			t.Errorf("/metrics lacks %s", line)
+		}
+	}
+	roles := getJSON[[]role](t, base+"/api/roles")
+	if len(roles) != 1 || !roles[0].Thrashing || len(roles[0].Evictors) != 0 {
+		t.Errorf("/api/roles: %+v; want pool_user thrashing (no evictions yet, so no evictors)", roles)
+	}
+}

@@ -213,13 +213,7 @@ type handoffServer struct {
 // this user only (whoever connects can take the listeners). A socket file
 // nobody serves on any more (its process was killed) is replaced.
 func listenHandoff(path string) (*net.UnixListener, error) {
-	addr := &net.UnixAddr{Name: path, Net: "unixpacket"}
-	// The socket is created 0600, never more open even for a moment. The
-	// umask is the process's: it is set only around the binds, and rolegate
-	// creates no other files meanwhile.
-	old := syscall.Umask(0o177)
-	defer syscall.Umask(old)
-	ln, err := net.ListenUnix("unixpacket", addr)
+	ln, err := listenPrivate(path)
 	if errors.Is(err, syscall.EADDRINUSE) {
 		c, derr := net.DialTimeout("unixpacket", path, handoffTimeout)
 		if derr == nil {
@@ -235,7 +229,7 @@ func listenHandoff(path string) (*net.UnixListener, error) {
 		if rerr := os.Remove(path); rerr != nil {
 			return nil, fmt.Errorf("hand-off socket %s: remove the stale socket: %w", path, rerr)
 		}
-		ln, err = net.ListenUnix("unixpacket", addr)
+		ln, err = listenPrivate(path)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("hand-off socket %s: %w", path, err)
@@ -245,6 +239,26 @@ func listenHandoff(path string) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("hand-off socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// listenPrivate binds a unixpacket socket at path that is created 0600,
+// never more open even for a moment. Linux gives the socket file the mode
+// of the socket's own inode, less the umask, so the socket is made 0600
+// before the bind (fchmod): unlike setting the umask, which is the
+// process's, this touches no file another goroutine creates meanwhile.
+func listenPrivate(path string) (*net.UnixListener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var ferr error
+		if err := c.Control(func(fd uintptr) { ferr = syscall.Fchmod(int(fd), 0o600) }); err != nil {
+			return err
+		}
+		return ferr
+	}}
+	ln, err := lc.Listen(context.Background(), "unixpacket", path)
+	if err != nil {
+		return nil, err
+	}
+	return ln.(*net.UnixListener), nil
 }
 
 // newHandoffServer offers proxy (and admin, when not nil) on ln.
