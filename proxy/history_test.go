@@ -130,3 +130,29 @@ func TestInstanceTag(t *testing.T) {
 	a.Close()
 	b.Close()
 }
+
+// A dry-run decision goes to the history table with its kind prefixed
+// ("dry-run eviction"), and comes back from it marked DryRun.
+func TestDryRunInTheHistory(t *testing.T) {
+	t.Parallel()
+	const role = "hist_dry"
+	pw := newRole(t, role, -1)
+	h := &fakeHistory{}
+	p := historyProxy(t, map[string]limiter.Rule{role: {MaxSessions: 1, Policy: limiter.PolicyNewestWins,
+		Fallback: limiter.PolicyReject, DryRun: true}}, h, "inst-dry")
+	first := connect(t, p.DSN(role, pw, "app"))
+	connect(t, p.DSN(role, pw, "app"))
+	waitUntil(t, 30*time.Second, "the dry-run eviction in the history", func() bool { return len(h.writes()) > 0 })
+	w := h.writes()
+	if len(w) != 1 || w[0].Kind != "dry-run eviction" || w[0].VictimPID != first.PgConn().PID() {
+		t.Fatalf("history writes %+v, want one dry-run eviction of pid %d", w, first.PgConn().PID())
+	}
+	h.mu.Lock()
+	h.recent = w
+	h.mu.Unlock()
+	got := p.History(context.Background(), 10)
+	if len(got) != 1 || got[0].Kind != "eviction" || !got[0].DryRun {
+		t.Errorf("read back: %+v, want an eviction marked dry run", got)
+	}
+	wantAlive(t, first, "the session a dry run would have evicted")
+}
