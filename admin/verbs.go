@@ -67,7 +67,7 @@ var gateVerbs = map[string]gateVerb{
 var helpRows = [][2]string{
 	{"SHOW HELP", "this list"},
 	{"SHOW SESSIONS", "sessions through rolegate and elsewhere, and logins in flight"},
-	{"SHOW ROLES", "per role: limit, policy, sessions, counters, overrides, paused, disabled"},
+	{"SHOW ROLES", "per role: limit, policy, sessions, counters, overrides, dry-run decisions, thrashing, paused, disabled"},
 	{"SHOW DATABASES", "per database: limit, policy, sessions, paused, disabled"},
 	{"SHOW EVICTIONS", "recent evictions, rejections and kills"},
 	{"SHOW INSTANCES", "the rolegate instances in front of the same server"},
@@ -81,7 +81,8 @@ var helpRows = [][2]string{
 	{"DISABLE ROLE <role> | DATABASE <db>", "refuse new logins (FATAL 55000) until ENABLE; sessions are untouched"},
 	{"ENABLE ROLE <role> | DATABASE <db>", "allow logins again"},
 	{"SET LIMIT <role> <n>", "override a role's limit until the next reload"},
-	{"SET POLICY <role> <policy>", "override a role's policy until the next reload"},
+	{"SET POLICY <role> <policy> [DRY RUN]", "override a role's policy until the next reload; DRY RUN decides and logs without acting"},
+	{"EXPLAIN LOGIN <role> [<database> [<application_name> [<client>]]]", "what a login would get now and why; changes nothing"},
 	{"RELOAD", "re-read proxy.toml (as SIGHUP); pauses and disables stay"},
 	{"SHUTDOWN", "close every session now and exit (as SIGINT)"},
 	{"SHUTDOWN WAIT", "stop accepting, let sessions finish up to shutdown_timeout, exit (as SIGTERM)"},

@@ -106,7 +106,7 @@ func TestConsoleVerbs(t *testing.T) {
 		t.Fatalf("show help columns %v", help.columns)
 	}
 	for _, verb := range []string{"SHOW HELP", "SHOW SESSIONS", "KILL <pid>", "KILL ROLE <role>", "PAUSE ROLE", "RESUME ROLE",
-		"DISABLE ROLE", "ENABLE ROLE", "SET LIMIT", "SET POLICY", "RELOAD", "SHUTDOWN", "SHUTDOWN WAIT"} {
+		"DISABLE ROLE", "ENABLE ROLE", "SET LIMIT", "SET POLICY", "EXPLAIN LOGIN", "RELOAD", "SHUTDOWN", "SHUTDOWN WAIT"} {
 		if !slices.ContainsFunc(help.rows, func(row []*string) bool { return strings.HasPrefix(*row[0], verb) }) {
 			t.Errorf("show help lacks %q", verb)
 		}
