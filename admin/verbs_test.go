@@ -188,6 +188,12 @@ func TestConsoleVerbs(t *testing.T) {
 
 	// KILL ROLE: both sessions end, each told why.
 	second := r.connect(t, "verb_user", "verb_pw")
+	// The login after ENABLE has closed; its backend may still be leaving
+	// pg_stat_activity, and a KILL ROLE meanwhile would count it too.
+	waitFor(t, "two sessions of verb_user on the server", func() bool {
+		b, err := r.control.Sessions(t.Context(), []string{"verb_user"})
+		return err == nil && len(b) == 2
+	})
 	kill := cc.ok(t, "kill role verb_user", "KILL")
 	if len(kill.rows) != 2 {
 		t.Fatalf("kill role: %+v", kill)

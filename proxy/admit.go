@@ -617,7 +617,7 @@ func (a *admission) evict(ctx context.Context, v limiter.Holder, policy limiter.
 		if held != nil {
 			closed = held.serverGone
 		}
-		r, err = a.awaitGone(ctx, target, closed)
+		r, err = a.s.awaitGone(ctx, target, closed)
 	}
 	if ctx.Err() != nil {
 		return false // the login is over (its client left, or shutdown): no failure to report
@@ -674,7 +674,7 @@ const relayedLookAfter = 50 * time.Millisecond
 // within victimGoneTimeout of the signal. Leaving pg_stat_activity comes
 // just before the server frees the slot; a login that meets the server's
 // 53300 in between tries again with its reserved slot (admitAndLogIn).
-func (a *admission) awaitGone(ctx context.Context, t upstream.Target, closed <-chan struct{}) (upstream.Termination, error) {
+func (s *Server) awaitGone(ctx context.Context, t upstream.Target, closed <-chan struct{}) (upstream.Termination, error) {
 	deadline := time.Now().Add(victimGoneTimeout)
 	i, first := 0, goneChecks[0]
 	if closed != nil {
@@ -692,7 +692,7 @@ func (a *admission) awaitGone(ctx context.Context, t upstream.Target, closed <-c
 		}
 		timer.Reset(goneChecks[min(i+1, len(goneChecks)-1)])
 		cctx, cancel := context.WithTimeout(ctx, controlTimeout)
-		present, err := a.lim.Server.Present(cctx, t)
+		present, err := s.cfg.Limits.Server.Present(cctx, t)
 		cancel()
 		switch {
 		case err != nil && closed != nil:

@@ -266,6 +266,11 @@ func (s *Server) KillRole(ctx context.Context, role, by string) ([]uint32, error
 	why := fmt.Sprintf("terminating connection: rolegate terminated this session at an operator's request (KILL ROLE %s, %s)",
 		quoteIdent(role), by)
 	killed := []uint32{}
+	type gone struct {
+		target upstream.Target
+		closed <-chan struct{}
+	}
+	var signalled []gone
 	var errs []error
 	for _, h := range holders {
 		if h.PID == 0 || h.Role != role || h.Protected {
@@ -281,6 +286,11 @@ func (s *Server) KillRole(ctx context.Context, role, by string) ([]uint32, error
 			continue // it had ended already
 		}
 		killed = append(killed, h.PID)
+		var closed <-chan struct{}
+		if held != nil {
+			closed = held.serverGone
+		}
+		signalled = append(signalled, gone{upstream.Target{PID: h.PID, BackendStart: h.BackendStart}, closed})
 		ev := Event{Time: time.Now(), Kind: "kill", VictimPID: h.PID, ViaRolegate: held != nil, VictimRole: role,
 			VictimClient: clientOf(held), Reason: "operator: KILL ROLE " + quoteIdent(role) + ", " + by}
 		if held != nil {
@@ -289,6 +299,15 @@ func (s *Server) KillRole(ctx context.Context, role, by string) ([]uint32, error
 			ev.VictimClient = h.Client.String()
 		}
 		s.record(ev)
+	}
+	// The answer comes once the sessions are gone, so that what an operator
+	// sees next (SHOW SESSIONS, another KILL ROLE) no longer lists them: a
+	// signalled backend stays in pg_stat_activity a moment. Every session
+	// was signalled first, so the waits overlap.
+	for _, g := range signalled {
+		if r, err := s.awaitGone(ctx, g.target, g.closed); err != nil || r != upstream.Terminated {
+			s.log.Warn("kill role: a terminated session did not exit in time", "role", role, "pid", g.target.PID, "err", err)
+		}
 	}
 	err = errors.Join(errs...)
 	level, attrs := slog.LevelInfo, []any{"role", role, "by", by, "killed", len(killed), "pids", killed}
