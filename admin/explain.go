@@ -167,7 +167,7 @@ type explanationJSON struct {
 	Client          string      `json:"client,omitempty"`
 	Superuser       bool        `json:"superuser"`
 	Limits          []limitJSON `json:"limits"`
-	Outcome         string      `json:"outcome"` // admitted | evict | wait | rejected
+	Outcome         string      `json:"outcome"` // admitted | evict | wait | rejected | disabled | paused
 	Victims         []uint32    `json:"victims"`
 	Verdict         string      `json:"verdict"`
 	Reason          string      `json:"reason"`

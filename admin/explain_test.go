@@ -147,6 +147,21 @@ func TestExplainLogin(t *testing.T) {
 		t.Errorf("no dry-run eviction in /metrics:\n%s", metrics)
 	}
 
+	// An operator's hold comes first, as for a real login.
+	r.srv.Disable(limiter.ScopeRole, "lim_user", "test")
+	if e = explain("EXPLAIN LOGIN lim_user postgres"); e["outcome"][0] != "disabled" || !strings.HasPrefix(e["verdict"][0], "rejected with 55000") {
+		t.Errorf("explain of a disabled role: %v", e)
+	}
+	if _, err := pgx.Connect(ctx2, r.dsn("lim_user", "lim_pw")); !errors.As(err, &pe) || pe.Code != "55000" {
+		t.Errorf("the login explain said is disabled: %v", err)
+	}
+	r.srv.Enable(limiter.ScopeRole, "lim_user", "test")
+	r.srv.Pause(limiter.ScopeDatabase, "postgres", "test")
+	if e = explain("EXPLAIN LOGIN lim_user postgres"); e["outcome"][0] != "paused" || !strings.Contains(e["verdict"][0], "would wait until RESUME") {
+		t.Errorf("explain of a paused database: %v", e)
+	}
+	r.srv.Resume(limiter.ScopeDatabase, "postgres", "test")
+
 	// Bad input is a clear error, and the console goes on.
 	if _, err := con.Exec(ctx, "EXPLAIN LOGIN lim_user postgres app not-an-address"); !errors.As(err, &pe) || pe.Code != "22023" {
 		t.Errorf("bad client address: %v", err)

@@ -44,9 +44,11 @@ type Explanation struct {
 	Role, Database, ApplicationName, Client string
 	Superuser                               bool
 	Limits                                  []LimitExplained // the role's, then the database's
-	// Outcome is "admitted", "evict", "wait" or "rejected"; Victims the
-	// pids an eviction would terminate; Verdict says it in a sentence:
-	// `would evict pid 4242 (idle 3h, application psql) for newest-wins`.
+	// Outcome is "admitted", "evict", "wait" or "rejected", or "disabled"
+	// or "paused" when an operator holds the role's or database's logins;
+	// Victims the pids an eviction would terminate; Verdict says it in a
+	// sentence: `would evict pid 4242 (idle 3h, application psql) for
+	// newest-wins`.
 	Outcome string
 	Victims []uint32
 	Verdict string
@@ -122,6 +124,19 @@ func (s *Server) Explain(ctx context.Context, role, database, app, client string
 	for _, w := range d.Would {
 		_, _, v := verdictOf(w)
 		e.Would = append(e.Would, "dry run: "+v)
+	}
+	// An operator's hold comes before any limit, as in a real login.
+	disabled, paused, _ := s.gates.check(role, database)
+	switch {
+	case disabled.Disabled:
+		e.Outcome, e.Victims = "disabled", nil
+		e.Verdict = fmt.Sprintf("rejected with 55000: logins %s %q are disabled by an operator (DISABLE, %s)",
+			map[limiter.Scope]string{limiter.ScopeRole: "of role", limiter.ScopeDatabase: "to database"}[disabled.Scope],
+			disabled.Name, disabled.DisabledBy)
+	case paused.Paused:
+		e.Outcome, e.Victims = "paused", nil
+		e.Verdict = fmt.Sprintf("would wait until RESUME: %s %q is paused by an operator (%s); then %s",
+			scopeWord(paused.Scope), paused.Name, paused.PausedBy, e.Verdict)
 	}
 	return e, nil
 }
