@@ -239,6 +239,9 @@ func wantEvicted(t *testing.T, c *pgx.Conn, scope, name string, policy limiter.P
 	if !errors.As(err, &pe) || pe.Code != "57P01" || !want.MatchString(pe.Message) {
 		t.Fatalf("evicted session got %v, want 57P01 matching %s", err, want)
 	}
+	if !strings.HasPrefix(pe.Hint, "Connect again if you still need a session: the limit's policy ended") {
+		t.Errorf("evicted session's HINT %q does not say what to do", pe.Hint)
+	}
 }
 
 // evictedText matches the 57P01 message of a session evicted for a newer

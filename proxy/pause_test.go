@@ -264,6 +264,9 @@ func TestKillRole(t *testing.T) {
 			pe.Message != "terminating connection: rolegate terminated this session at an operator's request (KILL ROLE killrole_user, console user test)" {
 			t.Fatalf("relayed session %d: %#v", i, err)
 		}
+		if pe.Hint != "Connect again if you still need a session, or ask the operator who ended it why." {
+			t.Errorf("relayed session %d: HINT %q", i, pe.Hint)
+		}
 	}
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	_, err = direct.Exec(qctx, "select 1")

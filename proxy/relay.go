@@ -301,13 +301,27 @@ func (s *session) replaceEvicted(buf []byte, evs []event) ([]byte, error) {
 	}
 	for _, e := range evs {
 		if e.typ == 'E' && e.off >= 0 && isTermination(buf[e.off:]) {
-			out := wire.Encode(buf[:e.off:e.off], wire.Error("FATAL", "57P01", *why))
+			resp := wire.Error("FATAL", "57P01", *why)
+			resp.Hint = terminationHint(*why)
+			out := wire.Encode(buf[:e.off:e.off], resp)
 			// The session ends for the reason its client is told: an
 			// eviction or an operator's KILL.
 			return out, errors.New(strings.TrimPrefix(*why, "terminating connection: "))
 		}
 	}
 	return buf, nil
+}
+
+// terminationHint is the HINT of rolegate's 57P01: what the client can do.
+// It follows from the message, which is all a peer instance's notice
+// carries.
+func terminationHint(msg string) string {
+	if strings.Contains(msg, "rolegate evicted this session") {
+		return "Connect again if you still need a session: the limit's policy ended the oldest (or longest-idle) " +
+			"session to let a newer login in. SHOW EVICTIONS in rolegate's admin console lists the evictions; " +
+			"an operator can protect sessions (protect) or change the policy."
+	}
+	return "Connect again if you still need a session, or ask the operator who ended it why."
 }
 
 // isTermination reports whether the ErrorResponse at the start of b is the
