@@ -171,7 +171,7 @@ func (c *clientConn) admitOnce(self uint32) (l *lease, err error) {
 	}
 	a := &admission{s: s, lim: lim, sess: sess, log: log, client: c.client, cr: c.cr, self: self, authOut: c.authOut,
 		login: limiter.Login{ID: sess.id, Role: sess.user, Database: sess.database,
-			ApplicationName: sess.appName, Client: addrOf(sess.clientAddr)}}
+			ApplicationName: sess.appName, Client: sess.clientIP}}
 	if err := a.rules(ctx); err != nil {
 		return nil, err
 	}

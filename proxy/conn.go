@@ -99,6 +99,7 @@ func (s *Server) newConn(raw net.Conn) *clientConn {
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	sess := &session{id: s.nextID.Add(1), clientAddr: raw.RemoteAddr().String(), start: time.Now(),
 		serverGone: make(chan struct{})}
+	sess.clientIP = addrOf(sess.clientAddr)
 	sess.touch(sess.start)
 	c := &clientConn{s: s, sess: sess, ctx: ctx, cancel: cancel, client: raw,
 		log: s.log.With("client", sess.clientAddr), deadline: sess.start.Add(s.cfg.StartupTimeout)}

@@ -211,7 +211,7 @@ func (r *registry) origins() map[uint32]netip.Addr {
 	defer r.mu.Unlock()
 	out := make(map[uint32]netip.Addr, len(r.byPID))
 	for pid, s := range r.byPID {
-		out[pid] = addrOf(s.clientAddr)
+		out[pid] = s.clientIP
 	}
 	return out
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,6 +91,7 @@ type SessionInfo struct {
 type session struct {
 	id         uint64
 	clientAddr string
+	clientIP   netip.Addr // clientAddr's address; invalid for a Unix socket
 	start      time.Time
 	serverAuth string // how rolegate logged in to the server: a method, or "relayed" (passthrough)
 	loggedIn   bool   // set by handle once the session holds its server slot
