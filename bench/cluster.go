@@ -431,7 +431,7 @@ func clusterSettings(o options, res *clusterResult) string {
 }
 
 // clusterSetupLine says how the cluster storm's rolegates were set up.
-const clusterSetupLine = "rolegate-cluster-<policy>-1, -2, …: per policy, -cluster-instances instances of the same binary with the same configuration and control role, started together and stopped after their storm: each its own listen port and [admin] http port, [cluster] left out (the instances register themselves on the server), [roles.storm_bench] max_sessions = the limit, policy = the storm's, wait_timeout as above ([limits] defaults otherwise), [log] level = \"info\", format = \"json\""
+const clusterSetupLine = "rolegate-cluster-<policy>-1, -2, …: per policy, -cluster-instances instances of the same binary with the same configuration and control role, started together and stopped after their storm: each its own listen port and [admin] http port, [cluster] left out (the instances register themselves on the server), [roles.storm_bench] max_sessions = the limit, policy = the storm's, wait_timeout as above, max_evictions = \"off\" ([limits] defaults otherwise), [log] level = \"info\", format = \"json\""
 
 // printCluster writes the cluster storm section, as text or as Markdown.
 func (r *report) printCluster(w io.Writer, md bool) {

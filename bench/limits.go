@@ -66,6 +66,7 @@ limits_cache_ttl = "60s"   # the default
 
 [roles.lim_bench]
 policy = "newest-wins"
+max_evictions = "off"      # the benchmark evicts in a loop on purpose: no thrash guard (default 60/min)
 `
 
 // limitKind is one row of the newest-wins table.
@@ -913,7 +914,7 @@ func limitsSettings(o options) string {
 }
 
 // limitsSetupLine says how rolegate-limits was set up.
-const limitsSetupLine = limitsTarget + " (the newest-wins test only): the same binary and control connection, with [limits] server_limits = true, min_session_age = \"0s\" (defaults), [roles.lim_bench] policy = \"newest-wins\", [control] max_conns = 4, and [log] level = \"info\", format = \"json\" (to attribute its retries and evictions to the timed logins)"
+const limitsSetupLine = limitsTarget + " (the newest-wins test only): the same binary and control connection, with [limits] server_limits = true, min_session_age = \"0s\" (defaults), [roles.lim_bench] policy = \"newest-wins\", max_evictions = \"off\", [control] max_conns = 4, and [log] level = \"info\", format = \"json\" (to attribute its retries and evictions to the timed logins)"
 
 // printLimits writes the newest-wins section as text.
 func (r *report) printLimits(w io.Writer) {

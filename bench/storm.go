@@ -332,6 +332,7 @@ func stormConfig(so stormOptions, policy string) string {
 [roles.%s]
 max_sessions = %d
 policy = %q
+max_evictions = "off"   # the storm measures eviction under load, not the thrash guard (default 60/min)
 `, stormRole, so.limit, policy)
 	if policy == "wait" {
 		s += fmt.Sprintf("wait_timeout = %q   # logins × (hold + 10 ms) / limit, four times, at least 1m\n", so.waitTimeout().String())
@@ -905,7 +906,7 @@ func stormSettings(o options, res *stormResult) string {
 }
 
 // stormSetupLine says how the storm's rolegates were set up.
-const stormSetupLine = "rolegate-storm-reject, -wait, -newest-wins (the storm test only, one at a time): the same binary and control connection, with [roles.storm_bench] max_sessions = the limit and policy = the storm's ([limits] defaults otherwise), [admin] http on a free loopback port for /healthz, and [log] level = \"info\", format = \"json\""
+const stormSetupLine = "rolegate-storm-reject, -wait, -newest-wins (the storm test only, one at a time): the same binary and control connection, with [roles.storm_bench] max_sessions = the limit and policy = the storm's max_evictions = \"off\" ([limits] defaults otherwise), [admin] http on a free loopback port for /healthz, and [log] level = \"info\", format = \"json\""
 
 // printStorm writes the storm section, as text or as Markdown.
 func (r *report) printStorm(w io.Writer, md bool) {
