@@ -38,15 +38,26 @@ type Thrash struct {
 	Evictors []string
 }
 
+// budgetKey names one budget's bookings: a limit's, and apart from them
+// what its dry run would have evicted, so that going live after a dry run
+// starts with the whole budget.
+type budgetKey struct {
+	queueKey
+	dryRun bool
+}
+
+func (s *scopeView) budgetKey() budgetKey { return budgetKey{s.key, s.rule.DryRun} }
+
 // spend books one eviction of login against s's budget. l.mu is held.
 func (l *Limiter) spend(now time.Time, s *scopeView, login Login) {
 	if !s.rule.Budget.Set() {
 		return
 	}
 	if l.spent == nil {
-		l.spent = make(map[queueKey][]spending)
+		l.spent = make(map[budgetKey][]spending)
 	}
-	l.spent[s.key] = append(l.spent[s.key], spending{at: now, client: login.Client, app: login.ApplicationName})
+	k := s.budgetKey()
+	l.spent[k] = append(l.spent[k], spending{at: now, client: login.Client, app: login.ApplicationName})
 }
 
 // budgetLeft prunes s's bookings older than its window and returns those
@@ -56,18 +67,19 @@ func (l *Limiter) budgetLeft(now time.Time, s *scopeView) ([]spending, int) {
 	if !b.Set() {
 		return nil, int(^uint(0) >> 1)
 	}
-	list := l.spent[s.key]
+	k := s.budgetKey()
+	list := l.spent[k]
 	i := 0
 	for i < len(list) && now.Sub(list[i].at) >= b.Per {
 		i++
 	}
 	switch {
 	case i == len(list):
-		delete(l.spent, s.key)
+		delete(l.spent, k)
 		list = nil
 	case i > 0:
 		list = slices.Clone(list[i:])
-		l.spent[s.key] = list
+		l.spent[k] = list
 	}
 	return list, max(b.Evictions-len(list), 0)
 }

@@ -694,8 +694,9 @@ func (l *Limiter) verdict(now time.Time, t *Ticket, o outcome) Decision {
 }
 
 // settleWould counts what a dry-run rule decided, and books its victims
-// against the rule's eviction budget as if they had been evicted, so that
-// a dry run shows when the budget would stop the policy too.
+// against the rule's eviction budget as if they had been evicted (apart
+// from the live bookings: see budgetKey), so that a dry run shows when the
+// budget would stop the policy too.
 func (l *Limiter) settleWould(now time.Time, login Login, o outcome) Decision {
 	d := l.verdict(now, nil, o)
 	c := l.counter(CounterKey{login.Role, d.Policy})
@@ -711,7 +712,8 @@ func (l *Limiter) settleWould(now time.Time, login Login, o outcome) Decision {
 		c.DryRunRejections++
 	}
 	if o.thrash {
-		l.thrashed(now, o.view, d)
+		// Told in d (Thrashing, Evictors, the reason); a dry run's limit
+		// is not reported as thrashing, as nothing was evicted.
 		c.BudgetFallbacks++
 	}
 	return d

@@ -36,7 +36,7 @@ type Limiter struct {
 	// spent books the evictions of each limit with a budget, oldest
 	// first, within the budget's window; thrashing are the limits whose
 	// budget turned a login away.
-	spent     map[queueKey][]spending
+	spent     map[budgetKey][]spending
 	thrashing map[queueKey]*thrash
 }
 

@@ -250,3 +250,28 @@ func TestDecideCountsOncePerLogin(t *testing.T) {
 		t.Errorf("budget fallbacks %d for one login, want 1", c.BudgetFallbacks)
 	}
 }
+
+// A dry run books its would-be evictions against a budget of its own: it
+// shows when the budget would stop the policy, the limit is not reported
+// as thrashing (nothing was evicted), and going live starts with the whole
+// budget.
+func TestDryRunBudgetApart(t *testing.T) {
+	t.Parallel()
+	l := New(newClock().Now)
+	r := rule(1, PolicyNewestWins)
+	r.Budget, r.DryRun = Budget{Evictions: 1, Per: time.Hour}, true
+	census := []Holder{idle(10, "app", "db", time.Hour)}
+	for i, wantThrash := range []bool{false, true} {
+		d := l.Decide(Login{ID: uint64(i), Role: "app", Database: "db"}, r, NoLimit(), census)
+		if d.Kind != Admit || len(d.Would) != 1 || d.Would[0].Thrashing != wantThrash {
+			t.Fatalf("dry run %d: %v would %+v; want Admit, thrashing %v", i, d.Kind, d.Would, wantThrash)
+		}
+	}
+	if snap := l.Snapshot(); len(snap.Thrashing) != 0 {
+		t.Errorf("a dry run reported as thrashing: %+v", snap.Thrashing)
+	}
+	r.DryRun = false
+	if d := l.Decide(Login{ID: 9, Role: "app", Database: "db"}, r, NoLimit(), census); d.Kind != Evict {
+		t.Errorf("live after the dry run: %v %q; want Evict with the whole budget", d.Kind, d.Reason)
+	}
+}
