@@ -248,6 +248,15 @@ func TestLongNamesLimits(t *testing.T) {
 			connect(t, p.DSN(n.m65, longPW, "app"))
 			_, err := tryConnect(p.DSN(n.roleMB63, longPW, "app"), 15*time.Second, nil)
 			wantTooMany(t, err, "role", n.roleMB63)
+
+			// So do an operator's DISABLE and ENABLE, by either long name.
+			p.Disable(limiter.ScopeRole, n.m79, "test")
+			if _, err := tryConnect(p.DSN(n.roleMB63, longPW, "app"), 15*time.Second, nil); sqlstate(err) != "55000" {
+				t.Errorf("a login of a role disabled under a long name: %v", err)
+			}
+			if !p.Enable(limiter.ScopeRole, n.m65, "test") || len(p.Gates()) != 0 {
+				t.Errorf("ENABLE under the other long name did not lift the hold: %+v", p.Gates())
+			}
 		})
 	}
 }

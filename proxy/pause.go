@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/rolegate/rolegate/internal/pgname"
 	"github.com/rolegate/rolegate/internal/wire"
 	"github.com/rolegate/rolegate/limiter"
 	"github.com/rolegate/rolegate/upstream"
@@ -159,6 +160,7 @@ func disabledOf(g *Gate) (*bool, *string) { return &g.Disabled, &g.DisabledBy }
 // setGate turns one switch of a gate (field picks it and who set it) on or
 // off, logs it with msg, and reports whether it changed.
 func (s *Server) setGate(scope limiter.Scope, name, by string, on bool, field func(*Gate) (*bool, *string), msg string) bool {
+	name = pgname.Identifier(name) // a long name names what the server stored, as logins' names are cut
 	ok := s.gates.set(gateKey{scope, name}, func(g *Gate) bool {
 		flag, who := field(g)
 		if *flag == on {
@@ -256,6 +258,7 @@ func (s *Server) KillRole(ctx context.Context, role, by string) ([]uint32, error
 	if lim == nil {
 		return nil, ErrNoControl
 	}
+	role = pgname.Identifier(role)
 	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	holders, err := lim.Server.Census(cctx, role, "")
 	cancel()
